@@ -1,0 +1,144 @@
+"""Header-only validation speed on a DeepSeek-V3-shaped NVFP4 checkpoint (~180k tensors, 72 shards).
+
+Times, each as a fresh subprocess (interpreter start included), best and median of N runs:
+
+- `quantgate validate DIR --format json` (all rules), when the command exists;
+- `open_checkpoint(DIR)` alone: the I/O foundation (headers, index, configs, integrity checks);
+- the naive check: open every shard with `safetensors.safe_open(f, "pt")`, list its keys, and
+  fnmatch every `.weight` without a `weight_scale` sibling against `exclude_modules` (one rule,
+  no engine semantics; what a careful user would script).
+
+Prints a table and one JSON line. Exits 1 when quantgate takes over 1 s or is slower than the
+naive check (when `quantgate validate` is not available yet, the same bounds apply to the
+`open_checkpoint` timing, which then stands in for it).
+
+    python -m benchmarks.validate_bench [--data bench-data/dsv3-nvfp4] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.make_dsv3_checkpoint import make_checkpoint
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "bench-data" / "dsv3-nvfp4"
+BUILT_MARKER = ".built"               # written last, so an interrupted build is redone
+LIMIT_S = 1.0                         # the design's budget for validating this checkpoint
+
+OPEN_ONLY = """
+import sys
+from validators.checkpoint import open_checkpoint
+view = open_checkpoint(sys.argv[1])
+assert len(view.tensors) > 100_000 and not view.problems, view
+assert "torch" not in sys.modules, "header-only path imported torch"
+"""
+
+NAIVE = """
+import fnmatch, json, sys
+from pathlib import Path
+from safetensors import safe_open
+root = Path(sys.argv[1])
+exclude = json.loads((root / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+names = set()
+for shard in sorted(root.glob("*.safetensors")):
+    with safe_open(str(shard), framework="pt") as f:
+        names.update(f.keys())
+bad = [n for n in names if n.endswith(".weight") and n[:-len(".weight")] + ".weight_scale" not in names
+       and not any(fnmatch.fnmatch(n[:-len(".weight")], p) for p in exclude)]
+print(len(names), len(bad))
+"""
+
+
+def ensure_checkpoint(data: Path) -> Path:
+    """Build the checkpoint once (it is reused across runs; delete the directory to rebuild)."""
+    if not (data / BUILT_MARKER).exists():
+        log.info("building %s (once)", data)
+        make_checkpoint(data)
+        (data / BUILT_MARKER).write_text("ok\n")
+    return data
+
+
+def quantgate_available() -> bool:
+    return importlib.util.find_spec("service.commands.validate") is not None
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_command(argv: list[str], repeat: int, ok_codes: tuple[int, ...] = (0,)) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds) of `repeat` runs of `argv`; fails loudly on a bad exit.
+
+    CPU time (user + sys of the child) is reported next to wall time because on a shared machine
+    wall time also measures the neighbours; for these single-threaded runs it is what wall time
+    would be on an idle machine."""
+    walls, cpus = [], []
+    for _ in range(repeat):
+        cpu = _children_cpu_s()
+        start = time.perf_counter()
+        done = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        walls.append(time.perf_counter() - start)
+        cpus.append(_children_cpu_s() - cpu)
+        if done.returncode not in ok_codes:
+            raise SystemExit(f"{' '.join(argv[:3])} ... exited {done.returncode}: "
+                             f"{done.stderr.decode(errors='replace')[-2000:]}")
+    return walls, cpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="checkpoint directory (built if absent)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (default 5)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = ensure_checkpoint(args.data.resolve())
+    python = sys.executable
+
+    runs: dict[str, tuple[list[float], list[float]]] = {}
+    if quantgate_available():
+        # exit 1 means "findings": still a complete validation
+        runs["quantgate validate"] = time_command(
+            [python, "-m", "service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1))
+    runs["open_checkpoint"] = time_command([python, "-c", OPEN_ONLY, str(data)], args.repeat)
+    runs["naive (safetensors+torch)"] = time_command([python, "-c", NAIVE, str(data)], args.repeat)
+
+    summary = {name: {"best_s": round(min(wall), 3), "median_s": round(statistics.median(wall), 3),
+                      "cpu_best_s": round(min(cpu), 3), "cpu_median_s": round(statistics.median(cpu), 3)}
+               for name, (wall, cpu) in runs.items()}
+    width = max(map(len, summary))
+    lines = [f"{'measurement':<{width}}  best (s)  median (s)  cpu best (s)  cpu median (s)"]
+    lines += [f"{name:<{width}}  {s['best_s']:8.3f}  {s['median_s']:10.3f}  {s['cpu_best_s']:12.3f}  "
+              f"{s['cpu_median_s']:14.3f}" for name, s in summary.items()]
+    print("\n".join(lines))
+
+    ours_name = "quantgate validate" if "quantgate validate" in runs else "open_checkpoint"
+    ours = summary[ours_name]["median_s"]
+    naive = summary["naive (safetensors+torch)"]["median_s"]
+    passed = ours <= LIMIT_S and ours <= naive
+    print(json.dumps({"benchmark": "validate_dsv3_nvfp4", "tensors": _tensor_count(data), "repeat": args.repeat,
+                      "results": summary, "judged": ours_name, "limit_s": LIMIT_S, "pass": passed}))
+    if not passed:
+        log.error("%s median %.3f s: over the %.1f s limit or slower than the naive check (%.3f s)",
+                  ours_name, ours, LIMIT_S, naive)
+    return 0 if passed else 1
+
+
+def _tensor_count(data: Path) -> int:
+    return len(json.loads((data / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
