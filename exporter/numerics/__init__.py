@@ -1,0 +1,59 @@
+"""Number formats for the exporter: pure torch quantize / dequantize / pack, device agnostic.
+
+- `nvfp4`: NVFP4 (ModelOpt 0.47 bit-exact), plus compressed-tensors global-scale conversion.
+- `fp8`: FP8 E4M3 per-tensor (ModelOpt 0.47 bit-exact) and static activation scales.
+- `int4`: W4A16 in compressed-tensors ``pack-quantized`` layout (compressed-tensors bit-exact).
+- `int8`: W8A8-int8 per-channel weights and the shared symmetric-int core.
+- `e2m1`: FP4 element codes and nibble packing; `common`: checks, chunking, `NumericsError`.
+"""
+
+from __future__ import annotations
+
+from exporter.numerics.common import NumericsError
+from exporter.numerics.fp8 import (
+    E4M3_MAX,
+    activation_scale,
+    dequantize_fp8,
+    fp8_scale,
+    quantize_fp8,
+)
+from exporter.numerics.int4 import W4A16_GROUP_SIZE, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+from exporter.numerics.int8 import dequantize_w8a8_int8, quantize_w8a8_int8
+from exporter.numerics.nvfp4 import (
+    BLOCK,
+    ct_global_scale,
+    dequantize_nvfp4,
+    modelopt_global_scale,
+    nvfp4_global_scale,
+    nvfp4_input_scale,
+    quantize_nvfp4,
+    quantize_nvfp4_experts,
+    shared_global_scale,
+    weight_amax,
+)
+
+__all__ = [
+    "BLOCK",
+    "E4M3_MAX",
+    "W4A16_GROUP_SIZE",
+    "NumericsError",
+    "activation_scale",
+    "ct_global_scale",
+    "dequantize_fp8",
+    "dequantize_nvfp4",
+    "dequantize_w4a16",
+    "dequantize_w8a8_int8",
+    "fp8_scale",
+    "modelopt_global_scale",
+    "nvfp4_global_scale",
+    "nvfp4_input_scale",
+    "pack_int4",
+    "quantize_fp8",
+    "quantize_nvfp4",
+    "quantize_nvfp4_experts",
+    "quantize_w4a16",
+    "quantize_w8a8_int8",
+    "shared_global_scale",
+    "unpack_int4",
+    "weight_amax",
+]

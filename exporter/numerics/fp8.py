@@ -1,0 +1,102 @@
+"""FP8 E4M3 per-tensor weights and static activation scales, bit-identical to ModelOpt 0.47.
+
+ModelOpt's FP8 export (``reference/lab_modelopt.md`` §6):
+- ``weight_scale = amax / 448`` as fp32 ``[]``; ModelOpt's ``export_amax`` turns a zero amax into
+  the format maximum, so an all-zero weight gets scale 1.0.
+- ``weight = (W.to(model_dtype) / weight_scale).to(float8_e4m3fn)``. For a BF16 model the quotient
+  is rounded to BF16 before the e4m3 cast (on CPU, torch divides a BF16 tensor by a 0-d fp32
+  tensor in fp32 and rounds the result to BF16). An fp32-only implementation differs from
+  ModelOpt in 53 of the 2048 elements of the shared fixture, so we reproduce the double rounding.
+- ``input_scale = input_amax / 448`` (``activation_scale``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from exporter.numerics.common import (
+    NumericsError,
+    abs_max,
+    as_scalar_scale,
+    check_weight,
+    require_finite,
+    row_chunks,
+    true_div,
+)
+from exporter.numerics.e2m1 import E2M1_MAX
+
+E4M3_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+# Tolerance when a caller-supplied (shared) scale is checked against this weight's amax: the
+# group scale is amax_group / 448 rounded to fp32, so amax / scale may exceed 448 by an ulp.
+_SHARED_SCALE_SLACK = 1.0 + 2.0**-10
+
+# Static activation scale = input amax / (largest value the format can hold).
+ACTIVATION_AMAX_DIVISORS: dict[str, float] = {
+    "NVFP4": E2M1_MAX * E4M3_MAX,  # 2688: e2m1 max x e4m3 block-scale max
+    "FP8": E4M3_MAX,
+}
+
+
+def fp8_scale(amax: Tensor) -> Tensor:
+    """Per-tensor FP8 scale: ``amax / 448`` in fp32; a zero amax gives 1.0 (ModelOpt ``export_amax``)."""
+    a = amax.float()
+    a = torch.where(a == 0, torch.full_like(a, E4M3_MAX), a)
+    return true_div(a, E4M3_MAX)
+
+
+def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-tensor FP8 E4M3 quantization.
+
+    w [out, in] (bf16/fp16/fp32) -> (q float8_e4m3fn [out, in], weight_scale fp32 []).
+    ``weight_scale`` may be passed to share one scale across a fused group (compute it with
+    `fp8_scale` on the group's max amax); it must cover this weight (amax <= 448 * scale).
+    """
+    check_weight(w, what="FP8")
+    amax = abs_max(w).float()  # []
+    require_finite(amax, what="FP8")
+    shared = weight_scale is not None
+    if weight_scale is None:
+        weight_scale = fp8_scale(amax)
+    else:
+        weight_scale = as_scalar_scale(weight_scale, w.device, what="FP8 weight_scale")
+        ratio = float((amax / (E4M3_MAX * weight_scale)).item())
+        if ratio > _SHARED_SCALE_SLACK:
+            raise NumericsError(
+                f"FP8: the shared weight_scale is too small for this weight (max|w| is {ratio:.4g}x "
+                "448 * weight_scale); compute it from the max amax over the whole fused group"
+            )
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    for rows in row_chunks(w.shape[0], w.shape[1], w.device):
+        scaled = (w[rows].float() / weight_scale).to(w.dtype)  # rounded in the weight dtype
+        if shared:  # only a shared scale can push |scaled| past 448 (e4m3fn has no inf: NaN)
+            scaled.clamp_(-E4M3_MAX, E4M3_MAX)
+        q[rows] = scaled.to(FP8_DTYPE)
+    return q, weight_scale
+
+
+def dequantize_fp8(q: Tensor, weight_scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """float8_e4m3fn [out, in] and an fp32 scale ([] or broadcastable) -> [out, in] in ``dtype``."""
+    scale = weight_scale.to(device=q.device, dtype=torch.float32)
+    return (q.float() * scale).to(dtype)
+
+
+def activation_scale(amax: Tensor | float, scheme: str) -> Tensor:
+    """Static input scale for ``scheme`` ("NVFP4": amax/2688, "FP8": amax/448), fp32, amax's shape.
+
+    A zero amax (a module that saw only zeros) gives 1.0, as ModelOpt's ``export_amax`` does for
+    FP8; a negative or non-finite amax is a calibration bug and raises `NumericsError`.
+    """
+    divisor = ACTIVATION_AMAX_DIVISORS.get(scheme.upper())
+    if divisor is None:
+        raise NumericsError(
+            f"no static activation scale for scheme {scheme!r}; "
+            f"known: {', '.join(sorted(ACTIVATION_AMAX_DIVISORS))}"
+        )
+    a = torch.as_tensor(amax, dtype=torch.float32)
+    bad = ~torch.isfinite(a) | (a < 0)
+    if bool(bad.any()):
+        raise NumericsError(f"{scheme}: input amax must be finite and >= 0, got {a.tolist()}")
+    a = torch.where(a == 0, torch.full_like(a, divisor), a)
+    return true_div(a, divisor)
