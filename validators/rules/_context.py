@@ -1,0 +1,325 @@
+"""Derived facts the rules share, computed once per validation and cached.
+
+* `state(module)`: what the bytes say (quantized with which scheme, BF16, or other).
+* `coverage(engine)`: what the engine will build for each module (its prefix, the engine layer
+  that owns it, excluded or not and by which pattern and test, forced unquantized, shard conflicts).
+* `declared(module)`: which scheme the config promises for a module the engine quantizes.
+
+Exclusion is evaluated per engine *layer* (a FusedMoE layer, a fused qkv/gate_up linear), exactly
+as the engines do, so 47k expert modules cost 61 matches, not 47k x patterns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from validators.engines import (
+    ENGINE_SEMANTICS,
+    ArchNaming,
+    ExclusionHit,
+    FusedShardConflict,
+    ct_is_ignored,
+    ct_match,
+    engine_unit,
+    is_vision,
+    naming_for,
+)
+from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
+
+if TYPE_CHECKING:
+    from validators.layout import Module
+    from validators.rules import Context
+    from validators.schemes import SchemeSpec
+
+log = logging.getLogger(__name__)
+
+QUANTIZED, BF16, OTHER = "quantized", "bf16", "other"
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
+WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
+#: engines that force vision towers unquantized whatever the exclude list says (invariant 12)
+FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
+#: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
+NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
+KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
+KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
+
+
+@dataclass(frozen=True, slots=True)
+class ModState:
+    state: str                          # QUANTIZED | BF16 | OTHER
+    scheme: "SchemeSpec | None"         # matched from the tensor set (None when BF16 or unknown)
+    weight_dtype: str | None
+    scale_suffixes: tuple[str, ...]     # every suffix except the weight (and bias)
+
+
+@dataclass(frozen=True, slots=True)
+class Cov:
+    """One module class as an engine sees it."""
+
+    engine_name: str                    # of the class's representative module
+    unit: str                           # the engine layer (FusedMoE prefix, fused linear, or itself)
+    excluded: bool                      # the engine builds it unquantized
+    hit: ExclusionHit | None            # the pattern and test that excluded it
+    forced: str | None                  # "vision" | "unquantized_role" | "never_quantized" | "not_listed" | ...
+    conflict: FusedShardConflict | None
+
+
+@dataclass(eq=False)
+class ModClass:
+    """Modules that are interchangeable for every rule: same kind, role, MoE layer (or the module
+    itself when it is not a routed expert) and the same tensor suffixes, dtypes and shapes. The 46k
+    expert modules of DeepSeek-V3 form ~200 classes, so rules cost per class, not per module."""
+
+    kind: str
+    role: str | None
+    moe_group: str | None
+    members: list["Module"]
+    state: ModState
+
+    @property
+    def rep(self) -> "Module":
+        return self.members[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+
+def kind_of(module: "Module") -> str:
+    kind = module.kind
+    return getattr(kind, "value", str(kind))
+
+
+class Analysis:
+    def __init__(self, ctx: "Context") -> None:
+        self.ctx = ctx
+        self.layout = ctx.layout
+        self.qc = ctx.qc
+        self.architecture = ctx.layout.architecture
+        self.naming: ArchNaming = naming_for(self.architecture)
+        self._scheme_cache: dict[tuple, "SchemeSpec | None"] = {}
+        self._coverage: dict[str, list[Cov]] = {}
+        self.classes: list[ModClass] = self._build_classes()
+        self._class_index: dict[str, int] | None = None
+
+    # ---- bytes ---------------------------------------------------------------------------------
+    def _build_classes(self) -> list[ModClass]:
+        by_key: dict[tuple, ModClass] = {}
+        for m in self.layout.modules.values():
+            sig = tuple([(s, t.dtype, t.shape) for s, t in m.tensors.items()])
+            key = (m.moe_group or m.name, m.role, m.kind, m.fused is not None, sig)
+            cls = by_key.get(key)
+            if cls is None:
+                by_key[key] = ModClass(kind_of(m), m.role, m.moe_group, [m], self._classify(m))
+            else:
+                cls.members.append(m)
+        return list(by_key.values())
+
+    @cached_property
+    def dialect(self) -> str:
+        """The config's dialect, or the one the tensor names suggest when there is no config."""
+        if self.qc is not None and self.qc.dialect in DIALECTS:
+            return self.qc.dialect
+        for m in self.layout.modules.values():
+            if "weight_packed" in m.tensors:
+                return COMPRESSED_TENSORS
+        return MODELOPT
+
+    def _match(self, module: "Module") -> "SchemeSpec | None":
+        from validators.schemes import match_scheme
+
+        sig = tuple(sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
+        if sig not in self._scheme_cache:
+            try:
+                self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
+            except Exception:   # noqa: BLE001 - an odd tensor set is a finding, never a crash
+                log.debug("match_scheme failed for %s", module.name, exc_info=True)
+                self._scheme_cache[sig] = None
+        return self._scheme_cache[sig]
+
+    def class_of(self, name: str) -> ModClass:
+        if self._class_index is None:
+            self._class_index = {m.name: i for i, c in enumerate(self.classes) for m in c.members}
+        return self.classes[self._class_index[name]]
+
+    def state(self, module: "Module") -> ModState:
+        return self.class_of(module.name).state
+
+    def _classify(self, module: "Module") -> ModState:
+        weight = next((module.tensors[k] for k in WEIGHT_KEYS if k in module.tensors), None)
+        scales = tuple(sorted(s for s in module.tensors if s not in WEIGHT_KEYS and s != "bias"))
+        wdtype = weight.dtype if weight is not None else None
+        if not scales and wdtype in FLOAT_DTYPES:
+            return ModState(BF16, None, wdtype, ())
+        if scales or (wdtype is not None and wdtype not in FLOAT_DTYPES):
+            return ModState(QUANTIZED, self._match(module), wdtype, scales)
+        return ModState(OTHER, None, wdtype, scales)
+
+    @cached_property
+    def quantized_classes(self) -> list[ModClass]:
+        return [c for c in self.classes if c.state.state == QUANTIZED]
+
+    @cached_property
+    def quantized_count(self) -> int:
+        return sum(len(c.members) for c in self.quantized_classes)
+
+    @cached_property
+    def is_quantized(self) -> bool:
+        return bool(self.quantized_classes)
+
+    @cached_property
+    def kv_scale_names(self) -> list[str]:
+        """KV-cache scale tensors: on attention projections (ModelOpt) or outside any module (CT)."""
+        names = [n for n in self.layout.unassigned if n.endswith(KV_SCALE_TAILS)]
+        for cls in self.classes:
+            if cls.kind == "attention":
+                for suffix in KV_SCALE_SUFFIXES:
+                    if suffix in cls.rep.tensors:
+                        names.extend(m.tensors[suffix].name for m in cls.members)
+        return names
+
+    def of_kind(self, *kinds: str) -> list[ModClass]:
+        return [c for c in self.classes if c.kind in kinds]
+
+    # ---- config --------------------------------------------------------------------------------
+    @cached_property
+    def active(self) -> bool:
+        """Coverage rules apply: a modelopt / compressed-tensors config is in force."""
+        return self.qc is not None and self.qc.dialect in DIALECTS
+
+    def mixed_algo(self, module: "Module", engine_name: str) -> str | None:
+        """MIXED_PRECISION: the algo `quantized_layers` gives this module (vLLM `_resolve_quant_algo`)."""
+        layers = (self.qc.quantized_layers or {}) if self.qc else {}
+        unit = engine_unit(engine_name, self.naming)
+        candidates = [module.name, engine_name, unit]
+        if module.fused_group:
+            candidates.append(module.fused_group)
+        for name in candidates:
+            if name in layers:
+                return layers[name].get("quant_algo")
+        for name in (unit, module.moe_group or ""):
+            if not name:
+                continue
+            for key, spec in layers.items():
+                if key.startswith(name + "."):
+                    return spec.get("quant_algo")
+        return None
+
+    def declared_algo(self, module: "Module", engine_name: str) -> str | None:
+        if self.qc is None or not self.qc.is_modelopt:
+            return None
+        if self.qc.quant_algo == "MIXED_PRECISION":
+            return self.mixed_algo(module, engine_name)
+        return self.qc.quant_algo
+
+    def ct_group(self, module: "Module", engine_name: str) -> dict | None:
+        """The compressed-tensors config group whose targets match the module (name, regex, `Linear`)."""
+        groups = (self.qc.config_groups or {}) if self.qc else {}
+        for group in groups.values():
+            targets = group.get("targets") or []
+            if any(t == "Linear" or ct_match(engine_name, t) or ct_match(module.name, t) for t in targets):
+                return group
+        return None
+
+    def declared(self, module: "Module", engine_name: str) -> "list[SchemeSpec]":
+        """Schemes the config allows for this module when the engine quantizes it."""
+        from validators.schemes import SCHEMES
+
+        if self.qc is None:
+            return []
+        if self.qc.is_modelopt:
+            algo = self.declared_algo(module, engine_name)
+            return [s for s in SCHEMES if s.dialect == MODELOPT and algo and s.quant_algo == algo]
+        if self.qc.is_ct:
+            group = self.ct_group(module, engine_name)
+            if group is None:
+                return []
+            fmt = group.get("format") or self.qc.ct_format
+            return [s for s in SCHEMES if s.dialect == COMPRESSED_TENSORS and (fmt is None or s.name.startswith(fmt))]
+        return []
+
+    # ---- engines -------------------------------------------------------------------------------
+    def coverage(self, engine: str) -> list[Cov]:
+        """Cov per class (same order as `classes`)."""
+        cov = self._coverage.get(engine)
+        if cov is None:
+            cov = self._coverage[engine] = self._compute_coverage(engine)
+        return cov
+
+    def cov(self, engine: str, cls: ModClass) -> Cov:
+        return self.coverage(engine)[self._position[id(cls)]]
+
+    @cached_property
+    def _position(self) -> dict[int, int]:
+        return {id(c): i for i, c in enumerate(self.classes)}
+
+    def _compute_coverage(self, engine: str) -> list[Cov]:
+        sem = ENGINE_SEMANTICS[engine]
+        arch = self.architecture
+        patterns = sem.engine_patterns(self.qc.exclude if self.qc else [], arch)
+        per_unit: dict[str, tuple[ExclusionHit | None, FusedShardConflict | None]] = {}
+        out: list[Cov] = []
+        for cls in self.classes:
+            module = cls.rep
+            ename = sem.engine_name(module.name, arch)
+            unit = sem.engine_name(cls.moe_group, arch) if cls.kind == "expert" and cls.moe_group \
+                else engine_unit(ename, self.naming)
+            if unit not in per_unit:
+                per_unit[unit] = self._unit_exclusion(sem, unit, patterns)
+            hit, conflict = per_unit[unit]
+            forced = self._forced(engine, module, unit, ename)
+            out.append(Cov(ename, unit, bool(hit) or forced is not None, hit, forced, conflict))
+        return out
+
+    def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
+                        ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
+        try:
+            if self.qc is not None and self.qc.is_ct:
+                probe = f"{unit}.0.gate_proj" if unit.endswith("experts") else unit
+                ignored = ct_is_ignored(probe, self.qc.exclude, self.naming)
+                return (ExclusionHit("ignore", "exact") if ignored else None), None
+            return sem.match(unit, patterns, self.architecture), None
+        except FusedShardConflict as conflict:
+            return None, conflict
+
+    def _forced(self, engine: str, module: "Module", unit: str, ename: str) -> str | None:
+        if engine in FORCES_VISION_UNQUANTIZED and self.dialect == MODELOPT and is_vision(unit):
+            return "vision"
+        if module.role in self.naming.unquantized_roles:
+            return "unquantized_role"
+        if kind_of(module) in NEVER_QUANTIZED_KINDS:
+            return "never_quantized"
+        if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
+            if self.mixed_algo(module, ename) is None:
+                return "not_listed"
+        if self.qc is not None and self.qc.is_ct and self.ct_group(module, ename) is None:
+            return "not_targeted"
+        return None
+
+    def engine_units(self, engine: str) -> set[str]:
+        """Every engine layer name, plus the tied `lm_head` every causal LM has in the engine."""
+        units = {c.unit for c in self.coverage(engine)}
+        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture))
+        return units
+
+    def stale_patterns(self, engine: str) -> list[str]:
+        """Exclude entries that exclude no engine layer at all under this engine's matching."""
+        if self.qc is None or not self.qc.is_modelopt:
+            return []
+        sem = ENGINE_SEMANTICS[engine]
+        units = sorted(self.engine_units(engine))
+        stale: list[str] = []
+        for pattern in dict.fromkeys(self.qc.exclude):
+            mapped = sem.engine_patterns([pattern], self.architecture)
+            if not any(self._safe_match(sem, u, mapped) for u in units):
+                stale.append(pattern)
+        return stale
+
+    def _safe_match(self, sem, unit: str, patterns: tuple[str, ...]) -> bool:
+        try:
+            return sem.match(unit, patterns, self.architecture) is not None
+        except FusedShardConflict:   # listing one shard does something (QG207 reports it)
+            return True

@@ -1,0 +1,228 @@
+"""QG3xx: each quantized module's tensor set, dtypes and shapes against the scheme table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from validators.findings import Finding
+from validators.rules import Context, rule
+from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
+
+if TYPE_CHECKING:
+    from validators.rules._context import ModClass
+    from validators.schemes import SchemeSpec
+
+#: tensor-parallel sizes whose per-rank shards must stay aligned to the scheme's input divisor
+TP_SIZES: tuple[int, ...] = (2, 4, 8)
+#: suffix -> what the engine does when it is missing (vllm_sglang.md §7: nothing checks it was loaded)
+MISSING_EFFECT: dict[str, str] = {
+    "input_scale": "input_scale stays uninitialised (zeros) -> 1/0 -> inf/NaN outputs (vllm#45212)",
+    "input_global_scale": "input_global_scale stays uninitialised -> garbage activations",
+    "weight_scale_2": "weight_scale_2 stays torch.empty -> garbage weights (vllm PR #54444)",
+    "weight_global_scale": "weight_global_scale stays uninitialised -> garbage weights",
+    "weight_scale": "block scales stay uninitialised -> garbage weights",
+}
+
+
+def expected_scheme(ctx: Context, cls: "ModClass") -> "SchemeSpec | None":
+    """The declared scheme for a quantized class (the bytes' scheme when the config allows several)."""
+    allowed = ctx.a.declared(cls.rep, cls.rep.name)
+    st = cls.state
+    if st.scheme is not None and (not allowed or st.scheme in allowed):
+        return st.scheme
+    if len(allowed) > 1 and st.scheme is None:      # pick the declared spec sharing most suffixes
+        have = set(cls.rep.tensors)
+        return max(allowed, key=lambda s: (len(s.suffixes & have), -len(s.suffixes ^ have)))
+    return allowed[0] if allowed else st.scheme
+
+
+def _quantized_2d(ctx: Context) -> Iterator[tuple["ModClass", "SchemeSpec"]]:
+    for cls in ctx.a.quantized_classes:
+        spec = expected_scheme(ctx, cls)
+        if spec is not None and cls.rep.fused is None:
+            yield cls, spec
+
+
+@rule("QG301", "missing-sibling-tensors", ERROR, per_engine=False)
+def missing_siblings(ctx: Context) -> Iterator[Finding]:
+    """A quantized module lacks tensors its scheme requires (e.g. one expert without `input_scale`).
+
+    Why: invariants 4, 5, 14. Neither engine checks that a quantized parameter was loaded
+    (`default_loader.track_weights_loading` is off for quantized models): the missing scale keeps its
+    `torch.empty` value -> zeros -> 1/0 -> NaN or pad tokens, prompt dependent (vllm#45212).
+
+    Fix: re-export with calibration covering every module (every expert must get an input_scale).
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for cls, spec in _quantized_2d(ctx):
+        for suffix in sorted(spec.required_suffixes - set(cls.rep.tensors)):
+            groups[suffix].extend(cls.names)
+    for suffix, names in sorted(groups.items()):
+        yield finding("QG301", ERROR, f"{len(names)} quantized module(s) have no `{suffix}`", modules=names,
+                      fix=f"Re-export so every quantized module carries `{suffix}` (calibrate every expert).",
+                      effect=LOADS_WRONG, error="silent: " + MISSING_EFFECT.get(suffix, f"{suffix} uninitialised"),
+                      suffix=suffix)
+
+
+@rule("QG302", "wrong-dtype", ERROR, per_engine=False)
+def wrong_dtype(ctx: Context) -> Iterator[Finding]:
+    """A quantized tensor has a dtype its scheme does not allow (e.g. NVFP4 `weight_scale` stored U8).
+
+    Why: invariant 5. `copy_` converts dtypes numerically instead of bit-casting, so an F8_E4M3 block
+    scale stored as U8 loads as garbage (vllm_sglang.md §7); no error is raised.
+
+    Fix: store each tensor in the dtype of the scheme table (see `validators/schemes.py`).
+    """
+    groups: dict[tuple[str, str, tuple[str, ...]], list[str]] = defaultdict(list)
+    for cls, spec in _quantized_2d(ctx):
+        for suffix, info in cls.rep.tensors.items():
+            tspec = spec.by_suffix.get(suffix)
+            if tspec is not None and info.dtype not in tspec.dtypes:
+                groups[(suffix, info.dtype, tspec.dtypes)].extend(cls.names)
+    for (suffix, dtype, allowed), names in sorted(groups.items()):
+        yield finding("QG302", ERROR, f"`{suffix}` is {dtype} in {len(names)} module(s); {'/'.join(allowed)} expected",
+                      modules=names, fix=f"Write `{suffix}` as {allowed[0]}.", effect=LOADS_WRONG,
+                      error=f"silent: {dtype} `{suffix}` numerically converted to {allowed[0]}")
+
+
+@rule("QG303", "wrong-shape", ERROR, per_engine=False)
+def wrong_shape(ctx: Context) -> Iterator[Finding]:
+    """A quantized tensor's shape does not fit the module's logical [out, in] under its scheme.
+
+    Why: invariants 5, 16. vLLM sizes parameters from the model config; a different stored shape
+    fails in `copy_`: "The size of tensor a (X) must match the size of tensor b (Y)".
+
+    Fix: re-export; check the packing axis (NVFP4 packs along the input dim: [out, in/2]).
+    """
+    groups: dict[tuple[str, tuple, tuple], list[str]] = defaultdict(list)
+    for cls, spec in _quantized_2d(ctx):
+        m = cls.rep
+        weight = m.tensors.get(spec.weight_suffix)
+        if weight is None or len(weight.shape) != 2:
+            continue
+        out_f, in_f = weight.shape[0], spec.in_features_from_weight(weight.shape)
+        for suffix, info in m.tensors.items():
+            tspec = spec.by_suffix.get(suffix)
+            if tspec is None or suffix == spec.weight_suffix:
+                continue
+            accepted = tspec.accepted_shapes(out_f, in_f)
+            if tuple(info.shape) not in accepted:
+                groups[(suffix, tuple(info.shape), accepted[0])].extend(cls.names)
+    for (suffix, got, want), names in sorted(groups.items()):
+        yield finding("QG303", ERROR, f"`{suffix}` has shape {list(got)} in {len(names)} module(s); "
+                      f"{list(want)} expected", modules=names, fix="Re-export with the scheme's shapes.",
+                      effect=FAILS, error=f"RuntimeError: The size of tensor a ({want[-1] if want else 1}) must match "
+                      f"the size of tensor b ({got[-1] if got else 1}) at non-singleton dimension {max(len(want) - 1, 0)}")
+
+
+@rule("QG304", "divisibility", ERROR, per_engine=False)
+def divisibility(ctx: Context) -> Iterator[Finding]:
+    """A quantized module's input features are not a multiple of the scheme's block (16 for NVFP4, 128
+    for FP8 blocks / W4A16 groups), or stop being one when split for tensor parallelism.
+
+    Why: invariant 6. vLLM raises "Unsupported model when in features size is not multiple of 16";
+    at TP>1 a row-parallel input dim of 1856/8 = 232 splits a scale group (vllm#49949).
+
+    Fix: keep such modules BF16 (exclude them) or serve at a tensor-parallel size that keeps alignment.
+    """
+    hard: dict[tuple[str, int], list[str]] = defaultdict(list)
+    tp: dict[tuple[str, int, int], list[str]] = defaultdict(list)
+    for cls, spec in _quantized_2d(ctx):
+        weight = cls.rep.tensors.get(spec.weight_suffix)
+        if weight is None or len(weight.shape) != 2:
+            continue
+        in_f = spec.in_features_from_weight(weight.shape)
+        if spec.in_divisor > 1 and in_f % spec.in_divisor:
+            hard[(spec.name, spec.in_divisor)].extend(cls.names)
+        elif spec.in_divisor > 1 and cls.role in ("o", "down"):
+            bad = [t for t in TP_SIZES if in_f % t == 0 and (in_f // t) % spec.in_divisor]
+            if bad:
+                tp[(spec.name, spec.in_divisor, bad[0])].extend(cls.names)
+    for (name, div), names in sorted(hard.items()):
+        yield finding("QG304", ERROR, f"{len(names)} {name} module(s) have in_features not divisible by {div}",
+                      modules=names, fix="Exclude these modules (keep BF16).", effect=FAILS,
+                      error=f"ValueError: Unsupported model when in features size is not multiple of {div}")
+    for (name, div, size), names in sorted(tp.items()):
+        yield finding("QG304", INFO, f"{len(names)} {name} row-parallel module(s) lose {div}-alignment at "
+                      f"tensor-parallel size {size} and above", modules=names,
+                      fix=f"Serve with tensor_parallel_size < {size}, or use expert parallelism.")
+
+
+@rule("QG305", "unexpected-tensors", ERROR, per_engine=False)
+def unexpected(ctx: Context) -> Iterator[Finding]:
+    """Tensors the engine has no parameter for: scale-like tensors outside any module, or suffixes no
+    scheme defines on a quantized module.
+
+    Why: invariant 21. Unmatched names raise KeyError or "There is no module or parameter named ..."
+    (vllm PR #31757, sglang #10175) unless the model loader happens to skip that suffix.
+
+    Fix: drop the stray tensors or rename them to the engine's names.
+    """
+    from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES
+
+    quant_tails = (SCHEME_SUFFIXES | EXTRA_QUANT_SUFFIXES) - {"weight", "k_scale", "v_scale", "q_scale"}
+    # only quantization tensors count as stray: model buffers (Gemma4 router.per_expert_scale) are fine
+    stray = [n for n in ctx.a.layout.unassigned if n.rpartition(".")[2] in quant_tails]
+    odd: list[str] = []
+    for cls in ctx.a.quantized_classes:
+        spec = expected_scheme(ctx, cls)
+        allowed = (spec.suffixes if spec else SCHEME_SUFFIXES) | (EXTRA_QUANT_SUFFIXES - {"pre_quant_scale"}) | {"bias"}
+        foreign = [s for s in cls.rep.tensors if s not in allowed]
+        if cls.rep.fused is None and foreign:
+            odd.extend(f"{n}.{s}" for n in cls.names for s in foreign)
+    names = stray + odd
+    if names:
+        yield finding("QG305", ERROR, f"{len(names)} tensor(s) match no engine parameter", modules=names,
+                      fix="Remove the stray tensors or rename them to what the engine expects.", effect=FAILS,
+                      error=f"ValueError: There is no module or parameter named '{names[0]}'")
+
+
+def _kv_tensors(ctx: Context) -> list[str]:
+    return ctx.a.kv_scale_names
+
+
+@rule("QG306", "kv-cache-scales", WARNING, per_engine=False)
+def kv_scales(ctx: Context) -> Iterator[Finding]:
+    """KV-cache scales disagree with the config: FP8 KV declared without k/v scales (engines fall back
+    to 1.0), scales present without a KV scheme (ignored), or non-scalar scales.
+
+    Why: invariant 22. vLLM warns "Using KV cache scaling factor 1.0 for fp8_e4m3" and loses accuracy;
+    non per-tensor scales raise "Only support per-tensor scaling factor for fp8 KV cache".
+
+    Fix: calibrate the KV cache when declaring FP8 KV, or drop kv_cache_quant_algo.
+    """
+    qc = ctx.qc
+    kv_algo = (qc.kv_cache_quant_algo or (qc.kv_cache_scheme and "FP8")) if qc else None
+    names = _kv_tensors(ctx)
+    if kv_algo and not names and ctx.a.is_quantized:
+        yield finding("QG306", INFO, f"KV cache declared {kv_algo} but no k_scale/v_scale tensors are stored; "
+                      "engines use scale 1.0 (ModelOpt's default fp8_cast export)",
+                      fix="Calibrate the KV cache if accuracy matters (ModelOpt --kv_cache_qformat fp8).")
+    if names and not kv_algo:
+        yield finding("QG306", WARNING, f"{len(names)} k/v scale tensors stored but no KV-cache scheme declared; "
+                      "engines skip them", modules=names, fix="Declare kv_cache_quant_algo FP8 or drop the scales.")
+    big = [n for n in names if ctx.view.tensors[n].numel != 1]
+    if big and kv_algo:
+        yield finding("QG306", ERROR, f"{len(big)} KV-cache scales are not per-tensor scalars", modules=big,
+                      fix="Store k_scale/v_scale as F32 scalars.", effect=FAILS,
+                      error="ValueError: Only support per-tensor scaling factor for fp8 KV cache")
+
+
+@rule("QG307", "unrecognised-format", ERROR, per_engine=False)
+def unrecognised(ctx: Context) -> Iterator[Finding]:
+    """A module carries quantization tensors that match no scheme of the dialect (after the checks above).
+
+    Why: invariant 5. The engine builds the declared scheme's parameters; a foreign tensor set fails
+    with a size mismatch or KeyError, or loads uninitialised scales.
+
+    Fix: re-export the module with one scheme (or keep it BF16 and exclude it).
+    """
+    names = [n for cls in ctx.a.quantized_classes
+             if cls.rep.fused is None and cls.kind != "router" and expected_scheme(ctx, cls) is None
+             for n in cls.names]
+    if names and ctx.qc is not None:
+        yield finding("QG307", ERROR, f"{len(names)} module(s) hold a tensor set no {ctx.a.dialect} scheme defines",
+                      modules=names, fix="Re-export these modules with one scheme.", effect=FAILS,
+                      error="RuntimeError: size mismatch / KeyError on the module's scale tensors")
