@@ -1,0 +1,139 @@
+"""`quantgate quantize SOURCE --recipe RECIPE --out DIR ...`: export, validate, and report.
+
+Exit codes: 0 exported and validated, 1 the validator found errors (the output is kept at
+`<out>.failed-validation` with its report), 2 bad input (one-line reason on stderr).
+Only argparse is imported at module level: torch and the exporter load when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8")
+PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "json", "none")
+SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB`, `1000000` -> bytes (decimal units like transformers' max_shard_size)."""
+    raw = text.strip().upper().replace(" ", "")
+    digits = raw.rstrip("KMGTIB")
+    unit = raw[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB or a byte count") from None
+    if unit not in SIZE_UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB or a byte count")
+    return int(value * SIZE_UNITS[unit])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="quantize a BF16 checkpoint to NVFP4/FP8 (ModelOpt format) and validate it",
+        description="Quantize a Hugging Face checkpoint (local directory or Hub repo id) and write it in "
+                    "the ModelOpt format vLLM and SGLang load. The export is validated before it is moved "
+                    "to --out; a failing export is kept at <out>.failed-validation with its report.")
+    p.add_argument("source", metavar="SOURCE", help="local checkpoint directory / .safetensors file, or Hub repo id")
+    p.add_argument("--recipe", required=True, metavar="RECIPE",
+                   help=f"what to quantize: {', '.join(RECIPE_NAMES)}")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--dialect", default="modelopt", choices=("modelopt",), help="output format (default modelopt)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--calib-data", default="random", metavar="random|FILE|DATASET",
+                   help="calibration data: random token ids, a .jsonl (field 'text') or .txt file, or a Hub "
+                        "dataset id (default random)")
+    p.add_argument("--calib-samples", type=_positive_int, default=512, metavar="N", help="default 512")
+    p.add_argument("--calib-seq-len", type=_positive_int, default=512, metavar="L", help="default 512")
+    p.add_argument("--calib-batch-size", type=_positive_int, default=8, metavar="B", help="default 8")
+    p.add_argument("--calib-all-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="also send every token through every expert, for statistics only (default on)")
+    p.add_argument("--calib-stats", default=None, metavar="FILE",
+                   help="reuse activation stats (calibration.json of an earlier export) and skip calibration")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep modules matching this fnmatch pattern (HF module names) in BF16; repeatable")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
+                   help="maximum shard size, e.g. 5GB (default), 500MB")
+    p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
+                   help="auto: a bar on a terminal, nothing otherwise; json: one JSON event per line on stdout")
+
+
+def _progress_sink(mode: str):
+    from exporter.progress import BarProgress, JsonLinesProgress
+
+    if mode == "json":
+        return JsonLinesProgress(sys.stdout)
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return BarProgress(sys.stderr)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporter.pipeline import QuantizeRequest, run_quantize
+    from validators.errors import QuantgateError
+
+    request = QuantizeRequest(
+        source=args.source, revision=args.revision, recipe=args.recipe, out=args.out, dialect=args.dialect,
+        calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        calib_batch_size=args.calib_batch_size, calib_all_experts=args.calib_all_experts,
+        calib_stats=args.calib_stats, device=args.device, exclude=tuple(args.exclude),
+        shard_size=args.shard_size, overwrite=args.overwrite)
+    sink = _progress_sink(args.progress)
+    try:
+        result = run_quantize(request, sink)
+    except QuantgateError as exc:
+        _close(sink)
+        print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _close(sink)
+        print("quantgate quantize: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+    _close(sink)
+    return _summarize(result, args.progress == "json")
+
+
+def _summarize(result, json_mode: bool) -> int:
+    import json
+
+    errors = [f for f in result.report.findings if f.severity.value == "error"]
+    if json_mode:
+        print(json.dumps({"event": "result", "ok": result.ok,
+                          "output": str(result.output) if result.output else None,
+                          "temp_output": str(result.temp_output) if result.temp_output else None,
+                          "errors": len(errors), "warnings": result.warnings}), flush=True)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if result.ok:
+        print(f"exported and validated: {result.output}", file=sys.stderr)
+        return 0
+    print(f"validation found {len(errors)} error(s); output kept at {result.temp_output} "
+          f"(see quantgate-report.json there)", file=sys.stderr)
+    for finding in errors[:10]:
+        print(f"  {finding.code} {finding.message}", file=sys.stderr)
+    return 1
+
+
+def _close(sink) -> None:
+    close = getattr(sink, "close", None)
+    if close is not None:
+        close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return " ".join(text.split())

@@ -1,0 +1,392 @@
+"""The local executor: a dispatcher thread hands queued jobs to free slots (GPUs, or one CPU slot),
+each job runs as `python -m service.worker SPEC` in its own process group with
+`CUDA_VISIBLE_DEVICES` set to its slot, and a monitor thread per job relays the worker's JSON
+lines into the store and settles the job when the process exits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.executors.base import Executor, SlotUsage
+from service.executors.outcome import Outcome, interpret
+from service.executors.outputs import remove_job_outputs
+from service.executors.process import WorkerProcess
+from service.executors.recovery import recover
+from service.settings import Settings
+from service.store import JobRecord, Store
+
+__all__ = ["CPU_SLOT", "LocalExecutor", "detect_devices", "worker_env"]
+
+logger = logging.getLogger(__name__)
+
+CPU_SLOT = "cpu"
+DISPATCH_POLL_S = 1.0
+PURGE_EVERY_S = 3600.0
+PROGRESS_MIN_INTERVAL_S = 0.25  # per job; stage changes and completions are always stored
+MAX_LOG_EVENTS = 200  # stray (non-JSON) worker lines stored per run
+SECRET_ENV_PREFIXES = ("QUANTGATE_",)  # server configuration (API tokens) never reaches a worker
+
+
+def detect_devices(configured: list[str] | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Slots: configured ids, else CUDA_VISIBLE_DEVICES, else `nvidia-smi -L` UUIDs, else one CPU slot.
+
+    Never initializes CUDA in the server process.
+    """
+    if configured:
+        return tuple(configured)
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [item.strip() for item in visible.split(",") if item.strip()]
+        valid = list(itertools.takewhile(lambda item: not item.startswith("-"), ids))  # CUDA stops at "-1"
+        return tuple(valid) or (CPU_SLOT,)
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return (CPU_SLOT,)
+    uuids = [
+        line.split("UUID:")[1].strip(" )")
+        for line in listing.stdout.splitlines()
+        if line.startswith("GPU ") and "UUID:" in line
+    ]
+    return tuple(uuids) or (CPU_SLOT,)
+
+
+def worker_env(base: Mapping[str, str], *, device: str, hf_token: str | None) -> dict[str, str]:
+    """The worker's environment: the server's minus its own config, one device, HF_TOKEN if set."""
+    env = {key: value for key, value in base.items() if not key.startswith(SECRET_ENV_PREFIXES)}
+    env["CUDA_VISIBLE_DEVICES"] = "" if device == CPU_SLOT else device
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("HF_TOKEN", None)
+    if hf_token:
+        env["HF_TOKEN"] = hf_token
+    return env
+
+
+@dataclass
+class _Run:
+    job: JobRecord
+    device: str
+    process: WorkerProcess
+    job_dir: Path
+    monitor: threading.Thread | None = None
+    returncode: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    log_events: int = 0
+    last_progress: tuple[str | None, float] = (None, 0.0)
+    pending_progress: dict[str, Any] | None = field(default=None)
+
+
+class LocalExecutor(Executor):
+    """Worker processes on this host, one per slot at most."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        on_finished: Callable[[JobRecord], None] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_finished = on_finished
+        self.environ = dict(os.environ if environ is None else environ)
+        self.devices = detect_devices(settings.gpu_slots, self.environ)
+        wanted = len(self.devices) if settings.max_concurrency is None else settings.max_concurrency
+        self.concurrency = min(len(self.devices), wanted)
+        self._free: list[str] = list(self.devices)
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_purge = 0.0
+        self._secrets = tuple(
+            s
+            for s in [
+                settings.hf_token.get_secret_value() if settings.hf_token else None,
+                *(t.get_secret_value() for t in settings.api_tokens),
+            ]
+            if s
+        )
+
+    # -- Executor ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        recover(self.store, max_attempts=self.settings.max_attempts)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._dispatch_loop, name="quantgate-dispatcher", daemon=True)
+        self._thread.start()
+        logger.info(
+            "local executor: %d slot(s) %s, concurrency %d",
+            len(self.devices),
+            list(self.devices),
+            self.concurrency,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.process.terminate(self.settings.cancel_grace_seconds)
+        for run in runs:
+            if run.monitor is not None:
+                run.monitor.join(timeout=self.settings.cancel_grace_seconds + 30)
+
+    def submit(self, job_id: str) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is not None:
+            run.process.terminate(self.settings.cancel_grace_seconds)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def slots(self) -> SlotUsage:
+        with self._lock:
+            return SlotUsage(
+                total=len(self.devices),
+                in_use=len(self._runs),
+                concurrency=self.concurrency,
+                devices=self.devices,
+            )
+
+    # -- dispatching ------------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # before dispatching: a wake-up during this round is not lost
+            try:
+                self._dispatch_ready()
+                self._purge_if_due()
+            except Exception:  # the dispatcher must survive anything one job does
+                logger.exception("dispatcher iteration failed")
+            self._wake.wait(timeout=DISPATCH_POLL_S)
+
+    def _dispatch_ready(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if len(self._runs) >= self.concurrency or not self._free:
+                    return
+                device = self._free.pop(0)
+                job = self.store.claim_next(device)
+                if job is None:
+                    self._free.insert(0, device)
+                    return
+                try:
+                    run = self._launch(job, device)
+                except Exception as exc:  # noqa: BLE001 - reported on the job, slot returned
+                    self._free.insert(0, device)
+                    logger.exception("job %s: could not start its worker", job.id)
+                    message = f"could not start the worker process: {exc}"
+                    self.store.finish(
+                        job.id,
+                        status="failed",
+                        from_statuses=("running", "cancelling"),
+                        level="error",
+                        error_code="launch_failed",
+                        error_message=message,
+                        message=message,
+                    )
+                    continue
+                self._runs[job.id] = run
+                run.monitor = threading.Thread(
+                    target=self._monitor, args=(run,), name=f"job-{job.id}", daemon=True
+                )
+            run.monitor.start()
+
+    def _launch(self, job: JobRecord, device: str) -> _Run:
+        job_dir = self.settings.jobs_dir / job.id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = job_dir / "spec.json"
+        spec = {
+            **job.request,
+            "job_id": job.id,
+            "output": job.output_path,
+            "job_dir": str(job_dir),
+            "attempt": job.attempts,
+        }
+        spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        log_path = job_dir / "worker.log"
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(
+                f"--- attempt {job.attempts} on slot {device} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+            )
+        hf_token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        process = WorkerProcess(
+            [self.settings.worker_python, "-m", "service.worker", str(spec_path)],
+            env=worker_env(self.environ, device=device, hf_token=hf_token),
+            log_path=log_path,
+            secrets=self._secrets,
+            cwd=job_dir,
+        )
+        self.store.set_process(job.id, pid=process.pid, pgid=process.pgid)
+        if self.store.get_job(job.id).status == "cancelling":  # cancelled between claim and launch
+            process.terminate(self.settings.cancel_grace_seconds)
+        logger.info("job %s: worker pid %d on slot %s", job.id, process.pid, device)
+        return _Run(job=job, device=device, process=process, job_dir=job_dir)
+
+    # -- one run ----------------------------------------------------------------------------------
+    def _monitor(self, run: _Run) -> None:
+        def wait() -> None:
+            run.returncode = run.process.wait()
+
+        waiter = threading.Thread(target=wait, name=f"wait-{run.job.id}", daemon=True)
+        waiter.start()
+        try:
+            for line in run.process.lines():
+                self._relay(run, line)
+            self._flush_progress(run)
+        except Exception:  # noqa: BLE001 - a broken relay must not strand the job
+            logger.exception("job %s: relaying worker output failed", run.job.id)
+        waiter.join()
+        try:
+            self._settle(run)
+        except Exception:  # noqa: BLE001
+            logger.exception("job %s: settling failed", run.job.id)
+        finally:
+            with self._lock:
+                self._runs.pop(run.job.id, None)
+                self._free.append(run.device)
+            self._wake.set()
+
+    def _relay(self, run: _Run, line: str) -> None:
+        try:
+            event = json.loads(line)
+            kind = event.get("event") if isinstance(event, dict) else None
+        except json.JSONDecodeError:
+            kind = None
+        if kind == "progress":
+            self._progress(run, event)
+        elif kind == "result":
+            run.result = event
+        elif kind == "error":
+            run.error = event
+        elif line.strip() and run.log_events < MAX_LOG_EVENTS:
+            run.log_events += 1
+            self.store.add_event(run.job.id, type="log", level="warning", message=line[:2000])
+
+    def _progress(self, run: _Run, event: dict[str, Any]) -> None:
+        """Store a progress event, coalescing bursts within one stage (the latest always lands)."""
+        stage = str(event.get("stage") or "")
+        fraction = event.get("fraction")
+        now = time.monotonic()
+        last_stage, last_time = run.last_progress
+        important = stage != last_stage or fraction in (0, 0.0, 1, 1.0) or fraction is None
+        if not important and now - last_time < PROGRESS_MIN_INTERVAL_S:
+            run.pending_progress = event
+            return
+        if stage != last_stage:
+            self._flush_progress(run)
+        run.pending_progress = None
+        run.last_progress = (stage, now)
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        self.store.record_progress(
+            run.job.id,
+            stage=stage,
+            fraction=fraction,
+            message=str(event.get("message", ""))[:2000],
+            data=data,
+        )
+
+    def _flush_progress(self, run: _Run) -> None:
+        pending, run.pending_progress = run.pending_progress, None
+        if pending is not None:
+            data = pending.get("data") if isinstance(pending.get("data"), dict) else {}
+            self.store.record_progress(
+                run.job.id,
+                stage=str(pending.get("stage") or ""),
+                fraction=pending.get("fraction"),
+                message=str(pending.get("message", ""))[:2000],
+                data=data,
+            )
+
+    def _settle(self, run: _Run) -> None:
+        assert run.returncode is not None
+        html_path = run.job_dir / "report.html"
+        html = html_path.read_text(encoding="utf-8") if run.result and html_path.exists() else None
+        outcome = interpret(run.returncode, run.result, run.error, list(run.process.stderr_tail), html)
+        job_id, output = run.job.id, Path(run.job.output_path)
+        started = run.job.started_at
+        if outcome.status == "succeeded" and self._finish(run, outcome):
+            return
+        if outcome.status == "failed" and not self._stopping.is_set():
+            keep_failed = outcome.error_code == "validation_failed"
+            remove_job_outputs(output, since=started, keep_failed=keep_failed, include_final=True)
+            if self._finish(run, outcome):
+                return
+        remove_job_outputs(output, since=started, include_final=True)
+        if self.store.finish(
+            job_id,
+            status="cancelled",
+            from_statuses=("cancelling",),
+            message="job cancelled; worker stopped and partial output removed",
+        ):
+            self._notify(job_id)
+        elif self._stopping.is_set():
+            self.store.requeue(
+                job_id,
+                refund_attempt=True,
+                message="the server shut down while this job was running; requeued",
+            )
+
+    def _finish(self, run: _Run, outcome: Outcome) -> bool:
+        for warning in outcome.warnings[:50]:
+            self.store.add_event(run.job.id, type="log", level="warning", message=str(warning)[:2000])
+        done = self.store.finish(
+            run.job.id,
+            status=outcome.status,
+            from_statuses=("running",),
+            level="info" if outcome.status == "succeeded" else "error",
+            message=outcome.message,
+            error_code=outcome.error_code,
+            error_message=outcome.error_message,
+            failed_output_path=outcome.failed_output,
+            validation=outcome.validation,
+            report=outcome.report,
+            report_html=outcome.report_html,
+        )
+        if done:
+            self._notify(run.job.id)
+        return done
+
+    def _notify(self, job_id: str) -> None:
+        if self.on_finished is not None:
+            job = self.store.get_job(job_id)
+            if job is not None:
+                self.on_finished(job)
+
+    def _purge_if_due(self) -> None:
+        now = time.time()
+        if now - self._last_purge < PURGE_EVERY_S:
+            return
+        self._last_purge = now
+        purged = self.store.purge_before(now - self.settings.retention_days * 86400)
+        for job_id in purged:
+            shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
+        if purged:
+            logger.info(
+                "retention: removed %d finished job(s) older than %.0f day(s)",
+                len(purged),
+                self.settings.retention_days,
+            )

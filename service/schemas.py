@@ -1,0 +1,224 @@
+"""Request and response models of the HTTP API (one family per resource)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.security import HUB_REPO_ID
+from service.store import EventRecord, JobRecord, ValidationRecord
+
+__all__ = [
+    "CalibrationOptions",
+    "EventList",
+    "EventPublic",
+    "JobCreate",
+    "JobError",
+    "JobList",
+    "JobProgress",
+    "JobPublic",
+    "ValidationCreate",
+    "ValidationPublic",
+]
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+MAX_PATH_CHARS = 4096
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# Calibration options of a job (only used by recipes that need activation scales).
+class CalibrationOptions(_Strict):
+    data: str = Field(
+        "random",
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description='"random", a local text/JSONL file under the allowed roots, or a dataset id',
+    )
+    samples: int = Field(512, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=1, le=131_072)
+    batch_size: int = Field(8, ge=1, le=4096)
+    all_experts: bool = Field(True, description="route calibration tokens through every expert")
+
+
+# Body of POST /v1/jobs.
+class JobCreate(_Strict):
+    source: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="a local directory under the allowed roots, or a Hub repo id (org/name)",
+    )
+    revision: str | None = Field(None, max_length=256, description="Hub branch, tag or commit")
+    recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ...")
+    dialect: Literal["modelopt"] = "modelopt"
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    exclude: list[str] = Field(
+        default_factory=list, max_length=1024, description="extra module name patterns to leave unquantized"
+    )
+    output: str | None = Field(
+        None,
+        max_length=MAX_PATH_CHARS,
+        description="output directory under the allowed roots; default <data-dir>/outputs/<job id>",
+    )
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        from exporter.recipes import RECIPES  # torch-free table shared with the exporter
+
+        if value not in RECIPES:
+            raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join(RECIPES)}")
+        return value
+
+    @field_validator("exclude")
+    @classmethod
+    def _reasonable_patterns(cls, value: list[str]) -> list[str]:
+        if any(not pattern or len(pattern) > 512 for pattern in value):
+            raise ValueError("exclude patterns must be 1 to 512 characters")
+        return value
+
+
+# Where a running job is.
+class JobProgress(BaseModel):
+    stage: str | None
+    fraction: float | None
+
+
+# Why a job failed.
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+# A job as the API returns it.
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["quantization.job"] = "quantization.job"
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    source: str
+    revision: str | None
+    recipe: str
+    dialect: str
+    params: dict[str, Any] = Field(description="calibration options and extra excludes")
+    progress: JobProgress | None
+    output_path: str | None = Field(description="the validated export (set once succeeded)")
+    failed_output_path: str | None = Field(
+        description="an export that failed validation, kept for inspection"
+    )
+    validation: dict[str, Any] | None = Field(description="ok, per-engine verdicts, finding counts")
+    error: JobError | None
+    attempts: int
+    report_url: str | None
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> JobPublic:
+        request = job.request
+        has_report = job.report is not None
+        return cls(
+            id=job.id,
+            status=job.status,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            source=request["source"],
+            revision=request.get("revision"),
+            recipe=request["recipe"],
+            dialect=request.get("dialect", "modelopt"),
+            params={"calibration": request.get("calibration", {}), "exclude": request.get("exclude", [])},
+            progress=JobProgress(stage=job.progress_stage, fraction=job.progress_fraction)
+            if job.progress_stage
+            else None,
+            output_path=job.output_path if job.status == "succeeded" else None,
+            failed_output_path=job.failed_output_path,
+            validation=job.validation,
+            error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            attempts=job.attempts,
+            report_url=f"/v1/jobs/{job.id}/report" if has_report else None,
+        )
+
+
+# GET /v1/jobs: a cursor page, newest first.
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+# One job event (status change, progress, worker log line).
+class EventPublic(BaseModel):
+    id: int
+    object: Literal["quantization.job.event"] = "quantization.job.event"
+    job_id: str
+    created_at: float
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, event: EventRecord) -> EventPublic:
+        return cls(
+            id=event.id,
+            job_id=event.job_id,
+            created_at=event.created_at,
+            level=event.level,
+            type=event.type,
+            message=event.message,
+            data=event.data,
+        )
+
+
+# GET /v1/jobs/{id}/events: oldest first after the cursor.
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventPublic]
+    has_more: bool
+
+
+# Body of POST /v1/validations: a local checkpoint or a Hub repo.
+class ValidationCreate(_Strict):
+    path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
+    hub_repo: str | None = Field(None, min_length=3, max_length=256, description="org/name")
+    revision: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _exactly_one_target(self) -> ValidationCreate:
+        if (self.path is None) == (self.hub_repo is None):
+            raise ValueError('give exactly one of "path" (a local checkpoint) or "hub_repo" (org/name)')
+        if self.hub_repo is not None and not HUB_REPO_ID.match(self.hub_repo):
+            raise ValueError(f"hub_repo {self.hub_repo!r} is not a Hub repo id (org/name)")
+        if self.revision is not None and self.hub_repo is None:
+            raise ValueError('"revision" only applies to "hub_repo"')
+        return self
+
+
+# A stored validation and its report.
+class ValidationPublic(BaseModel):
+    id: str
+    object: Literal["validation"] = "validation"
+    created_at: float
+    target: str
+    revision: str | None
+    ok: bool
+    verdicts: dict[str, Any]
+    report: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, record: ValidationRecord) -> ValidationPublic:
+        return cls(
+            id=record.id,
+            created_at=record.created_at,
+            target=record.target,
+            revision=record.revision,
+            ok=record.ok,
+            verdicts=record.verdicts,
+            report=record.report,
+        )

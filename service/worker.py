@@ -1,0 +1,182 @@
+"""Worker process entry: `python -m service.worker JOB_SPEC.json`.
+
+Runs one quantize job with `exporter.pipeline.run_quantize` and speaks a line protocol on stdout,
+one JSON object per line: `{"event": "progress", stage, fraction, message, data}` while it works,
+then either `{"event": "result", ok, output, failed_output, validation, report, warnings}` or
+`{"event": "error", code, message}`. Anything else a library prints goes to stderr (stdout is
+re-pointed there), so the protocol channel stays clean. Exit status: 0 exported and validated,
+1 the export failed validation, 2 bad input, 3 internal failure, 4 the server went away.
+
+`HF_TOKEN` comes from the environment only; it is never read from the spec, printed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_OK", "EXIT_SERVER_GONE", "EXIT_VALIDATION_FAILED", "main"]
+
+logger = logging.getLogger("service.worker")
+
+EXIT_OK = 0
+EXIT_VALIDATION_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_SERVER_GONE = 4
+
+
+class Channel:
+    """The protocol stream (a private duplicate of the original stdout)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.stream.write(json.dumps(message, default=str) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            # Nobody reads our progress any more: the server died. Stop now instead of finishing a
+            # job whose result nobody will record; the next server cleans up and requeues it.
+            logger.error("the server went away (broken pipe); stopping")
+            os._exit(EXIT_SERVER_GONE)
+
+    def progress(self, event: Any) -> None:
+        self.send({"event": "progress", **event.to_dict()})
+
+
+def _protocol_channel() -> Channel:
+    """Duplicate stdout for the protocol, then send fd 1 (and sys.stdout) to stderr."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return Channel(channel)
+
+
+def build_request(spec: dict[str, Any]) -> Any:
+    """The pipeline request for a job spec written by the executor."""
+    from exporter.pipeline import QuantizeRequest
+
+    calibration = spec.get("calibration") or {}
+    return QuantizeRequest(
+        source=spec["source"],
+        revision=spec.get("revision"),
+        recipe=spec["recipe"],
+        out=spec["output"],
+        dialect=spec.get("dialect", "modelopt"),
+        calib_data=calibration.get("data", "random"),
+        calib_samples=int(calibration.get("samples", 512)),
+        calib_seq_len=int(calibration.get("seq_len", 512)),
+        calib_batch_size=int(calibration.get("batch_size", 8)),
+        calib_all_experts=bool(calibration.get("all_experts", True)),
+        exclude=tuple(spec.get("exclude") or ()),
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+
+
+def validation_summary(report: Any) -> dict[str, Any]:
+    """What the job object shows about its validation: ok, verdicts and finding counts."""
+    severities = [finding.severity.value for finding in report.findings]
+    return {
+        "ok": bool(report.ok),
+        "verdicts": report.verdicts,
+        "errors": severities.count("error"),
+        "warnings": severities.count("warning"),
+        "scheme": report.scheme,
+        "dialect": report.dialect,
+    }
+
+
+def _write_html(report: Any, job_dir: Path) -> None:
+    from validators.render import render_html
+
+    (job_dir / "report.html").write_text(render_html(report), encoding="utf-8")
+
+
+def run_job(spec: dict[str, Any], channel: Channel) -> int:
+    """Run the job; every outcome is reported on `channel` and mapped to an exit status."""
+    from exporter.pipeline import run_quantize
+    from validators.errors import (
+        CheckpointReadError,
+        QuantgateError,
+        UnsupportedArchitectureError,
+        UsageError,
+    )
+
+    try:
+        result = run_quantize(build_request(spec), progress=channel.progress)
+    except (CheckpointReadError, UsageError, UnsupportedArchitectureError) as exc:
+        channel.send({"event": "error", "code": "bad_input", "message": str(exc)})
+        return EXIT_BAD_INPUT
+    except QuantgateError as exc:
+        channel.send({"event": "error", "code": "quantgate_error", "message": str(exc)})
+        return EXIT_INTERNAL
+    except (MemoryError, RuntimeError) as exc:
+        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+        logger.exception("job failed")
+        code = "out_of_memory" if oom else "internal_error"
+        channel.send({"event": "error", "code": code, "message": f"{type(exc).__name__}: {exc}"})
+        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - reported to the server with its type and message
+        logger.exception("job failed")
+        channel.send({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+        return EXIT_INTERNAL
+    job_dir = Path(spec["job_dir"])
+    _write_html(result.report, job_dir)
+    channel.send(
+        {
+            "event": "result",
+            "ok": bool(result.ok),
+            "output": str(result.output) if result.output else None,
+            "failed_output": str(result.temp_output) if result.temp_output else None,
+            "validation": validation_summary(result.report),
+            "report": result.report.to_dict(),
+            "warnings": list(result.warnings),
+        }
+    )
+    return EXIT_OK if result.ok else EXIT_VALIDATION_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    channel = _protocol_channel()
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if len(args) != 1:
+        channel.send(
+            {
+                "event": "error",
+                "code": "bad_input",
+                "message": "usage: python -m service.worker JOB_SPEC.json",
+            }
+        )
+        return EXIT_BAD_INPUT
+    try:
+        spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        channel.send(
+            {"event": "error", "code": "bad_input", "message": f"cannot read job spec {args[0]}: {exc}"}
+        )
+        return EXIT_BAD_INPUT
+    logger.info(
+        "job %s: %s -> %s (recipe %s)",
+        spec.get("job_id"),
+        spec.get("source"),
+        spec.get("output"),
+        spec.get("recipe"),
+    )
+    try:
+        return run_job(spec, channel)
+    except Exception as exc:  # noqa: BLE001 - after the pipeline (report rendering): still a clean report
+        logger.exception("job failed after the export")
+        channel.send({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
