@@ -1,0 +1,324 @@
+"""`run_quantize`: source -> layout -> plan -> calibrate -> quantize + write (streaming) -> validate -> rename.
+
+Output goes to a temporary sibling directory `.<name>.tmp-<id>`; it is renamed to the final path
+only when the validator reports no error finding. A failed validation keeps the output, with its
+`quantgate-report.json` / `.html`, at `<out>.failed-validation` for inspection; an exception
+removes the temporary directory. The final path is never half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from exporter.progress import ProgressCallback, emit
+from exporter.recipes import Plan, get_recipe, make_plan
+from exporter.source import Source, open_source
+from exporter.writers import modelopt
+from exporter.writers.sharding import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    ShardWriter,
+    plan_shards,
+    write_json_atomic,
+)
+from validators.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DIALECTS: tuple[str, ...] = ("modelopt",)
+REPORT_JSON = "quantgate-report.json"
+REPORT_HTML = "quantgate-report.html"
+FAILED_SUFFIX = ".failed-validation"
+CUDA_READERS = 4          # prefetching reader threads for a GPU weight pass (units in flight: 5)
+
+
+@dataclass
+class QuantizeRequest:
+    source: str
+    revision: str | None = None
+    recipe: str = "nvfp4"
+    out: str | Path = "quantized"
+    dialect: str = "modelopt"
+    calib_data: str = "random"
+    calib_samples: int = 512
+    calib_seq_len: int = 512
+    calib_batch_size: int = 8
+    calib_all_experts: bool = True
+    calib_stats: str | Path | None = None
+    device: str = "auto"
+    exclude: Sequence[str] = ()
+    shard_size: int = DEFAULT_SHARD_SIZE
+    token: str | None = None
+    overwrite: bool = False          # extension: replace a non-empty final directory
+
+
+@dataclass
+class QuantizeResult:
+    output: Path | None              # the final directory (None when validation failed)
+    report: Any                      # validators.report.Report
+    ok: bool
+    temp_output: Path | None         # where a failed export was kept (None on success)
+    warnings: list[str] = field(default_factory=list)
+    stats_path: Path | None = None   # extension: calibration.json inside the export, when calibrated
+    timings: dict[str, float] = field(default_factory=dict)   # extension: seconds per stage
+    bytes_read: int = 0              # extension: source bytes read by the weight pass
+    max_buffered_bytes: int = 0      # extension: streaming high-water mark of the shard buffer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but CUDA is not available on this machine")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def check_request(req: QuantizeRequest) -> Path:
+    """Fail fast on bad input, before anything is read; returns the absolute final path."""
+    get_recipe(req.recipe)
+    if req.dialect not in DIALECTS:
+        raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(DIALECTS)}")
+    if req.shard_size <= 0:
+        raise UsageError(f"shard size must be positive, got {req.shard_size}")
+    out = Path(req.out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not req.overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if req.calib_stats is not None and not Path(req.calib_stats).exists():
+        raise UsageError(f"--calib-stats {req.calib_stats}: no such file")
+    resolve_device(req.device)
+    return out
+
+
+def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None, *,
+                 _writer_hook: Any = None) -> QuantizeResult:
+    """Run one quantize job end to end (see module docstring). Raises QuantgateError on bad input."""
+    out = check_request(req)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    emit(progress, "plan", 0.0, f"opening {req.source}")
+    source = open_source(req.source, revision=req.revision, token=req.token)
+    plan = make_plan(source.layout, req.recipe, req.exclude)
+    emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
+         quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings))
+    timings["plan"] = time.perf_counter() - t0
+    if not plan.quantized():
+        raise UsageError(f"recipe {plan.recipe} quantizes no module of this model "
+                         f"({source.architecture or 'unknown architecture'}); choose another recipe")
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        stats = _calibration(req, source, plan, tmp, progress, timings)
+        writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
+                                 device=resolve_device(req.device), progress=progress, timings=timings,
+                                 on_buffer=_writer_hook)
+        report = _validate(tmp, progress, timings)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    warnings = list(plan.warnings) + (list(stats.warnings) if stats is not None else [])
+    result = QuantizeResult(output=None, report=report, ok=report.ok, temp_output=None, warnings=warnings,
+                            timings=timings, bytes_read=writer.bytes_read,
+                            max_buffered_bytes=writer.max_buffered_bytes)
+    emit(progress, "finalize", 0.0, "finalizing")
+    if report.ok:
+        _replace_dir(tmp, out)
+        result.output = out
+        result.stats_path = out / STATS_FILE_NAME if stats is not None else None
+        emit(progress, "finalize", 1.0, f"exported to {out}", output=str(out), ok=True)
+    else:
+        kept = _unique(out.with_name(out.name + FAILED_SUFFIX))
+        tmp.rename(kept)
+        result.temp_output = kept
+        emit(progress, "finalize", 1.0, f"validation failed; output kept at {kept}", output=str(kept), ok=False)
+    timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
+                 timings: dict[str, float]) -> ActivationStats | None:
+    if not plan.needs_calibration:
+        return None
+    t = time.perf_counter()
+    if req.calib_stats is not None:
+        emit(progress, "calibrate", 0.0, f"reading activation stats from {req.calib_stats}")
+        stats = ActivationStats.load(req.calib_stats)
+    else:
+        from exporter.calibration import calibrate
+
+        emit(progress, "calibrate", 0.0, f"calibrating on {req.calib_samples} x {req.calib_seq_len} tokens")
+        stats = calibrate(source, plan, data=req.calib_data, samples=req.calib_samples, seq_len=req.calib_seq_len,
+                          batch_size=req.calib_batch_size, device=req.device, all_experts=req.calib_all_experts,
+                          progress=progress)
+    stats.check_covers(plan.quantized())
+    stats.save(tmp / STATS_FILE_NAME)
+    emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
+         warnings=list(stats.warnings))
+    timings["calibrate"] = time.perf_counter() - t
+    return stats
+
+
+@dataclass
+class _WriteStats:
+    bytes_read: int = 0
+    max_buffered_bytes: int = 0
+
+
+def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
+                    shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
+                    progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
+                    on_buffer: Any = None) -> _WriteStats:
+    """The weight pass: write every shard, the index, the configs and the non-weight files."""
+    t = time.perf_counter()
+    device = device or torch.device("cpu")
+    spec = plan.scheme
+    if spec is None:
+        raise UsageError(f"recipe {plan.recipe} quantizes no module of this model; nothing to export")
+    excludes = modelopt.build_excludes(source, plan)
+    units = modelopt.build_units(source, plan)
+    shards = plan_shards(units, shard_size)
+    scales = modelopt.InputScales(plan, source, stats)
+    total = sum(u.nbytes for u in units) or 1
+    done = 0
+    result = _WriteStats()
+    writer = ShardWriter(out_dir, on_buffer=on_buffer)
+
+    # Readers prefetch the next units' weights (positioned reads release the GIL). One is enough for
+    # a CPU quantizer; a GPU consumes faster than one thread reads and pins, so several read at once.
+    readers = CUDA_READERS if device.type == "cuda" else 1
+    ordered = [u for shard in shards for u in shard.units]
+    position = {id(u): i for i, u in enumerate(ordered)}
+    pending: dict[int, Future] = {}
+
+    def read(unit) -> Any:
+        job = unit.job
+        if isinstance(job, modelopt.CopyJob):
+            return source.tensor(job.name)
+        return modelopt.read_group(job, source, device)
+
+    def prefetch(i: int) -> None:
+        if i < len(ordered) and i not in pending:
+            pending[i] = pool.submit(read, ordered[i])
+
+    def produce(unit) -> dict[str, torch.Tensor]:
+        i = position[id(unit)]
+        for ahead in range(i, i + readers + 1):   # the next units are read while this one is quantized
+            prefetch(ahead)
+        data = pending.pop(i).result()
+        job = unit.job
+        if isinstance(job, modelopt.CopyJob):
+            result.bytes_read += source.info(job.name).nbytes
+            return {job.name: data}
+        result.bytes_read += sum(_weight_bytes(source, m) for m in job.modules)
+        return modelopt.quantize_group(job, source, scales, device, weights=data)
+
+    def after(unit) -> None:
+        nonlocal done
+        done += unit.nbytes
+        emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
+
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="quantgate-read") as pool:
+        try:
+            for i, shard in enumerate(shards):
+                writer.write(shard, produce, after)
+                emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
+                     index=i + 1, shards=len(shards), nbytes=shard.nbytes)
+        finally:
+            for future in pending.values():
+                future.cancel()
+            writer.close()
+    if len(shards) > 1:
+        from exporter.writers.sharding import index_for
+
+        write_json_atomic(out_dir / INDEX_FILE, index_for(shards))
+    modelopt.write_configs(out_dir, source, spec, excludes.patterns)
+    copy_other_files(source, out_dir)
+    result.max_buffered_bytes = writer.max_buffered_bytes
+    if timings is not None:
+        timings["weights"] = time.perf_counter() - t
+    return result
+
+
+def _weight_bytes(source: Source, module) -> int:
+    if module.fused is not None:
+        info = source.info(module.fused.tensor)
+        share = (module.fused.rows[1] - module.fused.rows[0]) / info.shape[1 if not module.fused.transposed else 2] \
+            if module.fused.rows else 1.0
+        return int(info.nbytes / info.shape[0] * share)
+    return module.tensors["weight"].nbytes
+
+
+#: Files never copied from the source: we write our own, or they describe the source's weights.
+NOT_COPIED: frozenset[str] = frozenset({"config.json", "hf_quant_config.json", INDEX_FILE, REPORT_JSON,
+                                        REPORT_HTML, STATS_FILE_NAME})
+
+
+def copy_other_files(source: Source, out_dir: Path) -> list[str]:
+    """Copy tokenizer, generation config, chat template and processor files unchanged."""
+    copied = []
+    for rel in source.other_files():
+        if Path(rel).name in NOT_COPIED or rel.endswith(".safetensors"):
+            continue
+        dest = out_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.path / rel, dest)
+        copied.append(rel)
+    return copied
+
+
+def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float]):
+    from validators.report import validate
+
+    t = time.perf_counter()
+    emit(progress, "validate", 0.0, "validating the export")
+    report = validate(str(out_dir))
+    write_report(report, out_dir)
+    errors = sum(1 for f in report.findings if f.severity.value == "error")
+    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
+         findings=len(report.findings))
+    timings["validate"] = time.perf_counter() - t
+    return report
+
+
+def write_report(report: Any, out_dir: Path) -> None:
+    """`quantgate-report.json` (+ `.html` when the renderer is available) next to the weights."""
+    write_json_atomic(out_dir / REPORT_JSON, report.to_dict())
+    try:
+        from validators.render import render_html
+    except ImportError:   # renderer not installed in this build: the JSON report is the contract
+        return
+    (out_dir / REPORT_HTML).write_text(render_html(report), encoding="utf-8")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` (only with --overwrite) is moved aside first."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for i in range(1, 1000):
+        candidate = path.with_name(f"{path.name}.{i}")
+        if not candidate.exists():
+            return candidate
+    raise UsageError(f"too many failed exports next to {path}; remove some")

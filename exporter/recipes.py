@@ -1,0 +1,170 @@
+"""Recipes (named like ModelOpt's configs) and the plan they make for one layout.
+
+A recipe is data: a scheme for the quantized kinds, nothing else. Kinds never listed in any recipe
+(lm_head, embedding, router, vision, projector, norm, other) always stay BF16 and are excluded.
+The plan then applies, in order: the recipe's kinds, user `--exclude` patterns (fnmatch on HF
+module names), the scheme's shape limits (NVFP4 needs in_features % 16 == 0), and the
+all-or-nothing rule for groups the engines fuse (q/k/v, gate/up, one expert's gate/up) and for the
+experts of one MoE layer (vLLM builds one FusedMoE per layer: one format for all of them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from validators.errors import UsageError
+from validators.layout import Kind, Layout, Module
+from validators.schemes import SchemeSpec, scheme
+
+log = logging.getLogger(__name__)
+
+DIALECT = "modelopt"
+DECODER_LINEAR_KINDS = frozenset({Kind.ATTENTION, Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named policy: modules of `kinds` get `scheme_name`; everything else stays BF16."""
+
+    name: str
+    scheme_name: str            # name in validators.schemes for the modelopt dialect
+    kinds: frozenset[Kind]
+    description: str
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("nvfp4", "NVFP4", DECODER_LINEAR_KINDS,
+           "NVFP4 W4A4 for every decoder Linear: attention, dense MLP, shared and routed experts"),
+    Recipe("nvfp4_mlp_only", "NVFP4", frozenset({Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT}),
+           "NVFP4 W4A4 for dense MLP, shared and routed experts; attention stays BF16"),
+    Recipe("nvfp4_experts_only", "NVFP4", frozenset({Kind.EXPERT}),
+           "NVFP4 W4A4 for routed experts only"),
+    Recipe("fp8", "FP8", DECODER_LINEAR_KINDS,
+           "FP8 per-tensor W8A8 (static input scales) for every decoder Linear"),
+)}
+
+#: Why a kind that no recipe quantizes stays BF16 (becomes the Assignment's reason).
+ALWAYS_EXCLUDED_REASON: dict[Kind, str] = {
+    Kind.LM_HEAD: "lm_head stays BF16",
+    Kind.EMBEDDING: "embeddings stay BF16",
+    Kind.ROUTER: "routers and gates stay BF16 (engines build them unquantized)",
+    Kind.VISION: "vision/audio towers stay BF16",
+    Kind.PROJECTOR: "multimodal projectors stay BF16",
+    Kind.NORM: "norms are not Linear layers",
+    Kind.OTHER: "not a decoder Linear the recipe covers (MTP, conv, unknown)",
+}
+
+
+@dataclass
+class Assignment:
+    """What the plan does with one module: `scheme` None means left BF16 for `reason`."""
+
+    module: str
+    scheme: SchemeSpec | None
+    reason: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme is not None
+
+
+@dataclass
+class Plan:
+    recipe: str
+    assignments: dict[str, Assignment]
+    warnings: list[str] = field(default_factory=list)
+    needs_calibration: bool = False
+
+    def quantized(self) -> list[str]:
+        return [name for name, a in self.assignments.items() if a.quantized]
+
+    def excluded(self) -> list[str]:
+        return [name for name, a in self.assignments.items() if not a.quantized]
+
+    @property
+    def scheme(self) -> SchemeSpec | None:
+        """The single scheme of a uniform plan (None when nothing is quantized)."""
+        schemes = {a.scheme.name: a.scheme for a in self.assignments.values() if a.scheme is not None}
+        if len(schemes) > 1:
+            raise UsageError(f"plan mixes schemes {sorted(schemes)}; the modelopt writer needs one")
+        return next(iter(schemes.values()), None)
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = ()) -> Plan:
+    """Assign a scheme or an exclusion reason to every weight-bearing module of `layout`."""
+    rec = get_recipe(recipe)
+    spec = scheme(DIALECT, rec.scheme_name)
+    plan = Plan(recipe=rec.name, assignments={})
+    for name, module in sorted(layout.modules.items()):
+        plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings)
+    _propagate_groups(layout, plan)
+    plan.needs_calibration = spec.activation_scales and any(a.quantized for a in plan.assignments.values())
+    if not any(a.quantized for a in plan.assignments.values()):
+        plan.warnings.append(f"recipe {rec.name} quantizes no module of this model")
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    return plan
+
+
+def _assign(module: Module, rec: Recipe, spec: SchemeSpec, exclude: Sequence[str],
+            warnings: list[str]) -> Assignment:
+    if module.kind not in DECODER_LINEAR_KINDS:
+        return Assignment(module.name, None, ALWAYS_EXCLUDED_REASON.get(module.kind, f"kind {module.kind.value}"))
+    if module.kind not in rec.kinds:
+        return Assignment(module.name, None, f"recipe {rec.name} leaves {module.kind.value} modules BF16")
+    weight = module.tensors.get("weight")
+    if module.fused is None and (weight is None or len(weight.shape) != 2):
+        shape = list(weight.shape) if weight is not None else "none"
+        return Assignment(module.name, None, f"not a Linear (weight shape {shape})")
+    hit = next((p for p in exclude if fnmatch.fnmatchcase(module.name, p)), None)
+    if hit is not None:
+        return Assignment(module.name, None, f"excluded by --exclude {hit}")
+    problem = _shape_problem(module, spec)
+    if problem is not None:
+        warnings.append(f"{module.name}: {problem}; left BF16 and excluded")
+        return Assignment(module.name, None, problem)
+    return Assignment(module.name, spec)
+
+
+def _shape_problem(module: Module, spec: SchemeSpec) -> str | None:
+    out_f, in_f = module.out_features, module.in_features
+    if out_f is None or in_f is None:
+        return "shape unknown"
+    if in_f % spec.in_divisor:
+        return f"in_features {in_f} is not divisible by {spec.in_divisor} ({spec.name})"
+    if out_f % spec.out_divisor:
+        return f"out_features {out_f} is not divisible by {spec.out_divisor} ({spec.name})"
+    return None
+
+
+def _propagate_groups(layout: Layout, plan: Plan) -> None:
+    """All-or-nothing for fused groups and for the experts of one MoE layer, to a fixed point."""
+    groups: dict[str, list[str]] = {}
+    for module in layout.modules.values():
+        for key in (module.fused_group, module.moe_group):
+            if key:
+                groups.setdefault(key, []).append(module.name)
+    changed = True
+    while changed:
+        changed = False
+        for key, members in sorted(groups.items()):
+            out = [m for m in members if not plan.assignments[m].quantized]
+            if not out or len(out) == len(members):
+                continue
+            cause = out[0]
+            for m in members:
+                if plan.assignments[m].quantized:
+                    plan.assignments[m] = Assignment(m, None, f"{key} is all-or-nothing and {cause} is BF16 "
+                                                              f"({plan.assignments[cause].reason})")
+                    changed = True
+            plan.warnings.append(f"{key}: {len(members) - len(out)} module(s) left BF16 because {cause} is")
