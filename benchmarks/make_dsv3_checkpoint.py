@@ -6,7 +6,14 @@ Only the safetensors headers and the scalar scales (`weight_scale_2`, `input_sca
 bytes; everything else is a hole (`truncate`), so ~390 GB of logical data take a few MB on disk.
 Header-only validation and the deep scale checks can run on it; nothing else can.
 
-    python -m benchmarks.make_dsv3_checkpoint OUT_DIR [--shards 72]
+Shards are laid out as `safetensors` itself writes them (what `save_pretrained` and ModelOpt's
+export produce): tensors are split into shards in module order, then inside each shard the data
+are sorted by dtype (F32 first, then BF16, F8_E4M3, U8, the order of safetensors' `Dtype` enum,
+descending) and name, and the header lists them in data order. So the scalar scales of a shard
+are contiguous at the start of its data section. `--order module` writes the data in module
+order instead (every scalar pair between two multi-MB weights: the worst case for scale reads).
+
+    python -m benchmarks.make_dsv3_checkpoint OUT_DIR [--shards 72] [--order safetensors|module]
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ V_HEAD_DIM = 128
 
 NVFP4_GROUP = 16                     # elements per F8_E4M3 block scale
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
+# safetensors' serializer sorts a file's tensors by dtype, descending in its `Dtype` enum order
+# (..., U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, F64, ...), then name.
+SAFETENSORS_DTYPE_RANK = {"F32": 0, "BF16": 1, "F8_E4M3": 2, "U8": 3}
+ORDERS = ("safetensors", "module")   # data order inside a shard (see the module docstring)
 HEADER_ALIGN = 8                     # safetensors pads the JSON header to a multiple of 8 bytes
 
 # MLA attention projections: name -> (out_features, in_features)
@@ -138,12 +149,19 @@ def split_shards(specs: list[Spec], num_shards: int) -> list[list[Spec]]:
     return shards
 
 
-def write_shard(path: Path, specs: list[Spec]) -> None:
+def data_order(specs: list[Spec], order: str = "safetensors") -> list[Spec]:
+    """The tensors of one shard in data order: as safetensors writes them, or module order."""
+    if order == "module":
+        return list(specs)
+    return sorted(specs, key=lambda s: (SAFETENSORS_DTYPE_RANK[s.dtype], s.name))
+
+
+def write_shard(path: Path, specs: list[Spec], order: str = "safetensors") -> None:
     """Header + holes; the scalar scales are written as real little-endian F32 at their offsets."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     placed: list[tuple[int, Spec]] = []
-    for spec in specs:
+    for spec in data_order(specs, order):
         header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}
         placed.append((offset, spec))
@@ -213,15 +231,17 @@ def hf_quant_config_json() -> dict:
     }
 
 
-def make_checkpoint(out: Path, num_shards: int = 72) -> Path:
-    """Write the checkpoint into `out` (created); return it."""
+def make_checkpoint(out: Path, num_shards: int = 72, order: str = "safetensors") -> Path:
+    """Write the checkpoint into `out` (created); return it. `order`: data order inside a shard."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     out.mkdir(parents=True, exist_ok=True)
     shards = split_shards(all_specs(), num_shards)
     weight_map: dict[str, str] = {}
     total = 0
     for i, specs in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(out / name, specs)
+        write_shard(out / name, specs, order)
         for spec in specs:
             weight_map[spec.name] = name
             total += spec.nbytes
@@ -238,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="output directory")
     parser.add_argument("--shards", type=int, default=72, help="number of shards (default 72)")
+    parser.add_argument("--order", choices=ORDERS, default="safetensors",
+                        help="data order inside a shard (default: as safetensors writes it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_checkpoint(args.out, args.shards)
+    make_checkpoint(args.out, args.shards, args.order)
     return 0
 
 

@@ -38,6 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 SAFETENSORS_SUFFIX = ".safetensors"
+HUB_SCHEME = "hf://"                          # forces the Hub (validators/hub.py)
 MAX_CONFIG_BYTES = 16 * 1024 * 1024          # config.json / hf_quant_config.json
 MAX_INDEX_BYTES = 256 * 1024 * 1024          # a 180k-tensor index is ~17 MB
 MAX_READ_VALUES_BYTES = 64 * 1024 * 1024     # read_values is for scales, not weights
@@ -113,11 +114,12 @@ def open_checkpoint(target: str, *, revision: str | None = None, token: str | No
     leaving the checkpoint directory are otherwise refused as QG605). `revision` and `token`
     apply to Hub repos only; the token is never written into messages.
     """
-    from validators import hub
+    if target.startswith(HUB_SCHEME) or not _exists(target):   # the Hub client only when it may be needed
+        from validators import hub
 
-    hub_ref = hub.parse_hub_target(target, revision)
-    if hub_ref is not None:
-        return hub.open_hub_checkpoint(target, hub_ref[0], hub_ref[1], token=token)
+        hub_ref = hub.parse_hub_target(target, revision)
+        if hub_ref is not None:
+            return hub.open_hub_checkpoint(target, hub_ref[0], hub_ref[1], token=token)
     path = Path(target).expanduser()
     try:
         if not path.exists():
@@ -132,6 +134,14 @@ def open_checkpoint(target: str, *, revision: str | None = None, token: str | No
     except OSError as exc:          # permission denied on the directory itself, and the like
         raise CheckpointReadError(f"{target}: cannot read: {exc.strerror or exc}") from None
     raise CheckpointReadError(f"{target}: not a .safetensors file or a checkpoint directory")
+
+
+def _exists(target: str) -> bool:
+    """An existing local path (which always wins over a Hub repo id); False when unsure."""
+    try:
+        return Path(target).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):    # unknown ~user, NUL byte ...: let hub.py decide
+        return False
 
 
 def _open_file(target: str, path: Path) -> CheckpointView:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from validators.checkpoint import (
     CONFIG_FILE,
+    HUB_SCHEME,
     INDEX_FILE,
     MAX_CONFIG_BYTES,
     MAX_INDEX_BYTES,
@@ -51,7 +52,6 @@ from validators.safetensors_header import (
 
 log = logging.getLogger(__name__)
 
-HUB_SCHEME = "hf://"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REQUEST_TIMEOUT_S = 10.0            # huggingface_hub's own download timeout
 HEADER_FETCH_THREADS = 8            # shard headers fetched in parallel

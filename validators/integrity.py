@@ -110,11 +110,11 @@ def check_index(weight_map: Mapping[str, object], headers: Mapping[str, Safetens
     Entries pointing at shards that were not read (missing, refused, corrupt) are skipped: those
     shards already have their own problem.
     """
+    if _index_matches(weight_map, headers):
+        return []
     actual: dict[str, str] = {}
     for header in headers.values():
         actual.update(dict.fromkeys(header.tensors, header.file))
-    if weight_map == actual:
-        return []
     absent: dict[str, list[str]] = {}
     misplaced: dict[str, list[str]] = {}
     for name, listed in weight_map.items():
@@ -144,6 +144,28 @@ def check_index(weight_map: Mapping[str, object], headers: Mapping[str, Safetens
                                 "(a stale index)", (shard,),
                                 "regenerate model.safetensors.index.json from the shards"))
     return problems
+
+
+def _index_matches(weight_map: Mapping[str, object], headers: Mapping[str, SafetensorsHeader]) -> bool:
+    """weight_map == {tensor: shard} over all headers, without building that 180k-entry dict.
+
+    Every shard's tensors are listed under that shard (C-level lookups and one `count`), and the
+    weight_map has no more entries than the shards hold. A tensor stored in two shards cannot be
+    listed under both, so it fails the per-shard test; an entry for a missing or unread shard
+    fails the size comparison."""
+    if not isinstance(weight_map, dict):
+        return False
+    listed = weight_map.__getitem__
+    total = 0
+    for header in headers.values():
+        try:
+            shards = list(map(listed, header.tensors))
+        except KeyError:
+            return False
+        if shards.count(header.file) != len(shards):
+            return False
+        total += len(shards)
+    return total == len(weight_map)
 
 
 def _names(names: list[str]) -> str:

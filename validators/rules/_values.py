@@ -15,6 +15,7 @@ import struct
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from validators.errors import CheckpointReadError
@@ -136,6 +137,79 @@ def _spans(items: list) -> Iterator[list]:
         yield span
 
 
+_START, _END, _FILE = attrgetter("start"), attrgetter("end"), attrgetter("file")
+
+
+def _read_f32_scalars(view: CheckpointView, jobs: list[tuple[list, list[TensorInfo]]]
+                      ) -> list[tuple[list, int, TensorInfo]]:
+    """Fast path of `_read_into` for per-class jobs: `values[j]` = the F32 scalar `infos[j]`.
+
+    The members of a module class share every tensor's dtype and shape, so a job is F32 scalars
+    throughout or not at all. Per job and shard, the byte range its scalars span is read with one
+    pread when it is at most MAX_SPAN bytes (safetensors writes a shard's F32 tensors first, so
+    a MoE layer's ~1,000 scales are contiguous) and decoded with C-level maps, not per tensor.
+    Returns the tasks left to `_read_into`: other dtypes, scalars far apart (module-order data),
+    truncated or unreadable shards.
+    """
+    root = getattr(view, "root", None)
+    headers = getattr(view, "headers", None)
+    if root is None or headers is None:
+        return []
+    rest: list[tuple[list, int, TensorInfo]] = []
+    fds: dict[str, int | None] = {}
+    unpack = _F32.unpack_from
+    try:
+        for values, infos in jobs:
+            rep = infos[0]
+            bufs: dict[str, tuple[int, bytes]] = {}
+            if rep.dtype == "F32" and rep.end - rep.start == _F32.size:
+                files = set(map(_FILE, infos))
+                for file in files:
+                    part = infos if len(files) == 1 else [i for i in infos if i.file == file]
+                    got = _read_span(root, headers, fds, file, min(map(_START, part)), max(map(_END, part)))
+                    if got is None:
+                        break
+                    bufs[file] = got
+                else:
+                    if len(bufs) == 1:
+                        lo, raw = bufs[rep.file]
+                        values[:] = [unpack(raw, start - lo)[0] for start in map(_START, infos)]
+                    else:
+                        values[:] = [unpack(bufs[f][1], start - bufs[f][0])[0]
+                                     for f, start in zip(map(_FILE, infos), map(_START, infos))]
+                    continue
+            rest.extend(zip([values] * len(infos), range(len(infos)), infos))
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return rest
+
+
+def _read_span(root, headers: dict, fds: dict[str, int | None], file: str, lo: int, hi: int
+               ) -> tuple[int, bytes] | None:
+    """(lo, bytes lo..hi of `file`'s data section), or None when the span is too wide, the shard
+    unknown or unreadable, or the file shorter than its header says."""
+    header = headers.get(file)
+    if header is None or hi - lo > MAX_SPAN:
+        return None
+    if file not in fds:
+        try:
+            fds[file] = os.open(root / file, os.O_RDONLY)
+        except OSError as exc:
+            log.debug("cannot open %s: %s", file, exc)
+            fds[file] = None
+    fd = fds[file]
+    if fd is None:
+        return None
+    try:
+        raw = os.pread(fd, hi - lo, header.data_offset + lo)
+    except OSError as exc:
+        log.debug("cannot read %s: %s", file, exc)
+        return None
+    return (lo, raw) if len(raw) == hi - lo else None
+
+
 def scale_table(ctx: "Context") -> ScaleTable:
     """Every per-tensor scale of every module and every KV scale, read once per validation."""
     a = ctx.a
@@ -143,14 +217,16 @@ def scale_table(ctx: "Context") -> ScaleTable:
     if cached is not None:
         return cached
     table = ScaleTable()
-    tasks: list[tuple[list | dict, int | str, TensorInfo]] = []
+    jobs: list[tuple[list, list[TensorInfo]]] = []
     for i, cls in enumerate(a.classes):
         for suffix, t in cls.rep.tensors.items():
             if suffix not in SCALAR_SCALES or t.numel > MAX_SCALAR_ELEMENTS:
                 continue
-            values: list[float | None] = [None] * len(cls.members)
+            infos = [m.tensors[suffix] for m in cls.members]
+            values: list[float | None] = [None] * len(infos)
             table.by_class[(i, suffix)] = values
-            tasks.extend((values, j, m.tensors[suffix]) for j, m in enumerate(cls.members))
+            jobs.append((values, infos))
+    tasks: list[tuple[list | dict, int | str, TensorInfo]] = _read_f32_scalars(ctx.view, jobs)
     for name in a.kv_scale_names:
         table.kv[name] = None
         tasks.append((table.kv, name, ctx.view.tensors[name]))
