@@ -61,6 +61,9 @@ def load_calibration_model(
     included), else AutoModelForCausalLM / AutoModelForImageTextToText. No remote code."""
     import transformers
 
+    # Our own progress events cover loading; transformers' tqdm bar would leak into
+    # `--progress none|json` output and the service's worker logs.
+    transformers.utils.logging.disable_progress_bar()
     local = Path(model_ref).is_dir()
     common = dict(trust_remote_code=False, local_files_only=local, token=token, revision=revision)
     try:
