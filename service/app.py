@@ -29,7 +29,7 @@ from service.security import BodySizeLimit, PathNotAllowed
 from service.settings import Settings
 from service.store import Store
 
-__all__ = ["DataDirLocked", "Service", "create_app", "open_service"]
+__all__ = ["DataDirLocked", "Service", "create_app", "executor_class", "open_service"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,16 @@ def _lock_data_dir(settings: Settings) -> IO[str]:
     return handle
 
 
-def open_service(settings: Settings, *, executor_factory: Callable[..., Executor] = LocalExecutor) -> Service:
+def executor_class(settings: Settings) -> Callable[..., Executor]:
+    """The executor `settings.executor` names; ray is imported only when it is chosen."""
+    if settings.executor == "ray":
+        from service.executors.ray import RayExecutor
+
+        return RayExecutor
+    return LocalExecutor
+
+
+def open_service(settings: Settings, *, executor_factory: Callable[..., Executor] | None = None) -> Service:
     """Lock the data dir, open (and migrate) the store, build metrics and the executor."""
     lock = _lock_data_dir(settings)
     try:
@@ -81,8 +90,11 @@ def open_service(settings: Settings, *, executor_factory: Callable[..., Executor
             directory.mkdir(parents=True, exist_ok=True)
         store = Store(settings.db_path)
         holder: dict[str, Executor] = {}
-        service_metrics = Metrics(store, lambda: holder["executor"].slots())
-        executor = executor_factory(settings, store, on_finished=service_metrics.job_finished)
+        service_metrics = Metrics(
+            store, lambda: holder["executor"].slots(), lambda: holder["executor"].cluster()
+        )
+        factory = executor_factory or executor_class(settings)
+        executor = factory(settings, store, on_finished=service_metrics.job_finished)
         holder["executor"] = executor
     except BaseException:
         lock.close()

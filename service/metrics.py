@@ -1,6 +1,7 @@
 """Prometheus metrics, on a private registry per app (tests and several apps never collide).
 
-Job counts, queue depth and slot usage are read from the store and the executor at scrape time,
+Job counts, queue depth, slot usage and (for a Ray executor) the cluster's reachability and GPUs
+total/free are read from the store and the executor at scrape time,
 so they are right after a restart; durations and validation verdicts are recorded as they happen.
 """
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.executors.base import SlotUsage
+from service.executors.base import ClusterInfo, SlotUsage
 from service.store import JobRecord, Store
 
 __all__ = ["Metrics"]
@@ -25,9 +26,15 @@ DURATION_BUCKETS_S: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 
 class _StateCollector(Collector):
     """Gauges computed from the store and the executor on every scrape."""
 
-    def __init__(self, store: Store, slots: Callable[[], SlotUsage]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        slots: Callable[[], SlotUsage],
+        cluster: Callable[[], ClusterInfo | None] | None = None,
+    ) -> None:
         self.store = store
         self.slots = slots
+        self.cluster = cluster
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.store.count_by_status()
@@ -43,14 +50,33 @@ class _StateCollector(Collector):
             "quantgate_gpu_slots", "Execution slots (GPUs, or one CPU slot)", value=usage.total
         )
         yield GaugeMetricFamily("quantgate_gpu_slots_in_use", "Slots running a job", value=usage.in_use)
+        cluster = self.cluster() if self.cluster is not None else None
+        if cluster is not None:
+            yield GaugeMetricFamily(
+                "quantgate_cluster_reachable", "1 when the cluster answers", value=int(cluster.reachable)
+            )
+            yield GaugeMetricFamily("quantgate_cluster_nodes", "Alive cluster nodes", value=cluster.nodes)
+            yield GaugeMetricFamily("quantgate_cluster_gpus", "GPUs in the cluster", value=cluster.gpus_total)
+            yield GaugeMetricFamily(
+                "quantgate_cluster_gpus_free", "GPUs no task holds", value=cluster.gpus_free
+            )
+            yield GaugeMetricFamily("quantgate_cluster_cpus", "CPUs in the cluster", value=cluster.cpus_total)
+            yield GaugeMetricFamily(
+                "quantgate_cluster_cpus_free", "CPUs no task holds", value=cluster.cpus_free
+            )
 
 
 class Metrics:
     """The app's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, store: Store, slots: Callable[[], SlotUsage]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        slots: Callable[[], SlotUsage],
+        cluster: Callable[[], ClusterInfo | None] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(store, slots))
+        self.registry.register(_StateCollector(store, slots, cluster))
         self.job_duration = Histogram(
             "quantgate_job_duration_seconds",
             "Wall time of finished jobs, from start to finish",

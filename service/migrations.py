@@ -66,6 +66,13 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        """
+        -- why a queued job is not running yet (set by executors that place jobs on a cluster)
+        ALTER TABLE jobs ADD COLUMN queue_reason TEXT
+        """,
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1][0]

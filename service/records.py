@@ -53,6 +53,7 @@ class JobRecord:
     slot: str | None
     pid: int | None
     pgid: int | None
+    queue_reason: str | None = None  # why a queued job waits (schema v2)
 
     @property
     def terminal(self) -> bool:

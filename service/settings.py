@@ -13,7 +13,7 @@ import ipaddress
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -78,6 +78,20 @@ class Settings(BaseSettings):
         ge=1,
         description="runs per job; a job interrupted by a server crash is requeued "
         "until it has used this many",
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where jobs run: worker processes on this host, or tasks on a Ray cluster"
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster (GCS `host:port`, `ray://host:10001` or `auto`); default: RAY_ADDRESS, "
+        "else a single-node Ray started in-process",
+    )
+    ray_cpus_per_job: float = Field(1.0, gt=0, description="CPUs each job reserves on its Ray node")
+    unschedulable_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a queued job asking for more GPUs than any cluster node has fails after this long",
     )
     max_body_bytes: int = Field(1 * MIB, ge=1024, description="larger request bodies get 413")
     worker_python: str = Field(sys.executable, description="interpreter that runs `-m service.worker`")

@@ -200,16 +200,25 @@ class Store:
             counts[row["status"]] = row["n"]
         return counts
 
-    def claim_next(self, slot: str) -> JobRecord | None:
-        """Oldest queued job -> running on `slot` (attempts + 1); None when the queue is empty."""
+    def claim_next(self, slot: str, *, job_id: str | None = None) -> JobRecord | None:
+        """Oldest queued job (or `job_id`, if still queued) -> running on `slot` (attempts + 1);
+        None when there is no such queued job."""
         now = time.time()
         with self._tx() as conn:
-            row = conn.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if job_id is None:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'queued' AND id = ?", (job_id,)
+                ).fetchone()
             if row is None:
                 return None
             conn.execute(
                 "UPDATE jobs SET status='running', slot=?, started_at=?, updated_at=?, attempts=attempts+1, "
-                "pid=NULL, pgid=NULL, progress_stage=NULL, progress_fraction=NULL WHERE id=?",
+                "pid=NULL, pgid=NULL, progress_stage=NULL, progress_fraction=NULL, queue_reason=NULL "
+                "WHERE id=?",
                 (slot, now, now, row["id"]),
             )
             job = self._job(conn, row["id"])
@@ -223,11 +232,25 @@ class Store:
             )
             return job
 
-    def set_process(self, job_id: str, *, pid: int, pgid: int) -> None:
+    def set_process(self, job_id: str, *, pid: int, pgid: int, slot: str | None = None) -> None:
+        """Record the run's worker process (and, when given, where it runs: `slot`)."""
         with self._tx() as conn:
             conn.execute(
-                "UPDATE jobs SET pid=?, pgid=?, updated_at=? WHERE id=?", (pid, pgid, time.time(), job_id)
+                "UPDATE jobs SET pid=?, pgid=?, slot=COALESCE(?, slot), updated_at=? WHERE id=?",
+                (pid, pgid, slot, time.time(), job_id),
             )
+
+    def set_queue_reason(self, job_id: str, reason: str | None, *, level: str = "info") -> bool:
+        """Why a queued job is not running yet; a changed reason is also stored as an event."""
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET queue_reason=?, updated_at=? WHERE id=? AND status='queued' "
+                "AND queue_reason IS NOT ?",
+                (reason, time.time(), job_id, reason),
+            )
+            if cursor.rowcount and reason:
+                self._event(conn, job_id, "status", level, reason, {"status": "queued", "reason": reason})
+            return bool(cursor.rowcount)
 
     def record_progress(
         self, job_id: str, *, stage: str, fraction: float | None, message: str, data: dict[str, Any]
@@ -317,6 +340,7 @@ class Store:
         with self._tx() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET status='queued', updated_at=?, slot=NULL, pid=NULL, pgid=NULL, "
+                "queue_reason=NULL, "
                 "started_at=NULL, "
                 "progress_stage=NULL, progress_fraction=NULL, attempts=attempts-? "
                 "WHERE id=? AND status IN ('running','cancelling')",

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the quantize/validate HTTP service",
         description="Run the HTTP service. Environment: QUANTGATE_DATA_DIR, QUANTGATE_HOST, QUANTGATE_PORT, "
         "QUANTGATE_ALLOWED_ROOTS, QUANTGATE_API_TOKENS, QUANTGATE_GPU_SLOTS, QUANTGATE_MAX_CONCURRENCY, "
-        "QUANTGATE_RETENTION_DAYS, QUANTGATE_CANCEL_GRACE_SECONDS, QUANTGATE_MAX_ATTEMPTS, HF_TOKEN.",
+        "QUANTGATE_RETENTION_DAYS, QUANTGATE_CANCEL_GRACE_SECONDS, QUANTGATE_MAX_ATTEMPTS, "
+        "QUANTGATE_EXECUTOR, QUANTGATE_RAY_ADDRESS, QUANTGATE_RAY_CPUS_PER_JOB, "
+        "QUANTGATE_UNSCHEDULABLE_TIMEOUT_SECONDS, HF_TOKEN.",
     )
     parser.add_argument("--host", help="bind address (default 127.0.0.1; anything else requires API tokens)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
@@ -52,6 +54,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cancel-grace-seconds", dest="cancel_grace_seconds", type=float)
     parser.add_argument("--max-attempts", dest="max_attempts", type=int)
     parser.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="run jobs as worker processes on this host (default) or on a Ray cluster (pip install "
+        "'quantgate[ray]'; see docs/RAY.md)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        metavar="ADDR",
+        help="Ray cluster to join (GCS host:port, ray://host:10001 or auto; default RAY_ADDRESS)",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-job", dest="ray_cpus_per_job", type=float, help="CPUs each job reserves (default 1)"
+    )
+    parser.add_argument(
+        "--unschedulable-timeout-seconds",
+        dest="unschedulable_timeout_seconds",
+        type=float,
+        help="fail a job no cluster node can fit after this long (default 600)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -66,6 +89,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "cancel_grace_seconds",
         "max_attempts",
         "log_level",
+        "executor",
+        "ray_address",
+        "ray_cpus_per_job",
+        "unschedulable_timeout_seconds",
     )
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -79,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.app import DataDirLocked, create_app, open_service
+    from service.executors.base import ExecutorUnavailable
     from service.settings import Settings
 
     try:
@@ -93,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         service = open_service(settings)
-    except (DataDirLocked, OSError) as exc:
+    except (DataDirLocked, ExecutorUnavailable, OSError) as exc:
         sys.stderr.write(f"quantgate serve: {exc}\n")
         return 2
     app = create_app(settings, service=service)

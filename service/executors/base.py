@@ -1,5 +1,5 @@
 """The executor interface: how the service runs jobs. `LocalExecutor` runs worker processes on this
-host; a Ray executor (tasks with `num_gpus`) will implement the same interface.
+host; `RayExecutor` (service/executors/ray.py) runs the same worker on a Ray cluster.
 
 Contract: the store is the source of truth. `submit` only wakes the dispatcher (the job row is
 already `queued`); the executor claims queued jobs from the store, moves them to a terminal status
@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-__all__ = ["Executor", "SlotUsage"]
+__all__ = ["ClusterInfo", "Executor", "ExecutorUnavailable", "SlotUsage"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,24 @@ class SlotUsage:
     in_use: int
     concurrency: int
     devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The compute cluster behind a remote executor (for /readyz and /metrics)."""
+
+    reachable: bool
+    address: str | None
+    nodes: int = 0
+    gpus_total: float = 0.0
+    gpus_free: float = 0.0
+    cpus_total: float = 0.0
+    cpus_free: float = 0.0
+    error: str | None = None
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The executor cannot run (its backend is not installed, or its cluster cannot be reached)."""
 
 
 class Executor(ABC):
@@ -51,3 +69,7 @@ class Executor(ABC):
     @abstractmethod
     def slots(self) -> SlotUsage:
         """Current capacity and usage (for /metrics and /readyz)."""
+
+    def cluster(self) -> ClusterInfo | None:
+        """The cluster the jobs run on, or None when they run on this host."""
+        return None

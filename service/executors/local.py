@@ -10,20 +10,19 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from service.executors.base import Executor, SlotUsage
-from service.executors.outcome import Outcome, interpret
-from service.executors.outputs import remove_job_outputs
+from service.executors.outcome import interpret
+from service.executors.outputs import purge_expired
 from service.executors.process import WorkerProcess
 from service.executors.recovery import recover
+from service.executors.relay import EventRelay, settle
 from service.settings import Settings
 from service.store import JobRecord, Store
 
@@ -34,8 +33,6 @@ logger = logging.getLogger(__name__)
 CPU_SLOT = "cpu"
 DISPATCH_POLL_S = 1.0
 PURGE_EVERY_S = 3600.0
-PROGRESS_MIN_INTERVAL_S = 0.25  # per job; stage changes and completions are always stored
-MAX_LOG_EVENTS = 200  # stray (non-JSON) worker lines stored per run
 SECRET_ENV_PREFIXES = ("QUANTGATE_",)  # server configuration (API tokens) never reaches a worker
 
 
@@ -82,13 +79,9 @@ class _Run:
     device: str
     process: WorkerProcess
     job_dir: Path
+    relay: EventRelay
     monitor: threading.Thread | None = None
     returncode: int | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    log_events: int = 0
-    last_progress: tuple[str | None, float] = (None, 0.0)
-    pending_progress: dict[str, Any] | None = field(default=None)
 
 
 class LocalExecutor(Executor):
@@ -244,7 +237,9 @@ class LocalExecutor(Executor):
         if self.store.get_job(job.id).status == "cancelling":  # cancelled between claim and launch
             process.terminate(self.settings.cancel_grace_seconds)
         logger.info("job %s: worker pid %d on slot %s", job.id, process.pid, device)
-        return _Run(job=job, device=device, process=process, job_dir=job_dir)
+        return _Run(
+            job=job, device=device, process=process, job_dir=job_dir, relay=EventRelay(self.store, job.id)
+        )
 
     # -- one run ----------------------------------------------------------------------------------
     def _monitor(self, run: _Run) -> None:
@@ -255,8 +250,8 @@ class LocalExecutor(Executor):
         waiter.start()
         try:
             for line in run.process.lines():
-                self._relay(run, line)
-            self._flush_progress(run)
+                run.relay.feed(line)
+            run.relay.flush()
         except Exception:  # noqa: BLE001 - a broken relay must not strand the job
             logger.exception("job %s: relaying worker output failed", run.job.id)
         waiter.join()
@@ -270,105 +265,13 @@ class LocalExecutor(Executor):
                 self._free.append(run.device)
             self._wake.set()
 
-    def _relay(self, run: _Run, line: str) -> None:
-        try:
-            event = json.loads(line)
-            kind = event.get("event") if isinstance(event, dict) else None
-        except json.JSONDecodeError:
-            kind = None
-        if kind == "progress":
-            self._progress(run, event)
-        elif kind == "result":
-            run.result = event
-        elif kind == "error":
-            run.error = event
-        elif line.strip() and run.log_events < MAX_LOG_EVENTS:
-            run.log_events += 1
-            self.store.add_event(run.job.id, type="log", level="warning", message=line[:2000])
-
-    def _progress(self, run: _Run, event: dict[str, Any]) -> None:
-        """Store a progress event, coalescing bursts within one stage (the latest always lands)."""
-        stage = str(event.get("stage") or "")
-        fraction = event.get("fraction")
-        now = time.monotonic()
-        last_stage, last_time = run.last_progress
-        important = stage != last_stage or fraction in (0, 0.0, 1, 1.0) or fraction is None
-        if not important and now - last_time < PROGRESS_MIN_INTERVAL_S:
-            run.pending_progress = event
-            return
-        if stage != last_stage:
-            self._flush_progress(run)
-        run.pending_progress = None
-        run.last_progress = (stage, now)
-        data = event.get("data") if isinstance(event.get("data"), dict) else {}
-        self.store.record_progress(
-            run.job.id,
-            stage=stage,
-            fraction=fraction,
-            message=str(event.get("message", ""))[:2000],
-            data=data,
-        )
-
-    def _flush_progress(self, run: _Run) -> None:
-        pending, run.pending_progress = run.pending_progress, None
-        if pending is not None:
-            data = pending.get("data") if isinstance(pending.get("data"), dict) else {}
-            self.store.record_progress(
-                run.job.id,
-                stage=str(pending.get("stage") or ""),
-                fraction=pending.get("fraction"),
-                message=str(pending.get("message", ""))[:2000],
-                data=data,
-            )
-
     def _settle(self, run: _Run) -> None:
         assert run.returncode is not None
+        relay = run.relay
         html_path = run.job_dir / "report.html"
-        html = html_path.read_text(encoding="utf-8") if run.result and html_path.exists() else None
-        outcome = interpret(run.returncode, run.result, run.error, list(run.process.stderr_tail), html)
-        job_id, output = run.job.id, Path(run.job.output_path)
-        started = run.job.started_at
-        if outcome.status == "succeeded" and self._finish(run, outcome):
-            return
-        if outcome.status == "failed" and not self._stopping.is_set():
-            keep_failed = outcome.error_code == "validation_failed"
-            remove_job_outputs(output, since=started, keep_failed=keep_failed, include_final=True)
-            if self._finish(run, outcome):
-                return
-        remove_job_outputs(output, since=started, include_final=True)
-        if self.store.finish(
-            job_id,
-            status="cancelled",
-            from_statuses=("cancelling",),
-            message="job cancelled; worker stopped and partial output removed",
-        ):
-            self._notify(job_id)
-        elif self._stopping.is_set():
-            self.store.requeue(
-                job_id,
-                refund_attempt=True,
-                message="the server shut down while this job was running; requeued",
-            )
-
-    def _finish(self, run: _Run, outcome: Outcome) -> bool:
-        for warning in outcome.warnings[:50]:
-            self.store.add_event(run.job.id, type="log", level="warning", message=str(warning)[:2000])
-        done = self.store.finish(
-            run.job.id,
-            status=outcome.status,
-            from_statuses=("running",),
-            level="info" if outcome.status == "succeeded" else "error",
-            message=outcome.message,
-            error_code=outcome.error_code,
-            error_message=outcome.error_message,
-            failed_output_path=outcome.failed_output,
-            validation=outcome.validation,
-            report=outcome.report,
-            report_html=outcome.report_html,
-        )
-        if done:
-            self._notify(run.job.id)
-        return done
+        html = html_path.read_text(encoding="utf-8") if relay.result and html_path.exists() else None
+        outcome = interpret(run.returncode, relay.result, relay.error, list(run.process.stderr_tail), html)
+        settle(self.store, run.job, outcome, stopping=self._stopping.is_set(), notify=self._notify)
 
     def _notify(self, job_id: str) -> None:
         if self.on_finished is not None:
@@ -381,12 +284,4 @@ class LocalExecutor(Executor):
         if now - self._last_purge < PURGE_EVERY_S:
             return
         self._last_purge = now
-        purged = self.store.purge_before(now - self.settings.retention_days * 86400)
-        for job_id in purged:
-            shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
-        if purged:
-            logger.info(
-                "retention: removed %d finished job(s) older than %.0f day(s)",
-                len(purged),
-                self.settings.retention_days,
-            )
+        purge_expired(self.store, self.settings.jobs_dir, self.settings.retention_days)

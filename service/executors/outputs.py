@@ -11,9 +11,12 @@ from __future__ import annotations
 import glob
 import logging
 import shutil
+import time
 from pathlib import Path
 
-__all__ = ["partial_outputs", "remove_job_outputs"]
+from service.store import Store
+
+__all__ = ["partial_outputs", "purge_expired", "remove_job_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +61,16 @@ def remove_job_outputs(
     for path in removed:
         _remove(path)
     return removed
+
+
+def purge_expired(store: Store, jobs_dir: Path, retention_days: float) -> list[str]:
+    """Retention: delete finished jobs older than `retention_days` (rows, events, job dirs; never
+    outputs); returns their ids."""
+    purged = store.purge_before(time.time() - retention_days * 86400)
+    for job_id in purged:
+        shutil.rmtree(jobs_dir / job_id, ignore_errors=True)
+    if purged:
+        logger.info(
+            "retention: removed %d finished job(s) older than %.0f day(s)", len(purged), retention_days
+        )
+    return purged

@@ -8,12 +8,14 @@ group id, cannot be reused) while leftover group members are killed; only then i
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -24,7 +26,24 @@ __all__ = ["WorkerProcess", "describe_exit", "process_alive"]
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MAX_LINE_CHARS = 1 << 20  # a result line carries the whole report; anything longer is not ours
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A pre-exec hook that has the kernel SIGKILL the child when its parent dies (Linux only).
+
+    libc is resolved here, before the fork, so the child only makes one system call.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    return hook
 
 
 def describe_exit(returncode: int) -> str:
@@ -68,7 +87,10 @@ class WorkerProcess:
         log_path: Path,
         secrets: Sequence[str],
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent`: the worker (its group leader) is SIGKILLed by the kernel when the
+        process that started it dies, for hosts where no later recovery pass could find it."""
         self._secrets = tuple(secrets)
         self._lock = threading.Lock()
         self._reaped = False
@@ -87,6 +109,7 @@ class WorkerProcess:
             bufsize=1,
             start_new_session=True,
             close_fds=True,
+            preexec_fn=_die_with_parent_hook() if die_with_parent else None,  # noqa: PLW1509
         )
         self.pid = self.proc.pid
         self.pgid = self.pid  # start_new_session: the worker leads its own session and group

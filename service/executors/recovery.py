@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +99,21 @@ def kill_orphaned_group(job: JobRecord) -> bool:
     return True
 
 
-def recover(store: Store, *, max_attempts: int) -> RecoveryReport:
-    """Settle every job a previous server left active (see module docstring)."""
+def recover(
+    store: Store,
+    *,
+    max_attempts: int,
+    kill_group: Callable[[JobRecord], bool] = kill_orphaned_group,
+) -> RecoveryReport:
+    """Settle every job a previous server left active (see module docstring).
+
+    `kill_group(job)` stops what is left of a job's worker wherever it ran (this host by default;
+    the Ray executor kills it on the node that ran it) and returns True if it killed anything.
+    """
     report = RecoveryReport()
     active = store.jobs_with_status(ACTIVE)
     for job in active:
-        if kill_orphaned_group(job):
+        if kill_group(job):
             report.killed_groups.append(job.pgid or 0)
     for job in active:
         removed = remove_job_outputs(Path(job.output_path), since=job.started_at, include_final=True)
