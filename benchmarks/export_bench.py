@@ -1,7 +1,8 @@
 """Export benchmarks: CPU end-to-end job, weight-pass memory at two model sizes, GPU weight-pass GB/s.
 
     python -m benchmarks.export_bench                 # CPU parts (about a minute on 2 cores)
-    python -m benchmarks.export_bench --gpu           # + the GPU weight pass on a synthetic model
+    python -m benchmarks.export_bench --large         # + the design target's 0.5B CPU job
+    python -m benchmarks.export_bench --gpu --skip-cpu   # GPU weight pass + GPU job, synthetic 5.2B model
     python -m benchmarks.export_bench --json out.json
 
 Every measurement runs in a fresh child process, which reports its own wall time and peak RSS
@@ -13,9 +14,13 @@ and one measurement's memory never leaks into the next.
    moe_inter 512, vocab 8192).
 2. `weight_pass_rss`: the weight pass alone (reusing the stats of 1 through --calib-stats) on the
    same family at 4 and 16 layers, with 16 MB shards: peak RSS stays flat while the model grows 4x.
-3. `gpu_weight_pass` (CUDA only): a synthetic Gemma4 MoE of several GB (random BF16 written
-   straight to safetensors, page-cached as in the anchor), weight pass on the GPU, reported as GB/s
-   of BF16 read.
+3. `cpu_job_large` (`--large`): the design target's job, a 0.5B Gemma4 MoE (hidden 1024, 8 layers,
+   32 experts, 927 MiB BF16), same calibration; ModelOpt 0.47 took 18.2 s and 2.1 GB here.
+4. `gpu_weight_pass` (CUDA only): a synthetic Gemma4 MoE of several GB shaped like the ModelOpt H100
+   anchor (hidden 2048, 12 layers, 64 experts top-8, moe_inter 1024; random BF16 written straight to
+   safetensors, page-cached as in the anchor), weight pass on the GPU, reported as GB/s of BF16 read.
+5. `gpu_job` (CUDA only): the whole job on that model, 64 x 512 random calibration tokens as the
+   anchor (ModelOpt: 24.2 s, about 2.4k calibration tokens/s, 1.1 GB/s export).
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ GEMMA4_36M: dict[str, Any] = {"hidden": 512, "layers": 4, "experts": 8, "interme
                               "global_head_dim": 64}
 CALIB = {"calib_samples": 16, "calib_seq_len": 128, "calib_batch_size": 4}
 RSS_SHARD = 16_000_000
-GPU_MODEL: dict[str, Any] = {"hidden": 2048, "layers": 8, "experts": 48, "intermediate": 4096,
+GEMMA4_05B: dict[str, Any] = {**GEMMA4_36M, "hidden": 1024, "layers": 8, "experts": 32, "intermediate": 2048,
+                              "moe_intermediate": 512, "head_dim": 128, "global_head_dim": 128}
+GPU_MODEL: dict[str, Any] = {"hidden": 2048, "layers": 12, "experts": 64, "intermediate": 2048,
                              "moe_intermediate": 1024, "vocab": 32768, "heads": 16, "kv_heads": 8, "head_dim": 128,
-                             "global_head_dim": 128}
+                             "global_head_dim": 128, "top_k_experts": 8}
+GPU_CALIB = {"calib_samples": 64, "calib_seq_len": 512, "calib_batch_size": 8}
 
 
 # --------------------------------------------------------------------------- child side
@@ -49,12 +57,94 @@ def _child(spec: dict) -> dict:
     t0 = time.perf_counter()
     from exporter.pipeline import QuantizeRequest, run_quantize
 
+    profile_to = spec.pop("profile", None)
+    if not spec.pop("batch", True):   # the per-group weight pass, for comparison with the batched one
+        from exporter.writers import modelopt_batched
+
+        modelopt_batched.BATCH_DEVICES = frozenset()
     req = QuantizeRequest(**spec)
-    result = run_quantize(req)
+    if profile_to:   # where the time goes, by function (own time), for tuning
+        import cProfile
+        import io
+        import pstats
+
+        totals = _time_functions(PROFILED)
+        profiler = cProfile.Profile()
+        result = profiler.runcall(run_quantize, req)
+        text = io.StringIO()
+        text.write("summed wall seconds per function, all threads (calls):\n")
+        for name, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+            text.write(f"  {name:<55} {seconds:8.3f} s  ({calls})\n")
+        text.write("\nmain thread, by own time:\n")
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        Path(profile_to).write_text(text.getvalue())
+    else:
+        result = run_quantize(req)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"ok": result.ok, "seconds_in_process": time.perf_counter() - t0, "timings": result.timings,
-            "bytes_read": result.bytes_read, "max_buffered_bytes": result.max_buffered_bytes,
-            "peak_rss_mib": peak_kb / 1024}
+    out = {"ok": result.ok, "seconds_in_process": time.perf_counter() - t0, "timings": result.timings,
+           "bytes_read": result.bytes_read, "max_buffered_bytes": result.max_buffered_bytes,
+           "peak_rss_mib": peak_kb / 1024, "load_average": os.getloadavg()[0]}
+    stats_file = result.stats_path if result.stats_path and result.stats_path.exists() else None
+    if stats_file is not None and spec.get("calib_stats") is None:
+        meta = json.loads(stats_file.read_text()).get("metadata", {})
+        out["calibration"] = {k: meta.get(k) for k in ("tokens", "seconds", "tokens_per_s", "load_seconds",
+                                                        "all_experts", "device")}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+#: (module, attribute) timed by `--profile` (wall time summed over every thread that calls them).
+PROFILED: tuple[tuple[str, str], ...] = (
+    ("exporter.source", "Source._read"),
+    ("exporter.writers.modelopt_batched", "read_group"),
+    ("exporter.writers.modelopt_batched", "quantize_batch"),
+    ("exporter.writers.modelopt_batched", "_quantize_stack"),
+    ("exporter.writers.modelopt_batched", "_matrix_amax"),
+    ("exporter.writers.modelopt", "quantize_group"),
+    ("exporter.writers.common", "read_group"),
+    ("exporter.writers.sharding", "tensor_bytes"),
+    ("exporter.writers.sharding", "_pwrite_all"),
+    ("exporter.unit_feed", "UnitFeed.get"),
+    ("exporter.pipeline", "copy_other_files"),
+    ("exporter.pipeline", "_validate"),
+    ("exporter.calibration", "load_calibration_model"),
+    ("exporter.calibration", "load_tokenizer"),
+    ("exporter.calibration", "calibrate_model"),
+    ("exporter.calibration", "calibration_batches"),
+)
+
+
+def _time_functions(targets: tuple[tuple[str, str], ...]) -> dict[str, list]:
+    """Wrap each target so that its wall time and calls are summed (thread-safe enough: GIL)."""
+    import functools
+    import importlib
+
+    totals: dict[str, list] = {}
+    for module_name, attr in targets:
+        owner = importlib.import_module(module_name)
+        *path, leaf = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, leaf, None)
+        if fn is None:
+            continue
+        key = f"{module_name}.{attr}"
+        totals[key] = [0.0, 0]
+
+        def timed(*args, __fn=fn, __key=key, **kwargs):
+            t = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                totals[__key][0] += time.perf_counter() - t
+                totals[__key][1] += 1
+
+        setattr(owner, leaf, functools.wraps(fn)(timed))
+    return totals
 
 
 def _run_child(spec: dict) -> dict:
@@ -97,7 +187,8 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
         model = cls._from_config(config, dtype=torch.bfloat16)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items() if not n.startswith("lm_head")}
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # random numbers: seconds on a GPU, minutes on a CPU
+    gen = torch.Generator(device=device).manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
     files: list[list[str]] = []
     size_now = 0
@@ -111,7 +202,7 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
             shard, size_now = {}, 0
 
     for name, shape in sorted(shapes.items()):
-        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
         shard[name] = t
         size_now += t.numel() * 2
         params += t.numel()
@@ -162,12 +253,51 @@ def weight_pass_rss(work: Path) -> list[dict]:
     return rows
 
 
-def gpu_weight_pass(work: Path, size: dict) -> dict:
+def cpu_job_large(work: Path) -> dict:
+    src, params = build_model(work / "gemma4-0.5b", GEMMA4_05B)
+    res = _run_child(dict(source=str(src), recipe="nvfp4", out=str(work / "out-cpu-0.5b"), device="cpu",
+                          overwrite=True, **CALIB))
+    res.update(params=params, model="gemma4 hidden 1024 x 8 layers x 32 experts", calibration="16 x 128 random")
+    return res
+
+
+def _page_cache(src: Path) -> float:
+    """Read every shard once (as the anchor's page-cached source); returns GB/s of that plain read."""
+    files = sorted(src.glob("*.safetensors"))
+    t = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    return sum(f.stat().st_size for f in files) / 1e9 / (time.perf_counter() - t)
+
+
+def gpu_weight_pass(work: Path, size: dict, profile: str | None = None, unbatched: bool = True) -> dict:
+    t = time.perf_counter()
     src, params = synthetic_model(work / "gemma4-synthetic", size)
+    build_s = time.perf_counter() - t
     stats = fake_stats(src, work / "stats-synthetic.json")
-    subprocess.run(["cat", *map(str, src.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # page cache
+    _page_cache(src)
+    cat_gbps = _page_cache(src)
     res = _run_child({"source": str(src), "recipe": "nvfp4", "out": str(work / "out-gpu"), "device": "cuda",
-                          "overwrite": True, "calib_stats": str(stats)})
+                      "overwrite": True, "calib_stats": str(stats)})
+    res["unbatched_gb_per_s"] = float("nan")
+    if unbatched:
+        plain = _run_child({"source": str(src), "recipe": "nvfp4", "out": str(work / "out-gpu-unbatched"),
+                            "device": "cuda", "overwrite": True, "calib_stats": str(stats), "batch": False})
+        res["unbatched_gb_per_s"] = plain["bytes_read"] / 1e9 / plain["timings"]["weights"]
+    if profile:
+        _run_child({"source": str(src), "recipe": "nvfp4", "out": str(work / "out-gpu-profile"), "device": "cuda",
+                    "overwrite": True, "calib_stats": str(stats), "profile": profile})
+    res.update(params=params, gb_read=res["bytes_read"] / 1e9, build_s=build_s, cat_gb_per_s=cat_gbps,
+               gb_per_s=res["bytes_read"] / 1e9 / res["timings"]["weights"])
+    return res
+
+
+def gpu_job(work: Path, size: dict, profile: str | None = None) -> dict:
+    src, params = synthetic_model(work / "gemma4-synthetic", size)
+    res = _run_child({"source": str(src), "recipe": "nvfp4", "out": str(work / "out-gpu-job"), "device": "cuda",
+                      "overwrite": True, **GPU_CALIB})
+    if profile:
+        _run_child({"source": str(src), "recipe": "nvfp4", "out": str(work / "out-gpu-job-profile"), "device": "cuda",
+                    "overwrite": True, "profile": profile, **GPU_CALIB})
     res.update(params=params, gb_read=res["bytes_read"] / 1e9,
                gb_per_s=res["bytes_read"] / 1e9 / res["timings"]["weights"])
     return res
@@ -180,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="also run the GPU weight pass (needs CUDA)")
     p.add_argument("--gpu-layers", type=int, default=GPU_MODEL["layers"])
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--large", action="store_true", help="also the 0.5B CPU job of the design target")
+    p.add_argument("--skip-gpu-job", action="store_true", help="with --gpu: only the weight pass")
+    p.add_argument("--profile", default=None, help="with --gpu: also profile one weight pass into this file")
+    p.add_argument("--profile-job", default=None, help="with --gpu: also profile one whole GPU job into this file")
+    p.add_argument("--no-unbatched", action="store_true", help="with --gpu: skip the per-group comparison pass")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
@@ -199,10 +334,24 @@ def main(argv: list[str] | None = None) -> int:
             log.info("weight pass %2d layers (%d params, %.0f MiB BF16): %.2f s, peak RSS %.0f MiB, buffer %.1f MiB",
                      r["layers"], r["params"], r["source_mib"], r["timings"]["weights"], r["peak_rss_mib"],
                      r["max_buffered_bytes"] / 2**20)
+    if args.large:
+        results["cpu_job_large"] = big = cpu_job_large(work)
+        log.info("cpu job 0.5B: %.1f s wall (in-process %.1f s: %s), peak RSS %.0f MiB, %d params", big["wall_s"],
+                 big["seconds_in_process"], {k: round(v, 2) for k, v in big["timings"].items()},
+                 big["peak_rss_mib"], big["params"])
     if args.gpu:
-        results["gpu_weight_pass"] = g = gpu_weight_pass(work, {**GPU_MODEL, "layers": args.gpu_layers})
-        log.info("gpu weight pass: %.2f GB BF16 read in %.2f s = %.2f GB/s, peak RSS %.0f MiB (%d params)",
-                 g["gb_read"], g["timings"]["weights"], g["gb_per_s"], g["peak_rss_mib"], g["params"])
+        size = {**GPU_MODEL, "layers": args.gpu_layers}
+        results["gpu_weight_pass"] = g = gpu_weight_pass(work, size, args.profile, not args.no_unbatched)
+        log.info("gpu weight pass: %.2f GB BF16 read in %.2f s = %.2f GB/s (per-group, unbatched: %.2f GB/s; plain "
+                 "cat of the page-cached source: %.2f GB/s), peak RSS %.0f MiB, %d params; stages %s", g["gb_read"],
+                 g["timings"]["weights"], g["gb_per_s"], g["unbatched_gb_per_s"], g["cat_gb_per_s"], g["peak_rss_mib"], g["params"],
+                 {k: round(v, 2) for k, v in g["timings"].items()})
+        if not args.skip_gpu_job:
+            results["gpu_job"] = j = gpu_job(work, size, args.profile_job)
+            log.info("gpu job: %.1f s wall (in-process %.1f s: %s), calibration %s, weight pass %.2f GB/s, "
+                     "peak RSS %.0f MiB, peak GPU %.1f GiB", j["wall_s"], j["seconds_in_process"],
+                     {k: round(v, 2) for k, v in j["timings"].items()}, j.get("calibration"), j["gb_per_s"],
+                     j["peak_rss_mib"], j.get("peak_gpu_gib", 0.0))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +23,82 @@ from safetensors.torch import save_file
 from exporter.source import Source, open_source
 from validators.errors import QuantgateError
 from validators.layout import FusedSlice, Module
-from validators.schemes import match_scheme
+from validators.schemes import COMPRESSED_TENSORS, MODELOPT, match_scheme
 
 log = logging.getLogger(__name__)
 
 
-def dequantize_module(export: Source, module: Module, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+def _nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.nvfp4 import dequantize_nvfp4
+
+    return dequantize_nvfp4(read["weight"], read["weight_scale"], read["weight_scale_2"], dtype=dtype)
+
+
+def _ct_nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.nvfp4 import dequantize_nvfp4, modelopt_global_scale
+
+    ws2 = modelopt_global_scale(read["weight_global_scale"])      # CT stores 2688 / amax
+    return dequantize_nvfp4(read["weight_packed"], read["weight_scale"], ws2, dtype=dtype)
+
+
+def _fp8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.fp8 import dequantize_fp8
+
+    return dequantize_fp8(read["weight"], read["weight_scale"], dtype=dtype)   # [] / [1] / [out, 1] broadcast
+
+
+def _w4a16(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.int4 import dequantize_w4a16
+
+    return dequantize_w4a16(read["weight_packed"], read["weight_scale"], read.get("weight_shape"), dtype=dtype)
+
+
+def _w8a8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.int8 import dequantize_w8a8_int8
+
+    return dequantize_w8a8_int8(read["weight"], read["weight_scale"], dtype=dtype)
+
+
+Dequantizer = Callable[[Mapping[str, torch.Tensor], torch.dtype], torch.Tensor]
+#: scheme key (validators.schemes `SchemeSpec.key`) -> dequantizer of the module's tensors by suffix
+DEQUANTIZERS: dict[str, Dequantizer] = {
+    "modelopt:NVFP4": _nvfp4, "modelopt:NVFP4_WEIGHT_ONLY": _nvfp4, "modelopt:FP8": _fp8,
+    "compressed-tensors:NVFP4": _ct_nvfp4, "compressed-tensors:NVFP4A16": _ct_nvfp4,
+    "compressed-tensors:FP8": _fp8, "compressed-tensors:FP8_DYNAMIC": _fp8,
+    "compressed-tensors:W4A16": _w4a16, "compressed-tensors:W8A8": _w8a8,
+}
+#: activation-side tensors a weight dequantizer never needs
+ACTIVATION_SUFFIXES: frozenset[str] = frozenset({"input_scale", "input_global_scale"})
+
+
+def export_dialect(export: Source) -> str:
+    """The dialect of an export's quantization config (ModelOpt when it has none)."""
+    qc = export.config.get("quantization_config") or {}
+    return COMPRESSED_TENSORS if qc.get("quant_method") == COMPRESSED_TENSORS else MODELOPT
+
+
+def dequantize_module(export: Source, module: Module, dtype: torch.dtype = torch.bfloat16,
+                      dialect: str | None = None) -> torch.Tensor | None:
     """The [out, in] weight of one export module in `dtype`, or None when it is not quantized."""
-    spec = match_scheme("modelopt", module.tensors)
-    if spec is None or spec.quant_algo is None:
+    spec = match_scheme(dialect or export_dialect(export), module.tensors)
+    if spec is None:
         return None
-    read = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items() if suffix != "input_scale"}
-    if spec.quant_algo in ("NVFP4", "W4A16_NVFP4"):
-        from exporter.numerics.nvfp4 import dequantize_nvfp4
-
-        return dequantize_nvfp4(read["weight"], read["weight_scale"], read["weight_scale_2"], dtype=dtype)
-    if spec.quant_algo == "FP8":
-        from exporter.numerics.fp8 import dequantize_fp8
-
-        return dequantize_fp8(read["weight"], read["weight_scale"], dtype=dtype)
-    raise QuantgateError(f"{module.name}: cannot dequantize scheme {spec.name}")
+    dequantize = DEQUANTIZERS.get(spec.key)
+    if dequantize is None:
+        raise QuantgateError(f"{module.name}: cannot dequantize scheme {spec.key}")
+    read = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items()
+            if suffix not in ACTIVATION_SUFFIXES}
+    return dequantize(read, dtype)
 
 
 def dequantized_state_dict(export_dir: str | Path, source: Source,
                            dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Every source tensor name -> its value in the export (dequantized where quantized)."""
     export = open_source(str(export_dir))
+    dialect = export_dialect(export)
     matrices: dict[str, torch.Tensor] = {}
     for name, module in export.layout.modules.items():
-        w = dequantize_module(export, module, dtype)
+        w = dequantize_module(export, module, dtype, dialect)
         if w is not None:
             matrices[name] = w
     state: dict[str, torch.Tensor] = {}
@@ -109,15 +156,38 @@ def load_with_weights(source: Source, state: Mapping[str, torch.Tensor], *,
                       dtype: torch.dtype = torch.bfloat16) -> Any:
     """The source's model class loaded with `state` (tensors named as in the source checkpoint)."""
     with tempfile.TemporaryDirectory(prefix="quantgate-dequant-") as tmp:
-        config = dict(source.config)
-        config.pop("quantization_config", None)
-        (Path(tmp) / "config.json").write_text(json.dumps(config), encoding="utf-8")
-        for extra in ("generation_config.json",):
-            if (source.path / extra).is_file():
-                shutil.copy2(source.path / extra, Path(tmp) / extra)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
-                  metadata={"format": "pt"})
+        write_checkpoint(source, state, tmp, extra_files=("generation_config.json",))
         return load_model(tmp, dtype=dtype)
+
+
+def write_checkpoint(source: Source, state: Mapping[str, torch.Tensor], out_dir: str | Path, *,
+                     extra_files: tuple[str, ...] | None = None) -> Path:
+    """A plain (unquantized) checkpoint of `state` with the source's config, minus any quantization.
+
+    `extra_files`: source files copied along (default: every non-weight file, e.g. the tokenizer, so
+    a serving engine can load the directory).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(source.config)
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    names = source.other_files() if extra_files is None else list(extra_files)
+    for rel in names:
+        if rel in ("config.json", "hf_quant_config.json") or rel.endswith((".safetensors", ".index.json")):
+            continue
+        if (source.path / rel).is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.path / rel, out / rel)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def save_dequantized(export_dir: str | Path, source_dir: str | Path, out_dir: str | Path, *,
+                     dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the export's weights, dequantized by our numerics, as a plain checkpoint in the source's naming."""
+    source = open_source(str(source_dir))
+    return write_checkpoint(source, dequantized_state_dict(export_dir, source, dtype), out_dir)
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Any:

@@ -13,18 +13,26 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from exporter.auto_options import (
+    AUTO_RECIPE,
+    DEFAULT_CANDIDATES,
+    DEFAULT_METHOD,
+    DEFAULT_SCORE_SAMPLES,
+    check_auto_request,
+)
 from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
 from exporter.progress import ProgressCallback, emit
-from exporter.recipes import Plan, get_recipe, make_plan
+from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
 from exporter.source import Source, open_source
-from exporter.writers import modelopt
+from exporter.unit_feed import UnitFeed, device_stream, feed_workers
+from exporter.writers.common import CopyJob
+from exporter.writers.modelopt_batched import feed_batching
 from exporter.writers.sharding import (
     DEFAULT_SHARD_SIZE,
     INDEX_FILE,
@@ -36,11 +44,10 @@ from validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DIALECTS: tuple[str, ...] = ("modelopt",)
+DIALECTS: tuple[str, ...] = ("modelopt", "compressed-tensors")
 REPORT_JSON = "quantgate-report.json"
 REPORT_HTML = "quantgate-report.html"
 FAILED_SUFFIX = ".failed-validation"
-CUDA_READERS = 4          # prefetching reader threads for a GPU weight pass (units in flight: 5)
 
 
 @dataclass
@@ -61,6 +68,12 @@ class QuantizeRequest:
     shard_size: int = DEFAULT_SHARD_SIZE
     token: str | None = None
     overwrite: bool = False          # extension: replace a non-empty final directory
+    # extension, recipe "auto" only (exporter.auto_options): effective-bits budget and scoring
+    bits: float | None = None
+    candidates: Sequence[str] = DEFAULT_CANDIDATES
+    method: str = DEFAULT_METHOD
+    score_samples: int = DEFAULT_SCORE_SAMPLES
+    scores: str | Path | None = None  # scores file: reused when it exists, written otherwise
 
 
 @dataclass
@@ -74,6 +87,7 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)   # extension: seconds per stage
     bytes_read: int = 0              # extension: source bytes read by the weight pass
     max_buffered_bytes: int = 0      # extension: streaming high-water mark of the shard buffer
+    auto: dict | None = None         # extension: recipe "auto" summary (budget, effective_bits, by_scheme)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,9 +102,14 @@ def resolve_device(device: str) -> torch.device:
 
 def check_request(req: QuantizeRequest) -> Path:
     """Fail fast on bad input, before anything is read; returns the absolute final path."""
-    get_recipe(req.recipe)
+    check_auto_request(req.recipe, bits=req.bits, candidates=req.candidates, method=req.method,
+                       score_samples=req.score_samples, scores=req.scores, dialect=req.dialect)
+    if req.recipe != AUTO_RECIPE:
+        get_recipe(req.recipe)
     if req.dialect not in DIALECTS:
         raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(DIALECTS)}")
+    if req.recipe != AUTO_RECIPE:
+        check_dialect(req.recipe, req.dialect)
     if req.shard_size <= 0:
         raise UsageError(f"shard size must be positive, got {req.shard_size}")
     out = Path(req.out).expanduser().resolve()
@@ -110,7 +129,13 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     t0 = time.perf_counter()
     emit(progress, "plan", 0.0, f"opening {req.source}")
     source = open_source(req.source, revision=req.revision, token=req.token)
-    plan = make_plan(source.layout, req.recipe, req.exclude)
+    auto = None
+    if req.recipe == AUTO_RECIPE:
+        from exporter.auto.stage import plan_for_request
+
+        plan, auto = plan_for_request(req, source, progress)
+    else:
+        plan = make_plan(source.layout, req.recipe, req.exclude, dialect=req.dialect)
     emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
          quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings))
     timings["plan"] = time.perf_counter() - t0
@@ -124,15 +149,20 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         stats = _calibration(req, source, plan, tmp, progress, timings)
         writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
-                                 on_buffer=_writer_hook)
-        report = _validate(tmp, progress, timings)
+                                 on_buffer=_writer_hook, dialect=req.dialect)
+        if auto is not None:
+            from exporter.auto.stage import write_auto_files
+
+            write_auto_files(tmp, auto)
+        report = _validate(tmp, progress, timings, extra={"auto": auto.summary()} if auto is not None else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     warnings = list(plan.warnings) + (list(stats.warnings) if stats is not None else [])
     result = QuantizeResult(output=None, report=report, ok=report.ok, temp_output=None, warnings=warnings,
                             timings=timings, bytes_read=writer.bytes_read,
-                            max_buffered_bytes=writer.max_buffered_bytes)
+                            max_buffered_bytes=writer.max_buffered_bytes,
+                            auto=auto.summary() if auto is not None else None)
     emit(progress, "finalize", 0.0, "finalizing")
     if report.ok:
         _replace_dir(tmp, out)
@@ -180,71 +210,68 @@ class _WriteStats:
 def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
                     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
                     progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
-                    on_buffer: Any = None) -> _WriteStats:
-    """The weight pass: write every shard, the index, the configs and the non-weight files."""
+                    on_buffer: Any = None, dialect: str = "modelopt") -> _WriteStats:
+    """The weight pass: write every shard, the index, the configs and the non-weight files.
+
+    `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
+    """
+    from exporter.writers.registry import writer_for
+
+    dialect_writer = writer_for(dialect)
     t = time.perf_counter()
     device = device or torch.device("cpu")
-    spec = plan.scheme
-    if spec is None:
+    if not plan.quantized():
         raise UsageError(f"recipe {plan.recipe} quantizes no module of this model; nothing to export")
-    excludes = modelopt.build_excludes(source, plan)
-    units = modelopt.build_units(source, plan)
+    write_configs = dialect_writer.prepare_configs(source, plan)   # before any weight is read: fails fast
+    units = dialect_writer.build_units(source, plan)
     shards = plan_shards(units, shard_size)
-    scales = modelopt.InputScales(plan, source, stats)
+    scales = dialect_writer.input_scales(plan, source, stats)
     total = sum(u.nbytes for u in units) or 1
     done = 0
     result = _WriteStats()
     writer = ShardWriter(out_dir, on_buffer=on_buffer)
 
-    # Readers prefetch the next units' weights (positioned reads release the GIL). One is enough for
-    # a CPU quantizer; a GPU consumes faster than one thread reads and pins, so several read at once.
-    readers = CUDA_READERS if device.type == "cuda" else 1
+    # Units are read, quantized and brought to the host ahead of the writer, in plan order, on a
+    # few threads (exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which
+    # batches many groups per call: exporter.writers.modelopt_batched).
     ordered = [u for shard in shards for u in shard.units]
-    position = {id(u): i for i, u in enumerate(ordered)}
-    pending: dict[int, Future] = {}
 
-    def read(unit) -> Any:
-        job = unit.job
-        if isinstance(job, modelopt.CopyJob):
-            return source.tensor(job.name)
-        return modelopt.read_group(job, source, device)
-
-    def prefetch(i: int) -> None:
-        if i < len(ordered) and i not in pending:
-            pending[i] = pool.submit(read, ordered[i])
+    def work(unit) -> dict[str, torch.Tensor]:
+        with device_stream(device):
+            data = dialect_writer.read(unit, source, device)
+            job = unit.job
+            if isinstance(job, CopyJob):
+                return {job.name: data}
+            out = dialect_writer.quantize_group(job, source, scales, device, weights=data)
+            return {name: t.to("cpu") for name, t in out.items()}
 
     def produce(unit) -> dict[str, torch.Tensor]:
-        i = position[id(unit)]
-        for ahead in range(i, i + readers + 1):   # the next units are read while this one is quantized
-            prefetch(ahead)
-        data = pending.pop(i).result()
+        out = feed.get(unit)
         job = unit.job
-        if isinstance(job, modelopt.CopyJob):
-            result.bytes_read += source.info(job.name).nbytes
-            return {job.name: data}
-        result.bytes_read += sum(_weight_bytes(source, m) for m in job.modules)
-        return modelopt.quantize_group(job, source, scales, device, weights=data)
+        result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
+                              else sum(_weight_bytes(source, m) for m in job.modules))
+        return out
 
     def after(unit) -> None:
         nonlocal done
         done += unit.nbytes
         emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
 
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="quantgate-read") as pool:
+    batching = feed_batching(dialect, device, ordered, source, scales)   # GPU: many groups per pass
+    with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
+                  **batching) as feed:
         try:
             for i, shard in enumerate(shards):
                 writer.write(shard, produce, after)
                 emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
                      index=i + 1, shards=len(shards), nbytes=shard.nbytes)
         finally:
-            for future in pending.values():
-                future.cancel()
             writer.close()
     if len(shards) > 1:
         from exporter.writers.sharding import index_for
 
         write_json_atomic(out_dir / INDEX_FILE, index_for(shards))
-    modelopt.write_configs(out_dir, source, spec, excludes.patterns)
+    write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
     copy_other_files(source, out_dir)
     result.max_buffered_bytes = writer.max_buffered_bytes
     if timings is not None:
@@ -279,13 +306,14 @@ def copy_other_files(source: Source, out_dir: Path) -> list[str]:
     return copied
 
 
-def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float]):
+def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float],
+              extra: dict[str, Any] | None = None):
     from validators.report import validate
 
     t = time.perf_counter()
     emit(progress, "validate", 0.0, "validating the export")
     report = validate(str(out_dir))
-    write_report(report, out_dir)
+    write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
     emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
          findings=len(report.findings))
@@ -293,9 +321,12 @@ def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[st
     return report
 
 
-def write_report(report: Any, out_dir: Path) -> None:
-    """`quantgate-report.json` (+ `.html` when the renderer is available) next to the weights."""
-    write_json_atomic(out_dir / REPORT_JSON, report.to_dict())
+def write_report(report: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """`quantgate-report.json` (+ `.html` when the renderer is available) next to the weights.
+
+    `extra`: top-level keys added to the JSON report (e.g. `auto`: the achieved effective bits).
+    """
+    write_json_atomic(out_dir / REPORT_JSON, {**report.to_dict(), **(extra or {})})
     try:
         from validators.render import render_html
     except ImportError:   # renderer not installed in this build: the JSON report is the contract

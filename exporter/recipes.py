@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from validators.errors import UsageError
 from validators.layout import Kind, Layout, Module
-from validators.schemes import SchemeSpec, scheme
+from validators.schemes import COMPRESSED_TENSORS, MODELOPT, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ class Recipe:
     """A named policy: modules of `kinds` get `scheme_name`; everything else stays BF16."""
 
     name: str
-    scheme_name: str            # name in validators.schemes for the modelopt dialect
+    scheme_name: str            # name in validators.schemes, the same in every dialect listed
     kinds: frozenset[Kind]
     description: str
+    dialects: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)   # the first is the default
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -44,6 +45,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "NVFP4 W4A4 for routed experts only"),
     Recipe("fp8", "FP8", DECODER_LINEAR_KINDS,
            "FP8 per-tensor W8A8 (static input scales) for every decoder Linear"),
+    # weight-only / dynamic-activation schemes: never calibrate, never instantiate the model
+    Recipe("w4a16", "W4A16", DECODER_LINEAR_KINDS,
+           "int4 weights (symmetric, group 128), BF16 activations, for every decoder Linear",
+           dialects=(COMPRESSED_TENSORS,)),
+    Recipe("w8a8_int8", "W8A8", DECODER_LINEAR_KINDS,
+           "int8 per-channel weights, dynamic per-token int8 activations, for every decoder Linear",
+           dialects=(COMPRESSED_TENSORS,)),
+    Recipe("nvfp4a16", "NVFP4A16", DECODER_LINEAR_KINDS,
+           "NVFP4 weights, BF16 activations (no activation scales), for every decoder Linear",
+           dialects=(COMPRESSED_TENSORS,)),
 )}
 
 #: Why a kind that no recipe quantizes stays BF16 (becomes the Assignment's reason).
@@ -100,10 +111,25 @@ def get_recipe(name: str) -> Recipe:
         raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
 
 
-def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = ()) -> Plan:
+def default_dialect(recipe: str) -> str:
+    """The dialect a recipe is written in when the user names none."""
+    return get_recipe(recipe).dialects[0]
+
+
+def check_dialect(recipe: str, dialect: str) -> None:
+    """UsageError when `recipe` cannot be written in `dialect` (e.g. w4a16 has no ModelOpt spelling)."""
+    rec = get_recipe(recipe)
+    if dialect not in rec.dialects:
+        raise UsageError(f"recipe {rec.name} cannot be written in the {dialect} dialect (its scheme "
+                         f"{rec.scheme_name} exists only as {' / '.join(rec.dialects)}); "
+                         f"write it as {rec.dialects[0]} (--dialect {rec.dialects[0]})")
+
+
+def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect: str = DIALECT) -> Plan:
     """Assign a scheme or an exclusion reason to every weight-bearing module of `layout`."""
     rec = get_recipe(recipe)
-    spec = scheme(DIALECT, rec.scheme_name)
+    check_dialect(recipe, dialect)
+    spec = scheme(dialect, rec.scheme_name)
     plan = Plan(recipe=rec.name, assignments={})
     for name, module in sorted(layout.modules.items()):
         plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings)

@@ -24,6 +24,9 @@ __all__ = [
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 MAX_PATH_CHARS = 4096
+#: Job-body fields of recipe "auto", echoed in a job's params.
+AUTO_PARAMS: tuple[str, ...] = ("bits", "candidates", "method", "score_samples")
+MAX_GPUS_PER_JOB = 64
 
 
 class _Strict(BaseModel):
@@ -52,8 +55,10 @@ class JobCreate(_Strict):
         description="a local directory under the allowed roots, or a Hub repo id (org/name)",
     )
     revision: str | None = Field(None, max_length=256, description="Hub branch, tag or commit")
-    recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ...")
-    dialect: Literal["modelopt"] = "modelopt"
+    recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ..., auto")
+    dialect: Literal["modelopt", "compressed-tensors"] | None = Field(
+        None, description="output format; default: the recipe's own (modelopt for nvfp4/fp8/auto, "
+        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16)")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     exclude: list[str] = Field(
         default_factory=list, max_length=1024, description="extra module name patterns to leave unquantized"
@@ -63,15 +68,65 @@ class JobCreate(_Strict):
         max_length=MAX_PATH_CHARS,
         description="output directory under the allowed roots; default <data-dir>/outputs/<job id>",
     )
+    gpus: int = Field(
+        1,
+        ge=0,
+        le=MAX_GPUS_PER_JOB,
+        description="GPUs the job needs, all on one node (Ray executor); 0 runs it on CPU only. The "
+        "local executor runs every job on one slot",
+    )
+
+    # recipe "auto" only (exporter.auto_options): per-layer NVFP4 / FP8 / BF16 under a bit budget
+    bits: float | None = Field(
+        None, description='recipe "auto": effective bits per weight to fit (NVFP4 4.5, FP8 8, BF16 16)'
+    )
+    candidates: list[str] | None = Field(
+        None, min_length=1, max_length=8, description='recipe "auto": formats to choose from (default nvfp4, fp8)'
+    )
+    method: Literal["gradient", "kl_div"] | None = Field(None, description='recipe "auto": sensitivity score')
+    score_samples: int | None = Field(None, ge=1, le=1_000_000, description='recipe "auto": sequences scored')
 
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, value: str) -> str:
+        from exporter.auto_options import AUTO_RECIPE  # torch-free, like the recipe table
         from exporter.recipes import RECIPES  # torch-free table shared with the exporter
 
-        if value not in RECIPES:
-            raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join(RECIPES)}")
+        if value not in RECIPES and value != AUTO_RECIPE:
+            raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join([*RECIPES, AUTO_RECIPE])}")
         return value
+
+    @model_validator(mode="after")
+    def _auto_options(self) -> JobCreate:
+        from exporter.auto_options import check_job_options
+        from validators.errors import UsageError
+
+        try:
+            check_job_options(self.recipe, bits=self.bits, candidates=self.candidates, method=self.method,
+                              score_samples=self.score_samples)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _recipe_dialect(self) -> JobCreate:
+        """Resolve the default dialect and refuse a recipe the dialect cannot spell (w4a16 as modelopt)."""
+        from exporter.auto_options import AUTO_RECIPE
+        from exporter.recipes import check_dialect, default_dialect
+        from validators.errors import UsageError
+
+        if self.recipe == AUTO_RECIPE:
+            if self.dialect not in (None, "modelopt"):
+                raise ValueError(f"recipe {AUTO_RECIPE} writes ModelOpt MIXED_PRECISION only; use dialect modelopt")
+            self.dialect = "modelopt"
+            return self
+        if self.dialect is None:
+            self.dialect = default_dialect(self.recipe)
+        try:
+            check_dialect(self.recipe, self.dialect)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("exclude")
     @classmethod
@@ -114,6 +169,10 @@ class JobPublic(BaseModel):
     validation: dict[str, Any] | None = Field(description="ok, per-engine verdicts, finding counts")
     error: JobError | None
     attempts: int
+    gpus: int = Field(description="GPUs the job asked for (0 = CPU only)")
+    queue_reason: str | None = Field(
+        None, description="why a queued job is not running yet (e.g. not enough free GPUs)"
+    )
     report_url: str | None
 
     @classmethod
@@ -130,7 +189,8 @@ class JobPublic(BaseModel):
             revision=request.get("revision"),
             recipe=request["recipe"],
             dialect=request.get("dialect", "modelopt"),
-            params={"calibration": request.get("calibration", {}), "exclude": request.get("exclude", [])},
+            params={"calibration": request.get("calibration", {}), "exclude": request.get("exclude", []),
+                    **{k: request[k] for k in AUTO_PARAMS if request.get(k) is not None}},
             progress=JobProgress(stage=job.progress_stage, fraction=job.progress_fraction)
             if job.progress_stage
             else None,
@@ -139,6 +199,8 @@ class JobPublic(BaseModel):
             validation=job.validation,
             error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
             attempts=job.attempts,
+            gpus=int(request.get("gpus", 1)),
+            queue_reason=job.queue_reason if job.status == "queued" else None,
             report_url=f"/v1/jobs/{job.id}/report" if has_report else None,
         )
 

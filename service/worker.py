@@ -28,6 +28,8 @@ EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_SERVER_GONE = 4
+#: Job-spec fields of recipe "auto" passed to QuantizeRequest as they are (absent: its defaults).
+AUTO_FIELDS: tuple[str, ...] = ("bits", "candidates", "method", "score_samples")
 
 
 class Channel:
@@ -75,6 +77,7 @@ def build_request(spec: dict[str, Any]) -> Any:
         calib_all_experts=bool(calibration.get("all_experts", True)),
         exclude=tuple(spec.get("exclude") or ()),
         token=os.environ.get("HF_TOKEN") or None,
+        **{key: spec[key] for key in AUTO_FIELDS if spec.get(key) is not None},
     )
 
 
@@ -134,7 +137,7 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
             "output": str(result.output) if result.output else None,
             "failed_output": str(result.temp_output) if result.temp_output else None,
             "validation": validation_summary(result.report),
-            "report": result.report.to_dict(),
+            "report": {**result.report.to_dict(), **({"auto": result.auto} if result.auto else {})},
             "warnings": list(result.warnings),
         }
     )

@@ -387,3 +387,36 @@ def match_scheme(dialect: str | None, suffixes: Mapping[str, TensorInfo]) -> Sch
 def _is_unquantized(suffixes: Mapping[str, TensorInfo]) -> bool:
     weight = suffixes.get("weight")
     return weight is not None and weight.dtype in UNQUANTIZED_BITS
+
+
+# ---- compressed-tensors config groups -> specs ----------------------------------------------------
+#: float-quantized weight strategy -> the spec it stores (per-tensor static / per-channel / blocks).
+CT_FLOAT_STRATEGY: dict[str, str] = {"tensor": "FP8", "channel": "FP8_DYNAMIC", "block": "FP8_BLOCK"}
+
+
+def ct_group_schemes(group: Mapping[str, Any], global_format: str | None) -> list[SchemeSpec]:
+    """The compressed-tensors specs a config group declares: its `format` (or the config's, unless that
+    is `mixed-precision`) narrowed by the weight args (bits, float strategy) and by whether static
+    activation scales are stored (NVFP4 vs NVFP4A16, FP8 static vs dynamic).
+
+    When the args narrow to nothing the format's specs are returned, so a contradiction with the
+    bytes is still reported against what the format allows.
+    """
+    fmt = group.get("format") or (global_format if global_format != "mixed-precision" else None)
+    candidates = [s for s in SCHEMES if s.dialect == COMPRESSED_TENSORS and (fmt is None or s.ct_format == fmt)]
+    weights = group.get("weights") if isinstance(group.get("weights"), Mapping) else {}
+    inputs = group.get("input_activations") if isinstance(group.get("input_activations"), Mapping) else None
+    static_inputs = inputs is not None and inputs.get("dynamic") is False
+    local_inputs = inputs is not None and inputs.get("dynamic") == "local"   # NVFP4: static global scale
+
+    def fits(spec: SchemeSpec) -> bool:
+        if weights.get("num_bits") not in (None, spec.weight_bits):
+            return False
+        if spec.ct_format == "float-quantized":
+            return CT_FLOAT_STRATEGY.get(str(weights.get("strategy")), spec.name) == spec.name
+        if spec.ct_format == "nvfp4-pack-quantized":
+            return spec.activation_scales == (static_inputs or local_inputs)
+        return True
+
+    narrowed = [s for s in candidates if fits(s)]
+    return narrowed or candidates

@@ -63,6 +63,17 @@ def min_effective_bits(groups: Sequence[DecisionGroup]) -> float:
     return sum(min(g.bits_cost(s) for s in g.allowed) for g in groups) / total
 
 
+def check_feasible(groups: Sequence[DecisionGroup], budget: float) -> None:
+    """Raise InfeasibleBudgetError when no assignment fits `budget` (checkable before any scoring)."""
+    floor = min_effective_bits(groups)
+    if budget < floor - 1e-12:
+        raise InfeasibleBudgetError(
+            f"auto: a budget of {budget:g} bits per weight is infeasible: the smallest effective bits the "
+            f"candidates reach is {floor:.4f} (every group at its cheapest scheme; NVFP4 counts 4.5 bits "
+            "with its scales). Raise --bits, or add a cheaper candidate."
+        )
+
+
 def select(
     groups: Sequence[DecisionGroup], scores: Mapping[str, Mapping[str, float]], budget: float
 ) -> Selection:
@@ -75,13 +86,7 @@ def select(
         raise UsageError("auto: nothing to select: no decision groups")
     if not math.isfinite(budget) or budget <= 0:
         raise UsageError(f"auto: --bits must be a positive number of bits per weight, got {budget}")
-    floor = min_effective_bits(groups)
-    if budget < floor - 1e-12:
-        raise InfeasibleBudgetError(
-            f"auto: a budget of {budget:g} bits per weight is infeasible: the smallest effective bits the "
-            f"candidates reach is {floor:.4f} (every group at its cheapest scheme; NVFP4 counts 4.5 bits "
-            "with its scales). Raise --bits, or add a cheaper candidate."
-        )
+    check_feasible(groups, budget)
     columns = [(g, s) for g in groups for s in g.allowed]
     cost = np.array([_score(scores, g, s) for g, s in columns], dtype=np.float64)
     if (cost < 0).any() or not np.isfinite(cost).all():

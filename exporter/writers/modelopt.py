@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from exporter.calib_stats import ActivationStats
 from exporter.excludes import ExcludeSynthesis, synthesize_excludes
 from exporter.recipes import Plan
-from exporter.source import Source, slice_fused
-from exporter.writers.sharding import OutTensor, Unit
+from exporter.source import Source
+from exporter.writers.common import (  # noqa: F401 - shared pieces, re-exported for callers
+    EXPERT_INPUT_ROLES,
+    CopyJob,
+    InputScales,
+    QuantJob,
+    build_units,
+    exclude_candidates,
+    read_group,
+    tied_lm_head_tensors,
+)
 from validators.errors import QuantgateError
-from validators.layout import Kind, Module
+from validators.layout import Kind
 from validators.schemes import SchemeSpec
 
 log = logging.getLogger(__name__)
@@ -46,9 +53,6 @@ SHARED_WEIGHT_SCALE_KINDS: dict[str, frozenset[Kind]] = {
     "NVFP4": frozenset({Kind.ATTENTION, Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT}),
     "FP8": frozenset({Kind.EXPERT}),
 }
-#: Roles of an expert that read the layer's input (share one input scale); the rest read the
-#: activation after gating (down).
-EXPERT_INPUT_ROLES: frozenset[str] = frozenset({"gate", "up", "gate_up"})
 
 
 def producer() -> dict:
@@ -93,117 +97,10 @@ def _algo(spec: SchemeSpec) -> str:
 
 
 # --------------------------------------------------------------------------- excludes
-def exclude_candidates(source: Source, plan: Plan) -> tuple[list[str], list[str], list[str]]:
-    """(excluded Linear-like modules, quantized modules, always-listed names) for the exclude list.
-
-    Only modules with a matrix weight are listed (ModelOpt lists modules that carry a quantizer;
-    norms and 1-D parameters never). `lm_head` is always listed: with tied embeddings it has no
-    tensor, but vLLM still builds an lm_head and would quantize it under NVFP4.
-    """
-    excluded, quantized = [], []
-    for name, assignment in plan.assignments.items():
-        module = source.layout.modules[name]
-        if assignment.quantized:
-            quantized.append(name)
-        elif module.kind is not Kind.NORM and _is_matrix(module):
-            excluded.append(name)
-    always = [] if any(m.kind is Kind.LM_HEAD for m in source.layout.modules.values()) else ["lm_head"]
-    return excluded, quantized, always
-
-
-def _is_matrix(module: Module) -> bool:
-    if module.fused is not None:
-        return True
-    weight = module.tensors.get("weight")
-    return weight is not None and len(weight.shape) >= 2
-
-
 def build_excludes(source: Source, plan: Plan) -> ExcludeSynthesis:
     excluded, quantized, always = exclude_candidates(source, plan)
     fused = [m.name for m in source.layout.modules.values() if m.fused_group]
     return synthesize_excludes(excluded, quantized, source.architecture, always=always, fused_members=fused)
-
-
-# --------------------------------------------------------------------------- units
-@dataclass(frozen=True)
-class CopyJob:
-    """Copy one source tensor unchanged."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class QuantJob:
-    """Quantize the modules of one fused group (or one lone module) together."""
-
-    modules: tuple[Module, ...]
-    spec: SchemeSpec
-
-
-def build_units(source: Source, plan: Plan) -> list[Unit]:
-    """Every output tensor of the export, grouped into units, in name order."""
-    layout = source.layout
-    consumed: set[str] = set()
-    groups: dict[str, list[Module]] = {}
-    for name, assignment in plan.assignments.items():
-        if not assignment.quantized:
-            continue
-        module = layout.modules[name]
-        consumed.add(module.fused.tensor if module.fused is not None else module.tensors["weight"].name)
-        groups.setdefault(module.fused_group or module.name, []).append(module)
-    units: list[Unit] = []
-    for members in groups.values():
-        spec = plan.assignments[members[0].name].scheme
-        members = sorted(members, key=lambda m: m.name)
-        tensors = tuple(OutTensor(f"{m.name}.{t.suffix}", t.dtypes[0], tuple(t.shape(m.out_features, m.in_features)))
-                        for m in members for t in spec.tensors if t.required)
-        units.append(Unit(tensors=tensors, job=QuantJob(tuple(members), spec)))
-    dropped = tied_lm_head_tensors(source)
-    for name, info in source.view.tensors.items():
-        if name in consumed or name in dropped:
-            continue
-        units.append(Unit(tensors=(OutTensor(name, info.dtype, tuple(info.shape)),), job=CopyJob(name)))
-    units.sort(key=lambda u: u.key)
-    return units
-
-
-def tied_lm_head_tensors(source: Source) -> set[str]:
-    """lm_head tensors to drop because the config ties them to the embeddings (HF drops them too)."""
-    if not source.tied_embeddings:
-        return set()
-    return {t.name for m in source.layout.by_kind(Kind.LM_HEAD) for t in m.tensors.values()}
-
-
-# --------------------------------------------------------------------------- input scales
-class InputScales:
-    """Input amax per quantized module after the sharing rules; a missing amax is an error."""
-
-    def __init__(self, plan: Plan, source: Source, stats: ActivationStats | None) -> None:
-        self._amax: dict[str, float] = {}
-        quantized = [source.layout.modules[n] for n in plan.quantized()]
-        needs = [m for m in quantized if plan.assignments[m.name].scheme.activation_scales]
-        if not needs:
-            return
-        if stats is None:
-            raise QuantgateError("the plan needs activation scales but no calibration statistics were given")
-        stats.check_covers(m.name for m in needs)
-        shared: dict[str, float] = {}
-        for module in needs:
-            for key in _input_share_keys(module):
-                shared[key] = max(shared.get(key, 0.0), stats.input_amax(module.name))
-        for module in needs:
-            self._amax[module.name] = max(shared[key] for key in _input_share_keys(module))
-
-    def amax(self, module: str) -> float:
-        return self._amax[module]
-
-
-def _input_share_keys(module: Module) -> list[str]:
-    """Modules with the same key get one input scale: fused groups, and an MoE layer per input role."""
-    keys = [module.fused_group or module.name]
-    if module.kind is Kind.EXPERT and module.moe_group:
-        keys.append(f"{module.moe_group}::{'in' if module.role in EXPERT_INPUT_ROLES else module.role}")
-    return keys
 
 
 # --------------------------------------------------------------------------- quantizing
@@ -235,26 +132,6 @@ def group_weight_scale(spec: SchemeSpec, weights: Sequence[torch.Tensor]) -> tor
     from exporter.numerics.fp8 import fp8_scale
     from exporter.numerics.nvfp4 import weight_amax
     return fp8_scale(torch.stack([weight_amax(w) for w in weights]).max())
-
-
-def read_group(job: QuantJob, source: Source, device: torch.device) -> dict[str, torch.Tensor]:
-    """The group's [out, in] weights on `device`.
-
-    One expert's fused gate_up slab is read once for both its gate and up modules. For CUDA the
-    bytes are read into pinned memory, copied asynchronously, and sliced on the GPU.
-    """
-    cuda = device.type == "cuda"
-    slabs: dict[tuple[str, int], torch.Tensor] = {}
-    weights = {}
-    for m in job.modules:
-        if m.fused is not None:
-            key = (m.fused.tensor, m.fused.expert)
-            if key not in slabs:
-                slabs[key] = source.expert_tensor(*key, pin=cuda).to(device, non_blocking=True)
-            weights[m.name] = slice_fused(slabs[key], m.fused)
-        else:
-            weights[m.name] = source.tensor(m.tensors["weight"].name, pin=cuda).to(device, non_blocking=True)
-    return weights
 
 
 def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: torch.device,

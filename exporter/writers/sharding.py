@@ -4,7 +4,8 @@ Every output tensor's name, dtype and shape is known before any weight is read (
 gives the quantized shapes), so shards are planned up front: units (a fused group's tensors, or one
 pass-through tensor) are packed in order into shards of at most `shard_size` bytes (a unit larger
 than that gets a shard of its own), and the file names and the index are final from the start.
-The writer then fills one shard at a time and never holds more than that shard's tensors.
+The writer streams each produced tensor to its planned offset (`pwrite`), so it holds only the unit
+in hand, never a shard.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 5_000_000_000          # bytes, transformers' "5GB"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+HEADER_ALIGN = 8                            # safetensors pads its JSON header to this
+SYNC_EVERY = 256 * 2**20                    # bytes written between background fdatasyncs of a shard
+MAX_WRITE = 1 << 30                         # bytes per pwrite call (Linux caps one at ~2 GiB)
 
 
 @dataclass(frozen=True)
@@ -101,21 +106,31 @@ def index_for(shards: Sequence[Shard[U]]) -> dict:
 
 
 class ShardWriter:
-    """Writes planned shards one at a time; `max_buffered_bytes` records the streaming high-water mark.
+    """Streams planned shards to disk: no shard is ever held in memory.
 
-    `on_buffer(nbytes)` (tests) is called each time the in-memory buffer grows.
+    Every tensor's name, dtype and shape is planned, so a shard's safetensors header (and with it
+    every tensor's byte offset) is final before its first tensor is produced. Each produced tensor
+    is written at its offset with `pwrite` and released at once, so memory holds only the unit in
+    hand (`max_buffered_bytes` records that high-water mark). The file is byte-identical to
+    `safetensors.torch.save_file` of the same tensors (same order, header and padding).
+
+    Durability overlaps with production: a background thread `fdatasync`s a shard every
+    `sync_every` bytes written and, once the shard is complete, fsyncs and renames it from
+    `.<name>.partial` into place. `close()` waits for that. `on_buffer(nbytes)` (tests) is called
+    with the bytes held after each unit.
     """
 
-    def __init__(self, out_dir: Path, on_buffer: Callable[[int], None] | None = None) -> None:
+    def __init__(self, out_dir: Path, on_buffer: Callable[[int], None] | None = None, *,
+                 sync_every: int = SYNC_EVERY) -> None:
         self.out_dir = out_dir
         self.max_buffered_bytes = 0
         self.on_buffer = on_buffer
-        # fsync of a written shard overlaps with producing the next one (it holds no tensor memory)
+        self.sync_every = sync_every
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantgate-fsync")
         self._syncs: list[Future] = []
 
     def close(self) -> None:
-        """Wait until every shard written is on disk (fsync done); re-raises an I/O error."""
+        """Wait until every shard written is on disk and in place; re-raises an I/O error."""
         try:
             for future in self._syncs:
                 future.result()
@@ -124,26 +139,93 @@ class ShardWriter:
 
     def write(self, shard: Shard[U], produce: Callable[[Unit[U]], dict[str, torch.Tensor]],
               after_unit: Callable[[Unit[U]], None] | None = None) -> None:
-        buffer: dict[str, torch.Tensor] = {}
-        buffered = 0
-        for unit in shard.units:
-            tensors = produce(unit)
-            expected = {t.name: t for t in unit.tensors}
-            if set(tensors) != set(expected):
-                raise RuntimeError(f"unit {unit.key} produced {sorted(tensors)} instead of {sorted(expected)}")
-            for name, tensor in tensors.items():
-                _check(tensor, expected[name])
-                tensor = tensor.detach().to("cpu").contiguous()
-                buffer[name] = tensor
-                buffered += tensor.numel() * tensor.element_size()
-            self.max_buffered_bytes = max(self.max_buffered_bytes, buffered)
-            if self.on_buffer is not None:
-                self.on_buffer(buffered)
-            if after_unit is not None:
-                after_unit(unit)
-        tmp = write_atomic_safetensors(self.out_dir / shard.file, buffer, sync=False)
-        buffer.clear()
-        self._syncs.append(self._syncer.submit(_fsync_and_rename, tmp, self.out_dir / shard.file))
+        header, offsets = shard_header([t for u in shard.units for t in u.tensors])
+        path = self.out_dir / shard.file
+        tmp = path.with_name(f".{path.name}.partial")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        handed_off = False
+        try:
+            _pwrite_all(fd, header, 0)
+            base = len(header)
+            unsynced = 0
+            for unit in shard.units:
+                tensors = produce(unit)
+                expected = {t.name: t for t in unit.tensors}
+                if set(tensors) != set(expected):
+                    raise RuntimeError(f"unit {unit.key} produced {sorted(tensors)} instead of {sorted(expected)}")
+                held = 0
+                for name, tensor in tensors.items():
+                    _check(tensor, expected[name])
+                    data = tensor_bytes(tensor)
+                    held += len(data)
+                    _pwrite_all(fd, data, base + offsets[name])
+                unsynced += held
+                self.max_buffered_bytes = max(self.max_buffered_bytes, held)
+                if self.on_buffer is not None:
+                    self.on_buffer(held)
+                del tensors
+                if after_unit is not None:
+                    after_unit(unit)
+                if unsynced >= self.sync_every:
+                    self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+                    unsynced = 0
+            self._syncs.append(self._syncer.submit(_finish_shard, fd, tmp, path))
+            handed_off = True
+        finally:
+            if not handed_off:   # a failed produce: the background syncs of this fd must end first
+                for future in self._syncs:
+                    future.exception()
+                os.close(fd)
+
+
+def shard_header(tensors: Sequence[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header of `tensors` as `save_file` lays it out, and each tensor's data offset.
+
+    Order: larger element alignment first, then by name (safetensors sorts so every tensor stays
+    aligned); the JSON is compact, metadata first, padded with spaces to a multiple of 8 bytes.
+    Returns (8-byte length + header, name -> offset in the data section).
+    """
+    ordered = sorted(tensors, key=lambda t: (-_alignment(t.dtype), t.name))
+    entries: dict[str, object] = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    position = 0
+    for t in ordered:
+        if t.name in offsets:
+            raise RuntimeError(f"tensor {t.name} is planned twice in one shard")
+        offsets[t.name] = position
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [position, position + t.nbytes]}
+        position += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % HEADER_ALIGN)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def _alignment(dtype: str) -> int:
+    return max(1, DTYPE_BITS[dtype] // 8)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.dtype is not torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view[:MAX_WRITE], offset)
+        view = view[n:]
+        offset += n
+
+
+def _finish_shard(fd: int, tmp: Path, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8")
+RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8", "auto", "w4a16",
+                                 "w8a8_int8", "nvfp4a16")
+DIALECT_NAMES: tuple[str, ...] = ("modelopt", "compressed-tensors")
 PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "json", "none")
 SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -50,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", required=True, metavar="RECIPE",
                    help=f"what to quantize: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    p.add_argument("--dialect", default="modelopt", choices=("modelopt",), help="output format (default modelopt)")
+    p.add_argument("--dialect", default=None, choices=DIALECT_NAMES,
+                   help="output format: modelopt (hf_quant_config.json) or compressed-tensors (llm-compressor's "
+                        "config groups); default: the recipe's first dialect (modelopt for nvfp4/fp8/auto, "
+                        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--calib-data", default="random", metavar="random|FILE|DATASET",
                    help="calibration data: random token ids, a .jsonl (field 'text') or .txt file, or a Hub "
@@ -68,8 +73,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.add_argument("--shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
                    help="maximum shard size, e.g. 5GB (default), 500MB")
+    _register_auto(p)
     p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                    help="auto: a bar on a terminal, nothing otherwise; json: one JSON event per line on stdout")
+
+
+def _bits(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bits per weight such as 6.0, got {text!r}") from None
+
+
+def _register_auto(p: argparse.ArgumentParser) -> None:
+    """Options of `--recipe auto` (checked, with a clear message, by exporter.auto_options)."""
+    group = p.add_argument_group(
+        "recipe auto", "per-layer NVFP4 / FP8 / BF16 under an effective-bits budget (ModelOpt MIXED_PRECISION); "
+        "the scoring tokens are the calibration data")
+    group.add_argument("--bits", type=_bits, default=None, metavar="B",
+                       help="effective bits per weight to fit, e.g. 6.0 (NVFP4 counts 4.5, FP8 8, BF16 16); "
+                            "required with --recipe auto")
+    group.add_argument("--candidates", default=None, metavar="LIST",
+                       help="formats to choose from, comma separated (default nvfp4,fp8; BF16 is implied)")
+    group.add_argument("--method", default=None, choices=("gradient", "kl_div"),
+                       help="sensitivity score: gradient (Fisher estimate, default) or kl_div (one forward per "
+                            "layer group and format)")
+    group.add_argument("--score-samples", type=_positive_int, default=None, metavar="N",
+                       help="sequences scored (default 128)")
+    group.add_argument("--scores", default=None, metavar="FILE",
+                       help="scores file: reused when it exists (re-planning needs no forward pass), written "
+                            "otherwise; every auto export also keeps its scores in auto_scores.json")
+
+
+def _auto_fields(args: argparse.Namespace) -> dict:
+    """QuantizeRequest fields from the auto options; auto-only options with another recipe are an error."""
+    from exporter.auto_options import CLI_NAMES, check_only_for_auto, parse_candidates
+
+    check_only_for_auto(args.recipe, {"candidates": args.candidates, "method": args.method,
+                                      "score_samples": args.score_samples}, CLI_NAMES)
+    fields: dict = {"bits": args.bits, "scores": args.scores}
+    if args.candidates is not None:
+        fields["candidates"] = parse_candidates(args.candidates)
+    if args.method is not None:
+        fields["method"] = args.method
+    if args.score_samples is not None:
+        fields["score_samples"] = args.score_samples
+    return fields
+
+
+def _default_dialect(recipe: str) -> str:
+    """The recipe's own dialect when --dialect is not given (an unknown recipe is reported later)."""
+    from exporter.recipes import RECIPES, default_dialect
+
+    return default_dialect(recipe) if recipe in RECIPES else DIALECT_NAMES[0]
 
 
 def _progress_sink(mode: str):
@@ -86,12 +142,18 @@ def run(args: argparse.Namespace) -> int:
     from exporter.pipeline import QuantizeRequest, run_quantize
     from validators.errors import QuantgateError
 
+    try:
+        auto_fields = _auto_fields(args)
+    except QuantgateError as exc:
+        print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     request = QuantizeRequest(
-        source=args.source, revision=args.revision, recipe=args.recipe, out=args.out, dialect=args.dialect,
+        source=args.source, revision=args.revision, recipe=args.recipe, out=args.out,
+        dialect=args.dialect or _default_dialect(args.recipe),
         calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_batch_size=args.calib_batch_size, calib_all_experts=args.calib_all_experts,
         calib_stats=args.calib_stats, device=args.device, exclude=tuple(args.exclude),
-        shard_size=args.shard_size, overwrite=args.overwrite)
+        shard_size=args.shard_size, overwrite=args.overwrite, **auto_fields)
     sink = _progress_sink(args.progress)
     try:
         result = run_quantize(request, sink)
@@ -115,9 +177,14 @@ def _summarize(result, json_mode: bool) -> int:
         print(json.dumps({"event": "result", "ok": result.ok,
                           "output": str(result.output) if result.output else None,
                           "temp_output": str(result.temp_output) if result.temp_output else None,
-                          "errors": len(errors), "warnings": result.warnings}), flush=True)
+                          "errors": len(errors), "warnings": result.warnings,
+                          **({"auto": result.auto} if result.auto else {})}), flush=True)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if result.auto:
+        from exporter.auto.stage import describe
+
+        print(describe(result.auto), file=sys.stderr)
     if result.ok:
         print(f"exported and validated: {result.output}", file=sys.stderr)
         return 0

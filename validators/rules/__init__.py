@@ -6,8 +6,8 @@ and is the rule's documentation (`quantgate validate --explain` style tools and 
 show it). Codes are stable and never reused. Per-engine rules run once per requested engine with
 `ctx.engine` set; engine-agnostic ones (`per_engine=False`) run once.
 
-Themes: config.py QG1xx, coverage.py QG2xx, tensors.py QG3xx, moe.py QG4xx, scales.py QG5xx,
-integrity.py QG6xx.
+Themes: config.py QG1xx, coverage.py QG2xx (mixed.py QG21x: MIXED_PRECISION maps), tensors.py QG3xx,
+moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RULE_MODULES: tuple[str, ...] = ("config", "coverage", "tensors", "moe", "scales", "integrity")
+RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from validators.engines import (
@@ -45,6 +46,7 @@ FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
 KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
 KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
+_DTYPE_SHAPE = attrgetter("dtype", "shape")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +111,9 @@ class Analysis:
     def _build_classes(self) -> list[ModClass]:
         by_key: dict[tuple, ModClass] = {}
         for m in self.layout.modules.values():
-            sig = tuple([(s, t.dtype, t.shape) for s, t in m.tensors.items()])
-            key = (m.moe_group or m.name, m.role, m.kind, m.fused is not None, sig)
+            # the tensor signature: suffixes in order, then (dtype, shape) in the same order
+            key = (m.moe_group or m.name, m.role, m.kind, m.fused is not None, tuple(m.tensors),
+                   tuple(map(_DTYPE_SHAPE, m.tensors.values())))
             cls = by_key.get(key)
             if cls is None:
                 by_key[key] = ModClass(kind_of(m), m.role, m.moe_group, [m], self._classify(m))
@@ -218,9 +221,12 @@ class Analysis:
     def ct_group(self, module: "Module", engine_name: str) -> dict | None:
         """The compressed-tensors config group whose targets match the module (name, regex, `Linear`)."""
         groups = (self.qc.config_groups or {}) if self.qc else {}
+        # vLLM's find_matched_target: a name / regex target wins over the class target `Linear`
         for group in groups.values():
-            targets = group.get("targets") or []
-            if any(t == "Linear" or ct_match(engine_name, t) or ct_match(module.name, t) for t in targets):
+            if any(ct_match(engine_name, t) or ct_match(module.name, t) for t in group.get("targets") or []):
+                return group
+        for group in groups.values():
+            if "Linear" in (group.get("targets") or []):
                 return group
         return None
 
@@ -237,8 +243,9 @@ class Analysis:
             group = self.ct_group(module, engine_name)
             if group is None:
                 return []
-            fmt = group.get("format") or self.qc.ct_format
-            return [s for s in SCHEMES if s.dialect == COMPRESSED_TENSORS and (fmt is None or s.name.startswith(fmt))]
+            from validators.schemes import ct_group_schemes
+
+            return ct_group_schemes(group, self.qc.ct_format)
         return []
 
     # ---- engines -------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ def _bf16_not_excluded(ctx: Context, kinds: set[str] | None = None,
 def _effect(ctx: Context, module) -> tuple:
     """BF16 data in a module the engine quantizes: 4-bit packed params -> size mismatch; FP8/INT8 ->
     silent cast with scale 1.0 (invariant 16)."""
+    if ctx.qc is not None and ctx.qc.is_ct and module.moe_group and declares_packed_4bit(ctx, module):
+        # CT packed MoE methods register `w13/w2_weight_packed`: a BF16 `.weight` finds no parameter
+        # (reference lab_llmc_vllm.md: vLLM 0.32 fused_moe/routed_experts.py load_weights)
+        return FAILS, (f"AttributeError: Layer {module.moe_group} has no parameter 'w2_weight' for checkpoint "
+                       f"weight '{module.moe_group}.0.<down>.weight'")
     if declares_packed_4bit(ctx, module):
         return FAILS, size_mismatch(module)
     return LOADS_WRONG, "silent: BF16 weight cast to the quantized dtype with uninitialised scales"

@@ -1,0 +1,41 @@
+"""Dialect name -> the writer the streaming weight pass drives (`exporter.pipeline.export_modelopt`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from exporter.recipes import Plan
+from exporter.source import Source
+from exporter.writers import compressed_tensors, modelopt
+from exporter.writers.common import DialectWriter
+from validators.errors import UsageError
+from validators.schemes import COMPRESSED_TENSORS, MODELOPT
+
+
+def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
+    from exporter.writers.modelopt_mixed import write_quant_configs
+
+    excludes = modelopt.build_excludes(source, plan)   # looked up at call time (tests patch it)
+
+    def write(out_dir: Path) -> None:
+        write_quant_configs(out_dir, source, plan, excludes.patterns)   # uniform, or MIXED_PRECISION
+    return write
+
+
+def _modelopt_quantize(*args, **kwargs):
+    return modelopt.quantize_group(*args, **kwargs)
+
+
+WRITERS: dict[str, DialectWriter] = {
+    MODELOPT: DialectWriter(MODELOPT, modelopt.build_units, _modelopt_quantize, _modelopt_configs),
+    COMPRESSED_TENSORS: DialectWriter(COMPRESSED_TENSORS, compressed_tensors.build_ct_units,
+                                      compressed_tensors.quantize_group, compressed_tensors.prepare_configs),
+}
+
+
+def writer_for(dialect: str) -> DialectWriter:
+    try:
+        return WRITERS[dialect]
+    except KeyError:
+        raise UsageError(f"unknown dialect {dialect!r}; supported: {', '.join(WRITERS)}") from None
