@@ -26,8 +26,6 @@ import json
 import os
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,18 +36,13 @@ from typing import Any
 
 import httpx
 
+from service import launch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench-data" / "service"
 CALIBRATION = {"data": "random", "samples": 4, "seq_len": 32, "batch_size": 2}
-READY_TIMEOUT_S = 60.0
 VALIDATION_CONCURRENCY = 8
 STEADY_CONCURRENCY = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tiny_checkpoints() -> tuple[Path, Path]:
@@ -84,51 +77,28 @@ class Server:
 
     def __init__(self, data_dir: Path, root: Path) -> None:
         self.data_dir, self.root = data_dir, root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = launch.free_port()
+        self.url = f"http://{launch.LOOPBACK}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.data_dir.parent / "server.log", "ab")  # noqa: SIM115 - for the server's life
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--allowed-root",
-                str(self.root),
-                "--max-concurrency",
-                "0",
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        log_path = self.data_dir.parent / "server.log"
+        command = launch.serve_command(
+            self.data_dir,
+            self.port,
+            roots=[self.root],
+            args=["--max-concurrency", "0", "--log-level", "warning"],
         )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("server not ready")
+        self.proc = launch.start_server(command, log_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            with httpx.Client(base_url=self.url) as client:
+                launch.wait_ready(self.proc, client)
+        except launch.ServerNotReady as exc:
+            raise SystemExit(f"{exc}; see {log_path}") from None
 
     def stop(self) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        return launch.stop_server(self.proc)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -9,13 +9,13 @@ and can be reused (`--calib-stats FILE`), so a weight pass never needs the model
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.jsonfile import check_format, read_json, write_json_atomic
 from validators.errors import QuantgateError, UsageError
 
 STATS_FORMAT = "quantgate.activation_stats"
@@ -98,11 +98,7 @@ class ActivationStats:
         path = Path(path)
         if path.is_dir():
             path = path / STATS_FILE_NAME
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, raw: Any, *, origin: str = "activation stats") -> ActivationStats:
@@ -111,21 +107,14 @@ class ActivationStats:
         def bad(problem: str) -> ActivationStatsError:
             return ActivationStatsError(f"{origin}: {problem}")
 
-        if not isinstance(raw, Mapping):
-            raise bad("not a JSON object")
-        if raw.get("format") != STATS_FORMAT:
-            raise bad(
-                f"not a quantgate activation-stats file (format is {raw.get('format')!r}, "
-                f"expected {STATS_FORMAT!r})"
-            )
-        version = raw.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise bad(f"invalid version {version!r}")
-        if version > STATS_VERSION:
-            raise bad(
-                f"written by a newer quantgate (format version {version}, this one reads "
-                f"<= {STATS_VERSION}); upgrade quantgate or re-run calibration"
-            )
+        raw = check_format(
+            raw,
+            fmt=STATS_FORMAT,
+            newest=STATS_VERSION,
+            kind="activation-stats",
+            redo="re-run calibration",
+            bad=bad,
+        )
         amax = raw.get("amax")
         if not isinstance(amax, Mapping) or not amax:
             raise bad("'amax' must be a non-empty object of module name -> number")
@@ -163,16 +152,5 @@ class ActivationStats:
         path = Path(path)
         if path.is_dir():
             path = path / STATS_FILE_NAME
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ActivationStatsError(f"activation stats file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ActivationStatsError(f"cannot read activation stats file {path}: {exc}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ActivationStatsError(
-                f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from None
+        raw = read_json(path, error=ActivationStatsError, what="activation stats file")
         return cls.from_dict(raw, origin=str(path))

@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -27,9 +24,18 @@ from typing import Any
 
 import httpx
 
+from service.launch import (
+    LOOPBACK,
+    ServerNotReady,
+    free_port,
+    serve_command,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
 DEMO_DIR = Path("demo-data")
 CALIBRATION = {"data": "random", "samples": 8, "seq_len": 64, "batch_size": 4}
-READY_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 600.0
 BAR_WIDTH = 24
 EXPERTS_SHARD = "model-experts-bf16.safetensors"
@@ -47,52 +53,10 @@ class DemoFailed(Exception):
     """A step did not go as the story expects."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def build_model(root: Path) -> Path:
     from exporter.tiny_models import build_tiny
 
     return build_tiny("gemma4", root / "models" / "gemma4-tiny")
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the server writes it for its whole life
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-
-
-def wait_ready(client: httpx.Client, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise DemoFailed(f"the server exited with status {server.returncode}; see demo-data/server.log")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise DemoFailed("the server did not become ready; see demo-data/server.log")
 
 
 def sse_events(client: httpx.Client, job_id: str) -> Iterator[dict[str, Any]]:
@@ -227,13 +191,17 @@ def main() -> int:
 
     step("2. start `quantgate serve` on loopback")
     port = free_port()
-    server = start_server(data_dir, port)
+    log_path = data_dir / "server.log"
+    server = start_server(serve_command(data_dir, port), log_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ok = False
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            wait_ready(client, server)
+        with httpx.Client(base_url=f"http://{LOOPBACK}:{port}", timeout=60) as client:
+            try:
+                wait_ready(server, client)
+            except ServerNotReady as exc:
+                raise DemoFailed(f"{exc}; see {log_path}") from None
             say(
-                f"  http://127.0.0.1:{port} ready (API docs at /docs, jobs at /, "
+                f"  http://{LOOPBACK}:{port} ready (API docs at /docs, jobs at /, "
                 f"log in {data_dir / 'server.log'})"
             )
             ok = run_story(client, data_dir, source)
@@ -241,12 +209,7 @@ def main() -> int:
         say(f"\nDEMO FAILED: {exc}")
     finally:
         step("5. stop the server (SIGTERM)")
-        server.send_signal(signal.SIGTERM)
-        try:
-            status = server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            status = server.wait()
+        status = stop_server(server)
         say(f"  server exited with status {status}")
         ok = ok and status == 0
     say(f"\n{'demo OK' if ok else 'demo FAILED'} in {time.monotonic() - started:.0f}s")

@@ -21,6 +21,15 @@ __all__ = ["Metrics"]
 
 # Quantize jobs last minutes to hours.
 DURATION_BUCKETS_S: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 18000)
+# Gauges of a remote executor's cluster: (metric, help, ClusterInfo field).
+CLUSTER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("quantgate_cluster_reachable", "1 when the cluster answers", "reachable"),
+    ("quantgate_cluster_nodes", "Alive cluster nodes", "nodes"),
+    ("quantgate_cluster_gpus", "GPUs in the cluster", "gpus_total"),
+    ("quantgate_cluster_gpus_free", "GPUs no task holds", "gpus_free"),
+    ("quantgate_cluster_cpus", "CPUs in the cluster", "cpus_total"),
+    ("quantgate_cluster_cpus_free", "CPUs no task holds", "cpus_free"),
+)
 
 
 class _StateCollector(Collector):
@@ -52,18 +61,8 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("quantgate_gpu_slots_in_use", "Slots running a job", value=usage.in_use)
         cluster = self.cluster() if self.cluster is not None else None
         if cluster is not None:
-            yield GaugeMetricFamily(
-                "quantgate_cluster_reachable", "1 when the cluster answers", value=int(cluster.reachable)
-            )
-            yield GaugeMetricFamily("quantgate_cluster_nodes", "Alive cluster nodes", value=cluster.nodes)
-            yield GaugeMetricFamily("quantgate_cluster_gpus", "GPUs in the cluster", value=cluster.gpus_total)
-            yield GaugeMetricFamily(
-                "quantgate_cluster_gpus_free", "GPUs no task holds", value=cluster.gpus_free
-            )
-            yield GaugeMetricFamily("quantgate_cluster_cpus", "CPUs in the cluster", value=cluster.cpus_total)
-            yield GaugeMetricFamily(
-                "quantgate_cluster_cpus_free", "CPUs no task holds", value=cluster.cpus_free
-            )
+            for name, documentation, field in CLUSTER_GAUGES:
+                yield GaugeMetricFamily(name, documentation, value=float(getattr(cluster, field)))
 
 
 class Metrics:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,6 +31,14 @@ MAX_GPUS_PER_JOB = 64
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class _FromRecord(BaseModel):
+    """A public view that is a store record's fields under the same names."""
+
+    @classmethod
+    def from_record(cls, record: EventRecord | ValidationRecord) -> Self:
+        return cls.model_validate(record, from_attributes=True)
 
 
 # Calibration options of a job (only used by recipes that need activation scales).
@@ -215,7 +223,7 @@ class JobList(BaseModel):
 
 
 # One job event (status change, progress, worker log line).
-class EventPublic(BaseModel):
+class EventPublic(_FromRecord):
     id: int
     object: Literal["quantization.job.event"] = "quantization.job.event"
     job_id: str
@@ -224,18 +232,6 @@ class EventPublic(BaseModel):
     type: str
     message: str
     data: dict[str, Any]
-
-    @classmethod
-    def from_record(cls, event: EventRecord) -> EventPublic:
-        return cls(
-            id=event.id,
-            job_id=event.job_id,
-            created_at=event.created_at,
-            level=event.level,
-            type=event.type,
-            message=event.message,
-            data=event.data,
-        )
 
 
 # GET /v1/jobs/{id}/events: oldest first after the cursor.
@@ -263,7 +259,7 @@ class ValidationCreate(_Strict):
 
 
 # A stored validation and its report.
-class ValidationPublic(BaseModel):
+class ValidationPublic(_FromRecord):
     id: str
     object: Literal["validation"] = "validation"
     created_at: float
@@ -272,15 +268,3 @@ class ValidationPublic(BaseModel):
     ok: bool
     verdicts: dict[str, Any]
     report: dict[str, Any]
-
-    @classmethod
-    def from_record(cls, record: ValidationRecord) -> ValidationPublic:
-        return cls(
-            id=record.id,
-            created_at=record.created_at,
-            target=record.target,
-            revision=record.revision,
-            ok=record.ok,
-            verdicts=record.verdicts,
-            report=record.report,
-        )

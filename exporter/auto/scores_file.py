@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.auto.groups import DecisionGroup
+from exporter.jsonfile import check_format, read_json, write_json_atomic
 from validators.errors import UsageError
 
 SCORES_FORMAT = "quantgate.auto_scores"
@@ -104,12 +105,7 @@ class ScoreTable:
 
     def save(self, path: Path | str) -> Path:
         """Write JSON atomically (temp file + rename); returns the path."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
     def from_dict(cls, raw: Any, *, origin: str = "scores file") -> ScoreTable:
@@ -118,16 +114,9 @@ class ScoreTable:
         def bad(problem: str) -> ScoresFileError:
             return ScoresFileError(f"{origin}: {problem}")
 
-        if not isinstance(raw, Mapping) or raw.get("format") != SCORES_FORMAT:
-            raise bad(f"not a quantgate scores file (format must be {SCORES_FORMAT!r})")
-        version = raw.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise bad(f"invalid version {version!r}")
-        if version > SCORES_VERSION:
-            raise bad(
-                f"written by a newer quantgate (version {version}; this one reads <= {SCORES_VERSION}); "
-                "upgrade quantgate or rescore"
-            )
+        raw = check_format(
+            raw, fmt=SCORES_FORMAT, newest=SCORES_VERSION, kind="scores", redo="rescore", bad=bad
+        )
         method, schemes = raw.get("method"), raw.get("schemes")
         if (
             not isinstance(method, str)
@@ -168,16 +157,5 @@ class ScoreTable:
     @classmethod
     def load(cls, path: Path | str) -> ScoreTable:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ScoresFileError(f"scores file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScoresFileError(f"cannot read scores file {path}: {exc}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScoresFileError(
-                f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from None
+        raw = read_json(path, error=ScoresFileError, what="scores file")
         return cls.from_dict(raw, origin=str(path))

@@ -27,6 +27,9 @@ FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.fl
 # kernel-launch overhead stays negligible (a 4096x14336 NVFP4 weight is 2 chunks on an H100).
 CPU_CHUNK_ELEMS = 1 << 20
 ACCEL_CHUNK_ELEMS = 1 << 25
+# A shared (fused-group) scale is amax_group / divisor rounded to fp32, so it may undershoot a
+# member's amax by an ulp; anything beyond this slack means the group was computed without it.
+SHARED_SCALE_SLACK = 1.0 + 2.0**-10
 
 
 class NumericsError(QuantgateError, ValueError):
@@ -75,6 +78,18 @@ def as_scalar_scale(scale: Tensor | float, device: torch.device, *, what: str) -
     if not (value > 0.0 and value != float("inf")):
         raise NumericsError(f"{what}: scale must be finite and > 0, got {value}")
     return s
+
+
+def check_shared_scale(amax: Tensor, scale: Tensor, divisor: float, *, what: str, scale_name: str) -> None:
+    """Raise unless a caller-supplied shared scale covers this weight: amax <= divisor * scale
+    (up to SHARED_SCALE_SLACK). ``amax`` and ``scale`` are 0-d fp32; ``divisor`` is the format's
+    largest representable magnitude per unit of scale (448 for FP8, 2688 for NVFP4)."""
+    ratio = float((amax / (divisor * scale)).item())
+    if ratio > SHARED_SCALE_SLACK:
+        raise NumericsError(
+            f"{what}: the shared {scale_name} is too small for this weight (max|w| is {ratio:.4g}x "
+            f"{divisor:g} * {scale_name}); compute it from the max amax over the whole fused group"
+        )
 
 
 def abs_max(x: Tensor, *, last_dim: bool = False) -> Tensor:

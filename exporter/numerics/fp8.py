@@ -19,6 +19,7 @@ from exporter.numerics.common import (
     NumericsError,
     abs_max,
     as_scalar_scale,
+    check_shared_scale,
     check_weight,
     require_finite,
     row_chunks,
@@ -28,9 +29,6 @@ from exporter.numerics.e2m1 import E2M1_MAX
 
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
-# Tolerance when a caller-supplied (shared) scale is checked against this weight's amax: the
-# group scale is amax_group / 448 rounded to fp32, so amax / scale may exceed 448 by an ulp.
-_SHARED_SCALE_SLACK = 1.0 + 2.0**-10
 
 # Static activation scale = input amax / (largest value the format can hold).
 ACTIVATION_AMAX_DIVISORS: dict[str, float] = {
@@ -61,12 +59,7 @@ def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None) -> tuple[Tensor,
         weight_scale = fp8_scale(amax)
     else:
         weight_scale = as_scalar_scale(weight_scale, w.device, what="FP8 weight_scale")
-        ratio = float((amax / (E4M3_MAX * weight_scale)).item())
-        if ratio > _SHARED_SCALE_SLACK:
-            raise NumericsError(
-                f"FP8: the shared weight_scale is too small for this weight (max|w| is {ratio:.4g}x "
-                "448 * weight_scale); compute it from the max amax over the whole fused group"
-            )
+        check_shared_scale(amax, weight_scale, E4M3_MAX, what="FP8", scale_name="weight_scale")
     q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
     for rows in row_chunks(w.shape[0], w.shape[1], w.device):
         scaled = (w[rows].float() / weight_scale).to(w.dtype)  # rounded in the weight dtype

@@ -24,6 +24,7 @@ from exporter.numerics.common import (
     NumericsError,
     abs_max,
     as_scalar_scale,
+    check_shared_scale,
     check_weight,
     require_finite,
     row_chunks,
@@ -36,9 +37,6 @@ BLOCK = 16  # input elements per e4m3 block scale
 BLOCK_SCALE_MIN = 2.0**-9  # smallest positive e4m3fn value (a subnormal)
 BLOCK_SCALE_MAX = E4M3_MAX  # e4m3fn has no inf: anything >= 480 would cast to NaN
 GLOBAL_AMAX_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
-# A shared weight_scale_2 is amax_group / 2688 rounded to fp32, so it may undershoot a member's
-# amax by an ulp; anything beyond this slack means the group was computed without this weight.
-_SHARED_SCALE_SLACK = 1.0 + 2.0**-10
 
 
 def nvfp4_global_scale(amax: Tensor) -> Tensor:
@@ -97,12 +95,9 @@ def quantize_nvfp4(w: Tensor, weight_scale_2: Tensor | None = None) -> tuple[Ten
         weight_scale_2 = nvfp4_global_scale(block_amax.max())
     else:
         weight_scale_2 = as_scalar_scale(weight_scale_2, w.device, what="NVFP4 weight_scale_2")
-        ratio = float((block_amax.max() / (GLOBAL_AMAX_DIVISOR * weight_scale_2)).item())
-        if ratio > _SHARED_SCALE_SLACK:
-            raise NumericsError(
-                f"NVFP4: the shared weight_scale_2 is too small for this weight (max|w| is {ratio:.4g}x "
-                "2688 * weight_scale_2); compute it from the max amax over the whole fused group"
-            )
+        check_shared_scale(
+            block_amax.max(), weight_scale_2, GLOBAL_AMAX_DIVISOR, what="NVFP4", scale_name="weight_scale_2"
+        )
     block_scale = nvfp4_block_scale(block_amax, weight_scale_2)  # e4m3 [out, in/16]
     divisor = block_scale.float() * weight_scale_2  # fp32 [out, in/16]
     packed = torch.empty((out_f, in_f // 2), dtype=torch.uint8, device=w.device)

@@ -7,7 +7,6 @@ lines into the store and settles the job when the process exits.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import subprocess
@@ -17,12 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.executors.base import Executor, SlotUsage
+from service.executors.base import DispatchingExecutor, SlotUsage
 from service.executors.outcome import interpret
-from service.executors.outputs import purge_expired
 from service.executors.process import WorkerProcess
 from service.executors.recovery import recover
-from service.executors.relay import EventRelay, settle
+from service.executors.relay import SPEC_FILE, EventRelay, fail_job, settle, write_spec
 from service.settings import Settings
 from service.store import JobRecord, Store
 
@@ -31,8 +29,6 @@ __all__ = ["CPU_SLOT", "LocalExecutor", "detect_devices", "worker_env"]
 logger = logging.getLogger(__name__)
 
 CPU_SLOT = "cpu"
-DISPATCH_POLL_S = 1.0
-PURGE_EVERY_S = 3600.0
 SECRET_ENV_PREFIXES = ("QUANTGATE_",)  # server configuration (API tokens) never reaches a worker
 
 
@@ -84,7 +80,7 @@ class _Run:
     returncode: int | None = None
 
 
-class LocalExecutor(Executor):
+class LocalExecutor(DispatchingExecutor):
     """Worker processes on this host, one per slot at most."""
 
     def __init__(
@@ -95,20 +91,13 @@ class LocalExecutor(Executor):
         on_finished: Callable[[JobRecord], None] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.on_finished = on_finished
+        super().__init__(settings, store, on_finished=on_finished)
         self.environ = dict(os.environ if environ is None else environ)
         self.devices = detect_devices(settings.gpu_slots, self.environ)
         wanted = len(self.devices) if settings.max_concurrency is None else settings.max_concurrency
         self.concurrency = min(len(self.devices), wanted)
         self._free: list[str] = list(self.devices)
         self._runs: dict[str, _Run] = {}
-        self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_purge = 0.0
         self._secrets = tuple(
             s
             for s in [
@@ -121,9 +110,7 @@ class LocalExecutor(Executor):
     # -- Executor ---------------------------------------------------------------------------------
     def start(self) -> None:
         recover(self.store, max_attempts=self.settings.max_attempts)
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._dispatch_loop, name="quantgate-dispatcher", daemon=True)
-        self._thread.start()
+        self._start_dispatcher()
         logger.info(
             "local executor: %d slot(s) %s, concurrency %d",
             len(self.devices),
@@ -132,10 +119,7 @@ class LocalExecutor(Executor):
         )
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._stop_dispatcher()
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
@@ -144,17 +128,11 @@ class LocalExecutor(Executor):
             if run.monitor is not None:
                 run.monitor.join(timeout=self.settings.cancel_grace_seconds + 30)
 
-    def submit(self, job_id: str) -> None:
-        self._wake.set()
-
     def cancel(self, job_id: str) -> None:
         with self._lock:
             run = self._runs.get(job_id)
         if run is not None:
             run.process.terminate(self.settings.cancel_grace_seconds)
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     def slots(self) -> SlotUsage:
         with self._lock:
@@ -166,17 +144,7 @@ class LocalExecutor(Executor):
             )
 
     # -- dispatching ------------------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()  # before dispatching: a wake-up during this round is not lost
-            try:
-                self._dispatch_ready()
-                self._purge_if_due()
-            except Exception:  # the dispatcher must survive anything one job does
-                logger.exception("dispatcher iteration failed")
-            self._wake.wait(timeout=DISPATCH_POLL_S)
-
-    def _dispatch_ready(self) -> None:
+    def _dispatch_round(self) -> None:
         while not self._stopping.is_set():
             with self._lock:
                 if len(self._runs) >= self.concurrency or not self._free:
@@ -191,15 +159,12 @@ class LocalExecutor(Executor):
                 except Exception as exc:  # noqa: BLE001 - reported on the job, slot returned
                     self._free.insert(0, device)
                     logger.exception("job %s: could not start its worker", job.id)
-                    message = f"could not start the worker process: {exc}"
-                    self.store.finish(
+                    fail_job(
+                        self.store,
                         job.id,
-                        status="failed",
-                        from_statuses=("running", "cancelling"),
-                        level="error",
                         error_code="launch_failed",
-                        error_message=message,
-                        message=message,
+                        message=f"could not start the worker process: {exc}",
+                        from_statuses=("running", "cancelling"),
                     )
                     continue
                 self._runs[job.id] = run
@@ -210,16 +175,8 @@ class LocalExecutor(Executor):
 
     def _launch(self, job: JobRecord, device: str) -> _Run:
         job_dir = self.settings.jobs_dir / job.id
-        job_dir.mkdir(parents=True, exist_ok=True)
-        spec_path = job_dir / "spec.json"
-        spec = {
-            **job.request,
-            "job_id": job.id,
-            "output": job.output_path,
-            "job_dir": str(job_dir),
-            "attempt": job.attempts,
-        }
-        spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        write_spec(job_dir, job, job_dir=str(job_dir))
+        spec_path = job_dir / SPEC_FILE
         log_path = job_dir / "worker.log"
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(
@@ -272,16 +229,3 @@ class LocalExecutor(Executor):
         html = html_path.read_text(encoding="utf-8") if relay.result and html_path.exists() else None
         outcome = interpret(run.returncode, relay.result, relay.error, list(run.process.stderr_tail), html)
         settle(self.store, run.job, outcome, stopping=self._stopping.is_set(), notify=self._notify)
-
-    def _notify(self, job_id: str) -> None:
-        if self.on_finished is not None:
-            job = self.store.get_job(job_id)
-            if job is not None:
-                self.on_finished(job)
-
-    def _purge_if_due(self) -> None:
-        now = time.time()
-        if now - self._last_purge < PURGE_EVERY_S:
-            return
-        self._last_purge = now
-        purge_expired(self.store, self.settings.jobs_dir, self.settings.retention_days)

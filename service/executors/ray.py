@@ -19,7 +19,6 @@ Outputs must be on storage the service and every node share (same path everywher
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.executors.base import ClusterInfo, Executor, ExecutorUnavailable, SlotUsage
+from service.executors.base import ClusterInfo, DispatchingExecutor, ExecutorUnavailable, SlotUsage
 from service.executors.outcome import interpret
-from service.executors.outputs import purge_expired
 from service.executors.ray_cluster import NOTHING, Need, Snapshot, place, probe, snapshot_from_ray
 from service.executors.ray_task import JobRunner
 from service.executors.recovery import kill_orphaned_group, recover
-from service.executors.relay import EventRelay, settle, settle_lost
+from service.executors.relay import EventRelay, fail_job, settle, settle_lost, write_spec
 from service.settings import Settings
 from service.store import JobRecord, Store
 
@@ -53,8 +51,6 @@ logger = logging.getLogger(__name__)
 RAY_NAMESPACE = "quantgate"
 SLOT_PREFIX = "ray:"  # job.slot once its worker runs: "ray:<node id>"
 SLOT_PLACING = "ray"  # claimed, actor not placed / worker not started yet
-DISPATCH_POLL_S = 1.0
-PURGE_EVERY_S = 3600.0
 KILL_ON_NODE_TIMEOUT_S = 30.0
 FORCE_KILL_MARGIN_S = 15.0  # after the grace period, the actor itself is killed
 UNLIMITED = 1 << 30
@@ -79,8 +75,10 @@ def _job_need(job: JobRecord, cpus: float) -> Need:
     return Need(gpus=int(job.request.get("gpus", 1)), cpus=cpus)
 
 
-class RayExecutor(Executor):
+class RayExecutor(DispatchingExecutor):
     """Jobs as Ray actors on a cluster; connects at construction (ExecutorUnavailable if it cannot)."""
+
+    dispatcher_name = "quantgate-ray-dispatcher"
 
     def __init__(
         self,
@@ -90,17 +88,10 @@ class RayExecutor(Executor):
         on_finished: Callable[[JobRecord], None] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.on_finished = on_finished
+        super().__init__(settings, store, on_finished=on_finished)
         self.address = settings.ray_address
         self.concurrency_limit = UNLIMITED if settings.max_concurrency is None else settings.max_concurrency
         self._runs: dict[str, _RayRun] = {}
-        self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_purge = 0.0
         self._unschedulable_since: dict[str, float] = {}
         self._hf_token = settings.hf_token.get_secret_value() if settings.hf_token else None
         probe(self.address)
@@ -125,11 +116,7 @@ class RayExecutor(Executor):
     # -- Executor ---------------------------------------------------------------------------------
     def start(self) -> None:
         recover(self.store, max_attempts=self.settings.max_attempts, kill_group=self._kill_leftovers_at_start)
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._dispatch_loop, name="quantgate-ray-dispatcher", daemon=True
-        )
-        self._thread.start()
+        self._start_dispatcher()
         info = self._snapshot.info()
         logger.info(
             "ray executor: %d node(s), %g GPU(s), %g CPU(s); %g CPU(s) per job",
@@ -140,10 +127,7 @@ class RayExecutor(Executor):
         )
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._stop_dispatcher()
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
@@ -153,17 +137,11 @@ class RayExecutor(Executor):
                 run.monitor.join(timeout=self.settings.cancel_grace_seconds + FORCE_KILL_MARGIN_S + 30)
         ray.shutdown()
 
-    def submit(self, job_id: str) -> None:
-        self._wake.set()
-
     def cancel(self, job_id: str) -> None:
         with self._lock:
             run = self._runs.get(job_id)
         if run is not None:
             self._stop_run(run)
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     def slots(self) -> SlotUsage:
         snapshot = self._snapshot
@@ -225,18 +203,9 @@ class RayExecutor(Executor):
             raise TimeoutError(f"could not reach node {node_id[:12]} to stop the old worker: {exc}") from exc
 
     # -- dispatching ------------------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()  # before dispatching: a wake-up during this round is not lost
-            try:
-                self._refresh_cluster()
-                self._dispatch_ready()
-                if time.time() - self._last_purge >= PURGE_EVERY_S:
-                    self._last_purge = time.time()
-                    purge_expired(self.store, self.settings.jobs_dir, self.settings.retention_days)
-            except Exception:  # the dispatcher must survive anything one job does
-                logger.exception("dispatcher iteration failed")
-            self._wake.wait(timeout=DISPATCH_POLL_S)
+    def _dispatch_round(self) -> None:
+        self._refresh_cluster()
+        self._dispatch_ready()
 
     def _note(self, job: JobRecord, reason: str, level: str = "info") -> None:
         if job.queue_reason != reason:
@@ -284,14 +253,8 @@ class RayExecutor(Executor):
             return
         message = f"{reason}; gave up after {timeout:g}s (unschedulable_timeout_seconds)"
         self._unschedulable_since.pop(job.id, None)
-        if self.store.finish(
-            job.id,
-            status="failed",
-            from_statuses=("queued",),
-            level="error",
-            error_code="unschedulable",
-            error_message=message,
-            message=message,
+        if fail_job(
+            self.store, job.id, error_code="unschedulable", message=message, from_statuses=("queued",)
         ):
             self._notify(job.id)
 
@@ -300,9 +263,7 @@ class RayExecutor(Executor):
         if job is None:  # cancelled since the queue was read
             return False
         job_dir = self.settings.jobs_dir / job.id
-        job_dir.mkdir(parents=True, exist_ok=True)
-        spec = {**job.request, "job_id": job.id, "output": job.output_path, "attempt": job.attempts}
-        (job_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+        spec = write_spec(job_dir, job)  # the worker's own directory is on its node
         try:
             actor = self._runner.options(
                 num_gpus=need.gpus, num_cpus=need.cpus, max_concurrency=2, max_restarts=0, max_task_retries=0
@@ -310,15 +271,12 @@ class RayExecutor(Executor):
             stream = actor.run.options(num_returns="streaming").remote(spec, self._hf_token)
         except Exception as exc:  # noqa: BLE001 - reported on the job
             logger.exception("job %s: could not create its Ray actor", job.id)
-            message = f"could not start the job on the Ray cluster: {type(exc).__name__}: {exc}"
-            self.store.finish(
+            fail_job(
+                self.store,
                 job.id,
-                status="failed",
-                from_statuses=("running", "cancelling"),
-                level="error",
                 error_code="launch_failed",
-                error_message=message,
-                message=message,
+                message=f"could not start the job on the Ray cluster: {type(exc).__name__}: {exc}",
+                from_statuses=("running", "cancelling"),
             )
             return False
         run = _RayRun(
@@ -451,9 +409,3 @@ class RayExecutor(Executor):
             max_attempts=self.settings.max_attempts,
             notify=self._notify,
         )
-
-    def _notify(self, job_id: str) -> None:
-        if self.on_finished is not None:
-            job = self.store.get_job(job_id)
-            if job is not None:
-                self.on_finished(job)

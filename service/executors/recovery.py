@@ -18,6 +18,7 @@ from pathlib import Path
 
 from service.executors.outputs import remove_job_outputs
 from service.executors.process import process_alive
+from service.executors.relay import fail_job
 from service.store import ACTIVE, JobRecord, Store
 
 __all__ = ["RecoveryReport", "kill_orphaned_group", "recover"]
@@ -138,15 +139,7 @@ def recover(
                 f"interrupted: the server stopped while this job was running, and it has used all "
                 f"{max_attempts} attempt(s){cleaned}"
             )
-            store.finish(
-                job.id,
-                status="failed",
-                from_statuses=("running",),
-                level="error",
-                error_code="interrupted",
-                error_message=message,
-                message=message,
-            )
+            fail_job(store, job.id, error_code="interrupted", message=message)
             report.interrupted.append(job.id)
     if active:
         logger.warning(

@@ -18,12 +18,31 @@ from service.executors.outcome import Outcome
 from service.executors.outputs import remove_job_outputs
 from service.store import JobRecord, Store
 
-__all__ = ["MAX_LOG_EVENTS", "PROGRESS_MIN_INTERVAL_S", "EventRelay", "settle", "settle_lost"]
+__all__ = [
+    "MAX_LOG_EVENTS",
+    "PROGRESS_MIN_INTERVAL_S",
+    "SPEC_FILE",
+    "EventRelay",
+    "fail_job",
+    "settle",
+    "settle_lost",
+    "write_spec",
+]
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.25  # per job; stage changes and completions are always stored
 MAX_LOG_EVENTS = 200  # stray (non-JSON) worker lines stored per run
+SPEC_FILE = "spec.json"
+
+
+def write_spec(job_dir: Path, job: JobRecord, /, **extra: Any) -> dict[str, Any]:
+    """The worker's spec for this attempt (the request plus where and which attempt it is), written
+    to `job_dir/spec.json` (the directory is created); returns it."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec = {**job.request, "job_id": job.id, "output": job.output_path, **extra, "attempt": job.attempts}
+    (job_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return spec
 
 
 class EventRelay:
@@ -86,6 +105,27 @@ class EventRelay:
             message=str(event.get("message", ""))[:2000],
             data=data,
         )
+
+
+def fail_job(
+    store: Store,
+    job_id: str,
+    *,
+    error_code: str,
+    message: str,
+    from_statuses: tuple[str, ...] = ("running",),
+) -> bool:
+    """Fail a job the executor gave up on (it could not start, place or finish it), with the
+    message as both its error and its last event; False if the job had left `from_statuses`."""
+    return store.finish(
+        job_id,
+        status="failed",
+        from_statuses=from_statuses,
+        level="error",
+        error_code=error_code,
+        error_message=message,
+        message=message,
+    )
 
 
 def _finish(store: Store, job_id: str, outcome: Outcome) -> bool:
@@ -175,13 +215,5 @@ def settle_lost(
     else:
         left = "no attempt left" if old_run_gone else "not retried"
         message = f"{reason}; {left} ({job.attempts} of {max_attempts} used)"
-        if store.finish(
-            job.id,
-            status="failed",
-            from_statuses=("running",),
-            level="error",
-            error_code="worker_lost",
-            error_message=message,
-            message=message,
-        ):
+        if fail_job(store, job.id, error_code="worker_lost", message=message):
             notify(job.id)

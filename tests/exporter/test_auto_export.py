@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from test_export_logits import MARGIN, NOISE_SEEDS, _logits, _rel, scheme_eps  # noqa: F401 - fixture
+from logit_bounds import assert_logits_within_noise_bound, weight_tensor
+from test_export_logits import scheme_eps  # noqa: F401 - fixture
 
 from exporter.auto.groups import is_quantizable
 from exporter.auto_options import EXPORTABLE_ALGOS
-from exporter.dequant_load import load_dequantized_model, load_model, load_with_weights
 from exporter.pipeline import QuantizeRequest, run_quantize
 from exporter.source import Source, open_source
 from exporter.writers.modelopt import WRITABLE_ALGOS
@@ -156,38 +155,15 @@ def test_budget_16_keeps_everything_bf16(auto_export: Callable, arch: str, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ logits
-def _noisy_state(source: Source, algos: dict[str, str | None], eps: dict[str, float], seed: int) -> dict:
-    """The source weights with each quantized weight given Gaussian noise at its scheme's level."""
-    targets: dict[str, str] = {}
-    for name, algo in algos.items():
-        if algo is not None:
-            module = source.layout.modules[name]
-            targets[module.fused.tensor if module.fused is not None else module.tensors["weight"].name] = algo
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name in source.view.tensors:
-        t = source.tensor(name)
-        if name in targets:
-            f = t.float()
-            t = (f + eps[targets[name]] * f.pow(2).mean().sqrt() * torch.randn(f.shape, generator=gen)).to(t.dtype)
-        state[name] = t
-    return state
-
-
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_mixed_export_logits_within_scheme_bound(auto_export: Callable, arch: str,
                                                  scheme_eps: dict[str, float]) -> None:  # noqa: F811 - fixture
     source_dir, _, result = auto_export(arch)
     source = open_source(str(source_dir))
     algos = _stored_algos(result.output, source)
-    reference = load_model(source_dir)
-    vocab = reference.get_input_embeddings().num_embeddings
-    ref = _logits(reference, vocab)
-    quant = _rel(_logits(load_dequantized_model(result.output, source_dir), vocab), ref)
-    noise = [_rel(_logits(load_with_weights(source, _noisy_state(source, algos, scheme_eps, s)), vocab), ref)
-             for s in NOISE_SEEDS]
-    assert min(noise) > 0
-    assert min(noise) / 4 <= quant <= MARGIN * max(noise), (quant, noise)
+    # each quantized weight gets Gaussian noise at its own scheme's level
+    noisy = {weight_tensor(source, name): scheme_eps[algo] for name, algo in algos.items() if algo is not None}
+    assert_logits_within_noise_bound(source, source_dir, result.output, noisy)
 
 
 # ---------------------------------------------------------------------------- scores reuse, CLI

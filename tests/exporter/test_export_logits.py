@@ -20,23 +20,23 @@ How the bound is derived (no number is hard-coded):
    experts out of order, a wrong global scale) multiplies the weight error of the affected modules
    far beyond eps and the logits error with it. A lower bound r_quant >= min(r_noise) / 4 checks
    that the weights really went through quantization.
+
+The check itself (and NOISE_SEEDS, MARGIN) is `logit_bounds.assert_logits_within_noise_bound`,
+shared with the compressed-tensors and auto-recipe export tests.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 
-from exporter.dequant_load import load_dequantized_model, load_model, load_with_weights
 from exporter.recipes import make_plan
 from exporter.source import open_source
 
 ARCHS = ("gemma4", "gemma4_mm", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v3", "llama")
 RECIPES = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8")
 CASES = [(a, r) for a in ARCHS for r in RECIPES if not (a == "llama" and r == "nvfp4_experts_only")]
-NOISE_SEEDS = (101, 102)
-MARGIN = 2.0
-BATCH, SEQ = 4, 32
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +51,6 @@ def scheme_eps() -> dict[str, float]:
     return {name: float((d - ref).norm() / ref.norm()) for name, d in deq.items()}
 
 
-def _logits(model, vocab: int) -> torch.Tensor:
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm())
-
-
-def _noisy_state(source, recipe: str, eps: float, seed: int) -> dict[str, torch.Tensor]:
-    plan = make_plan(source.layout, recipe)
-    targets = {m.fused.tensor if m.fused is not None else m.tensors["weight"].name
-               for m in (source.layout.modules[n] for n in plan.quantized())}
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name in source.view.tensors:
-        t = source.tensor(name)
-        if name in targets:
-            f = t.float()
-            t = (f + eps * f.pow(2).mean().sqrt() * torch.randn(f.shape, generator=gen)).to(t.dtype)
-        state[name] = t
-    return state
-
-
 def test_scheme_noise_levels_match_their_sqnr(scheme_eps: dict[str, float]) -> None:
     """Sanity of step 1: NVFP4 ~ 20 dB and FP8 ~ 31 dB on Gaussian weights (bounds are generous)."""
     assert 0.07 < scheme_eps["NVFP4"] < 0.12
@@ -87,13 +62,6 @@ def test_dequantized_logits_within_scheme_bound(exported, scheme_eps, arch: str,
     source_dir, result = exported(arch, recipe)
     assert result.ok
     source = open_source(str(source_dir))
-    reference = load_model(source_dir)
-    vocab = reference.get_input_embeddings().num_embeddings
-    ref = _logits(reference, vocab)
-    quant = _rel(_logits(load_dequantized_model(result.output, source_dir), vocab), ref)
     eps = scheme_eps["FP8" if recipe == "fp8" else "NVFP4"]
-    noise = [_rel(_logits(load_with_weights(source, _noisy_state(source, recipe, eps, s)), vocab), ref)
-             for s in NOISE_SEEDS]
-    assert min(noise) > 0
-    assert quant <= MARGIN * max(noise), (quant, noise)
-    assert quant >= min(noise) / 4, (quant, noise)
+    noisy = {weight_tensor(source, n): eps for n in make_plan(source.layout, recipe).quantized()}
+    assert_logits_within_noise_bound(source, source_dir, result.output, noisy)

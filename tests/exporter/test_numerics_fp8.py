@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from numerics_helpers import CUDA, EXPORTS, FIXTURES, bits, sqnr_db
 from safetensors.torch import load_file
 
 from exporter.numerics.fp8 import (
@@ -17,22 +17,6 @@ from exporter.numerics.fp8 import (
     quantize_fp8,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"  # copies of shared/fixtures: ModelOpt 0.47 exports
-CUDA = pytest.param(
-    "cuda",
-    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-)
-EXPORTS = [("", torch.bfloat16), ("_f32", torch.float32)]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    ref = reference.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx.double()).pow(2).sum()))
-
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(("suffix", "dtype"), EXPORTS)
@@ -42,12 +26,12 @@ def test_bit_exact_to_modelopt_export(suffix: str, dtype: torch.dtype, device: s
     q, scale = quantize_fp8(w)
     assert q.device.type == device and q.dtype == torch.float8_e4m3fn and q.shape == (32, 64)
     assert scale.dtype == torch.float32 and scale.shape == ()
-    assert torch.equal(_bits(q), _bits(fx["weight"]))
-    assert torch.equal(_bits(scale), _bits(fx["weight_scale"]))
+    assert torch.equal(bits(q), bits(fx["weight"]))
+    assert torch.equal(bits(scale), bits(fx["weight_scale"]))
     assert torch.equal(
-        _bits(activation_scale(fx["calib_input_amax"].to(device), "FP8")), _bits(fx["input_scale"])
+        bits(activation_scale(fx["calib_input_amax"].to(device), "FP8")), bits(fx["input_scale"])
     )
-    assert torch.equal(_bits(dequantize_fp8(q, scale, torch.float32)), _bits(fx["dequantized"]))
+    assert torch.equal(bits(dequantize_fp8(q, scale, torch.float32)), bits(fx["dequantized"]))
 
 
 def test_bf16_division_is_rounded_in_bf16_as_modelopt_does() -> None:
@@ -56,8 +40,8 @@ def test_bf16_division_is_rounded_in_bf16_as_modelopt_does() -> None:
     w = fx["input_weight"].to(torch.bfloat16)
     q, scale = quantize_fp8(w)
     fp32_only = (w.float() / scale).to(torch.float8_e4m3fn)
-    assert int((_bits(fp32_only) != _bits(q)).sum()) == 53
-    assert torch.equal(_bits(q), _bits(fx["weight"]))
+    assert int((bits(fp32_only) != bits(q)).sum()) == 53
+    assert torch.equal(bits(q), bits(fx["weight"]))
 
 
 def test_scale_is_amax_over_448_and_zero_amax_gives_one() -> None:
@@ -78,7 +62,7 @@ def test_shared_weight_scale_for_a_fused_group() -> None:
     q_gate, s_gate = quantize_fp8(gate, weight_scale=shared)
     q_up, s_up = quantize_fp8(up, weight_scale=shared)
     assert torch.equal(s_gate, shared) and torch.equal(s_up, shared)
-    assert torch.equal(_bits(q_up), _bits(quantize_fp8(up)[0]))  # up holds the group amax
+    assert torch.equal(bits(q_up), bits(quantize_fp8(up)[0]))  # up holds the group amax
     assert not torch.isnan(q_gate.float()).any()
     with pytest.raises(ValueError, match="too small"):
         quantize_fp8(up, weight_scale=fp8_scale(gate.abs().max().float()))
@@ -105,7 +89,7 @@ def test_float16_weights() -> None:
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(torch.float16)
     q, scale = quantize_fp8(w)
     expected = (w.float() / scale).to(torch.float16).to(torch.float8_e4m3fn)  # divide in fp16
-    assert torch.equal(_bits(q), _bits(expected))
+    assert torch.equal(bits(q), bits(expected))
 
 
 # Measured on [256, 1024] bf16 weights, 6 seeds: 31.5-31.7 dB for both Gaussian and Student-t(3),
@@ -122,7 +106,7 @@ def test_round_trip_sqnr_against_float64(kind: str) -> None:
     if kind == "student_t3":  # normal / sqrt(chi2_3 / 3)
         w = w / torch.sqrt(torch.randn(3, 256, 1024, generator=gen, dtype=torch.float64).pow(2).sum(0) / 3)
     w_bf16 = w.to(torch.bfloat16)
-    assert _sqnr_db(w_bf16, dequantize_fp8(*quantize_fp8(w_bf16), dtype=torch.float32)) > SQNR_FLOOR_DB
+    assert sqnr_db(w_bf16, dequantize_fp8(*quantize_fp8(w_bf16), dtype=torch.float32)) > SQNR_FLOOR_DB
 
 
 def test_activation_scales() -> None:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from numerics_helpers import sqnr_db
 
 from exporter.numerics.int4 import dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
 from exporter.numerics.int8 import (
@@ -14,11 +15,6 @@ from exporter.numerics.int8 import (
     quantize_symmetric_int,
     quantize_w8a8_int8,
 )
-
-
-def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    ref = reference.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx.double()).pow(2).sum()))
 
 
 def _weights(kind: str, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -145,7 +141,7 @@ def test_round_trip_sqnr_against_float64(scheme: str, kind: str) -> None:
         deq = dequantize_w4a16(*quantize_w4a16(w), dtype=torch.float32)
     else:
         deq = dequantize_w8a8_int8(*quantize_w8a8_int8(w), dtype=torch.float32)
-    assert _sqnr_db(w, deq) > SQNR_FLOOR_DB[(scheme, kind)]
+    assert sqnr_db(w, deq) > SQNR_FLOOR_DB[(scheme, kind)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from numerics_helpers import CUDA, EXPORTS, FIXTURES, bits, sqnr_db
 from safetensors.torch import load_file
 
 from exporter.numerics import common
@@ -25,25 +25,6 @@ from exporter.numerics.nvfp4 import (
     shared_global_scale,
     weight_amax,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures"  # copies of shared/fixtures: ModelOpt 0.47 exports
-CUDA = pytest.param(
-    "cuda",
-    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-)
-# (fixture file suffix, dtype the weight was exported from)
-EXPORTS = [("", torch.bfloat16), ("_f32", torch.float32)]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Raw bytes of a tensor, so comparisons are bit for bit (NaN, -0.0 and all)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum()
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
 
 
 def _modelopt_cast_fp4(x: torch.Tensor) -> torch.Tensor:
@@ -65,13 +46,13 @@ def test_bit_exact_to_modelopt_export(suffix: str, dtype: torch.dtype, device: s
     assert packed.device.type == device and packed.dtype == torch.uint8 and packed.shape == (32, 32)
     assert block_scale.dtype == torch.float8_e4m3fn and block_scale.shape == (32, 4)
     assert scale_2.dtype == torch.float32 and scale_2.shape == ()
-    assert torch.equal(_bits(packed), _bits(fx["weight"]))
-    assert torch.equal(_bits(block_scale), _bits(fx["weight_scale"]))
-    assert torch.equal(_bits(scale_2), _bits(fx["weight_scale_2"]))
+    assert torch.equal(bits(packed), bits(fx["weight"]))
+    assert torch.equal(bits(block_scale), bits(fx["weight_scale"]))
+    assert torch.equal(bits(scale_2), bits(fx["weight_scale_2"]))
     input_scale = nvfp4_input_scale(fx["calib_input_amax"].to(device))
-    assert torch.equal(_bits(input_scale), _bits(fx["input_scale"]))
+    assert torch.equal(bits(input_scale), bits(fx["input_scale"]))
     deq = dequantize_nvfp4(packed, block_scale, scale_2, dtype=torch.float32)
-    assert torch.equal(_bits(deq), _bits(fx["dequantized"]))
+    assert torch.equal(bits(deq), bits(fx["dequantized"]))
 
 
 @pytest.mark.parametrize(("suffix", "dtype"), EXPORTS)
@@ -108,7 +89,7 @@ def test_e2m1_sign_of_zero() -> None:
     ModelOpt's decode table maps code 8 back to +0.0, which its dequantized output shows."""
     codes = e2m1_encode(torch.tensor([-0.0, 0.0, -0.1, -1e-30, 0.1]))
     assert codes.tolist() == [0, 0, 8, 8, 0]
-    assert _bits(e2m1_decode(torch.tensor([0, 8], dtype=torch.uint8))).tolist() == [0] * 8
+    assert bits(e2m1_decode(torch.tensor([0, 8], dtype=torch.uint8))).tolist() == [0] * 8
 
 
 def test_e2m1_matches_modelopt_cast_on_every_midpoint_and_random_values() -> None:
@@ -213,7 +194,7 @@ def test_shared_weight_scale_2_across_a_fused_group() -> None:
     # k holds the max amax: sharing changes nothing for it
     assert all(torch.equal(a, b) for a, b in zip(outs[1], quantize_nvfp4(k)))
     for t, (packed, block_scale, scale_2) in zip((q, k, v), outs):
-        assert _sqnr_db(t, dequantize_nvfp4(packed, block_scale, scale_2, torch.float32)) > 19.0
+        assert sqnr_db(t, dequantize_nvfp4(packed, block_scale, scale_2, torch.float32)) > 19.0
     with pytest.raises(ValueError, match="too small"):
         quantize_nvfp4(k, weight_scale_2=nvfp4_global_scale(weight_amax(q)))
     with pytest.raises(ValueError, match="finite and > 0"):
@@ -235,7 +216,7 @@ def test_round_trip_sqnr_against_float64(kind: str) -> None:
         w = w / torch.sqrt(torch.randn(3, 256, 1024, generator=gen, dtype=torch.float64).pow(2).sum(0) / 3)
     w_bf16 = w.to(torch.bfloat16)
     deq = dequantize_nvfp4(*quantize_nvfp4(w_bf16), dtype=torch.float32)
-    assert _sqnr_db(w_bf16, deq) > SQNR_FLOOR_DB[kind]
+    assert sqnr_db(w_bf16, deq) > SQNR_FLOOR_DB[kind]
 
 
 def test_every_element_lands_on_its_blocks_nearest_grid_point() -> None:
@@ -257,7 +238,7 @@ def test_row_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -
     whole = quantize_nvfp4(w)
     monkeypatch.setattr(common, "CPU_CHUNK_ELEMS", 3 * 256)  # 3 rows a chunk, 17 chunks
     chunked = quantize_nvfp4(w)
-    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(whole, chunked))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(whole, chunked))
     assert torch.equal(dequantize_nvfp4(*chunked), dequantize_nvfp4(*whole))
 
 
@@ -265,7 +246,7 @@ def test_non_contiguous_input() -> None:
     w = torch.randn(64, 48, generator=torch.Generator().manual_seed(6))
     wt = w.t()  # [48, 64] view, not contiguous
     assert all(
-        torch.equal(_bits(a), _bits(b)) for a, b in zip(quantize_nvfp4(wt), quantize_nvfp4(wt.contiguous()))
+        torch.equal(bits(a), bits(b)) for a, b in zip(quantize_nvfp4(wt), quantize_nvfp4(wt.contiguous()))
     )
 
 
@@ -276,7 +257,7 @@ def test_stacked_experts_use_one_global_scale_each() -> None:
     assert packed.shape == (3, 16, 16) and block_scale.shape == (3, 16, 2) and scale_2.shape == (3,)
     for e in range(3):
         one = quantize_nvfp4(w[e].to(torch.bfloat16))
-        assert torch.equal(packed[e], one[0]) and torch.equal(_bits(block_scale[e]), _bits(one[1]))
+        assert torch.equal(packed[e], one[0]) and torch.equal(bits(block_scale[e]), bits(one[1]))
         assert torch.equal(scale_2[e], one[2])
     with pytest.raises(ValueError, match="3 experts"):
         quantize_nvfp4_experts(w, weight_scale_2=torch.ones(2))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from service import launch
+from service.launch import free_port
+
 #: A fake Hub token: the tests grep every response, event, log and report for it.
 FAKE_HF_TOKEN = "hf_TESTtokenNEVERshownANYWHERE0123456789"
 API_TOKEN = "qg-test-token-0123456789abcdef"
@@ -25,14 +26,8 @@ FAST_CALIBRATION = {"data": "random", "samples": 4, "seq_len": 32, "batch_size":
 #: A real job that takes minutes (many calibration batches): for the cancel and kill tests.
 SLOW_CALIBRATION = {"data": "random", "samples": 20_000, "seq_len": 64, "batch_size": 1}
 TERMINAL = {"succeeded", "failed", "cancelled"}
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = launch.READY_TIMEOUT_S
 JOB_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -61,31 +56,19 @@ class ServerHandle:
         return (row["pid"], row["pgid"]) if row else (None, None)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+        return launch.stop_server(self.proc, sig, timeout)
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 def wait_ready(handle: ServerHandle, timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if handle.proc.poll() is not None:
-            raise AssertionError(f"server exited with {handle.proc.returncode}:\n{handle.log_text()}")
-        try:
-            if httpx.get(handle.base_url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready after {timeout}s:\n{handle.log_text()}")
+    """Until the server answers /readyz; a test failure with its log if it exits or times out."""
+    try:
+        with handle.client as client:
+            launch.wait_ready(handle.proc, client, timeout=timeout)
+    except launch.ServerNotReady as exc:
+        raise AssertionError(f"{exc}:\n{handle.log_text()}") from None
 
 
 class Launcher:
@@ -108,33 +91,18 @@ class Launcher:
         """A server on a free loopback port with `data_dir`, `roots`, the fake HF_TOKEN and `token`."""
         port = free_port()
         log_path = self.tmp_path_factory.mktemp("server-logs") / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--cancel-grace-seconds",
-            "3",
-            "--log-level",
-            "info",
-        ]
-        for root in roots:
-            command += ["--allowed-root", str(root)]
+        command = launch.serve_command(
+            data_dir,
+            port,
+            roots=roots,
+            args=["--cancel-grace-seconds", "3", "--log-level", "info", *args],
+        )
         full_env = {key: value for key, value in os.environ.items() if not key.startswith("QUANTGATE_")}
         full_env.update({"HF_TOKEN": FAKE_HF_TOKEN, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         if token:
             full_env["QUANTGATE_API_TOKENS"] = token
         full_env.update(env or {})
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [*command, *args], env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        proc = launch.start_server(command, log_path, env=full_env, new_session=True)
         handle = ServerHandle(
             proc=proc,
             base_url=f"http://127.0.0.1:{port}",

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from svc_helpers import FAKE_HF_TOKEN, READY_TIMEOUT_S, ServerHandle
+from svc_helpers import FAKE_HF_TOKEN, ServerHandle
+
+from service import launch
 
 VENV_BIN = Path(sys.executable).parent
 PROXY = Path(__file__).with_name("uds_proxy.py")
@@ -142,42 +144,29 @@ def start_ray_server(
     """A ready server on 127.0.0.1:`port` inside `namespace`, joined to its Ray head."""
     log_path = log_dir / f"server-{port}.log"
     socket_path = log_dir / f"http-{port}.sock"
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--executor",
-        "ray",
-        "--ray-address",
-        namespace.ray_address,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--cancel-grace-seconds",
-        "3",
-    ]
-    for root in roots:
-        command += ["--allowed-root", str(root)]
+    command = launch.serve_command(
+        data_dir,
+        port,
+        roots=roots,
+        args=[
+            "--executor",
+            "ray",
+            "--ray-address",
+            namespace.ray_address,
+            "--cancel-grace-seconds",
+            "3",
+            *args,
+        ],
+    )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("QUANTGATE_", "RAY_"))}
     env.update({"HF_TOKEN": FAKE_HF_TOKEN, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            namespace.exec_argv([*command, *args]),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proxy = subprocess.Popen(
-            namespace.exec_argv([sys.executable, str(PROXY), str(socket_path), str(port)]),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = launch.start_server(namespace.exec_argv(command), log_path, env=env, new_session=True)
+    proxy = launch.start_server(
+        namespace.exec_argv([sys.executable, str(PROXY), str(socket_path), str(port)]),
+        log_path,
+        env=os.environ,
+        new_session=True,
+    )
     server = RayServer(
         proc=proc,
         base_url="http://quantgate",
@@ -186,17 +175,10 @@ def start_ray_server(
         socket_path=socket_path,
         proxy=proxy,
     )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            server.stop()
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log_text()}")
-        try:
-            with server.client as client:
-                if client.get("/readyz", timeout=2).status_code == 200:
-                    return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise AssertionError(f"server not ready after {READY_TIMEOUT_S}s:\n{server.log_text()}")
+    try:
+        with server.client as client:
+            launch.wait_ready(proc, client, poll_s=0.2)
+    except launch.ServerNotReady as exc:
+        server.stop()
+        raise AssertionError(f"{exc}:\n{server.log_text()}") from None
+    return server
