@@ -16,7 +16,14 @@ The checkpoint's shards are laid out as safetensors writes them (scalar scales c
 `--order module` benchmarks the worst case for the deep scale reads instead (every scalar between
 two multi-MB weights), in its own directory.
 
+Bytecode: an installed quantgate (and the stdlib, torch ...) runs from compiled `.pyc` files, so by
+default each command runs with a bytecode cache (`PYTHONPYCACHEPREFIX` under bench-data/, filled
+by one untimed warm-up run per command), whatever `PYTHONDONTWRITEBYTECODE` says in the calling
+shell. `--bytecode none` times the uncached case instead (every module compiled from source on
+every run, as in a checkout whose environment sets PYTHONDONTWRITEBYTECODE).
+
     python -m benchmarks.validate_bench [--data DIR] [--order safetensors|module] [--repeat 5]
+                                        [--bytecode cached|none]
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ DEFAULT_DATA = {"safetensors": REPO_ROOT / "bench-data" / "dsv3-nvfp4",
 BUILT_MARKER = ".built"               # written last, so an interrupted build is redone
 BUILD_FORMAT = 2                      # bump when make_checkpoint's output changes: rebuilds old data
 LIMIT_S = 1.0                         # the design's budget for validating this checkpoint
+PYCACHE = REPO_ROOT / "bench-data" / "pycache"   # --bytecode cached: .pyc files of every timed command
+BYTECODE_MODES = ("cached", "none")
 
 OPEN_ONLY = """
 import sys
@@ -90,22 +99,39 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_command(argv: list[str], repeat: int, ok_codes: tuple[int, ...] = (0,)) -> tuple[list[float], list[float]]:
+def command_env(bytecode: str) -> dict[str, str]:
+    """The environment of the timed commands: with a bytecode cache under bench-data/ (the
+    installed case), or with bytecode caching off (every import compiled from source)."""
+    env = dict(os.environ)
+    if bytecode == "cached":
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def time_command(argv: list[str], repeat: int, ok_codes: tuple[int, ...] = (0,),
+                 env: dict[str, str] | None = None, warmup: bool = False) -> tuple[list[float], list[float]]:
     """(wall seconds, CPU seconds) of `repeat` runs of `argv`; fails loudly on a bad exit.
 
     CPU time (user + sys of the child) is reported next to wall time because on a shared machine
     wall time also measures the neighbours; for these single-threaded runs it is what wall time
-    would be on an idle machine."""
+    would be on an idle machine. `warmup` runs the command once untimed first (fills the bytecode
+    cache)."""
     walls, cpus = [], []
-    for _ in range(repeat):
+    for i in range(repeat + warmup):
         cpu = _children_cpu_s()
         start = time.perf_counter()
-        done = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        walls.append(time.perf_counter() - start)
-        cpus.append(_children_cpu_s() - cpu)
+        done = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              check=False, env=env)
+        wall, used = time.perf_counter() - start, _children_cpu_s() - cpu
         if done.returncode not in ok_codes:
             raise SystemExit(f"{' '.join(argv[:3])} ... exited {done.returncode}: "
                              f"{done.stderr.decode(errors='replace')[-2000:]}")
+        if i >= warmup:
+            walls.append(wall)
+            cpus.append(used)
     return walls, cpus
 
 
@@ -116,19 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", choices=ORDERS, default="safetensors",
                         help="data order inside a shard (default: as safetensors writes it)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (default 5)")
+    parser.add_argument("--bytecode", choices=BYTECODE_MODES, default="cached",
+                        help="run with a .pyc cache, as an installed package does (default), or none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = ensure_checkpoint((args.data or DEFAULT_DATA[args.order]).resolve(), args.order)
     python = sys.executable
     load_before = os.getloadavg()[0]      # other jobs share the cores: wall times depend on them
 
+    env, warmup = command_env(args.bytecode), args.bytecode == "cached"
     runs: dict[str, tuple[list[float], list[float]]] = {}
     if quantgate_available():
         # exit 1 means "findings": still a complete validation
         runs["quantgate validate"] = time_command(
-            [python, "-m", "service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1))
-    runs["open_checkpoint"] = time_command([python, "-c", OPEN_ONLY, str(data)], args.repeat)
-    runs["naive (safetensors+torch)"] = time_command([python, "-c", NAIVE, str(data)], args.repeat)
+            [python, "-m", "service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1),
+            env, warmup)
+    runs["open_checkpoint"] = time_command([python, "-c", OPEN_ONLY, str(data)], args.repeat, env=env,
+                                           warmup=warmup)
+    runs["naive (safetensors+torch)"] = time_command([python, "-c", NAIVE, str(data)], args.repeat, env=env,
+                                                     warmup=warmup)
 
     summary = {name: {"best_s": round(min(wall), 3), "median_s": round(statistics.median(wall), 3),
                       "cpu_best_s": round(min(cpu), 3), "cpu_median_s": round(statistics.median(cpu), 3)}
@@ -138,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"{name:<{width}}  {s['best_s']:8.3f}  {s['median_s']:10.3f}  {s['cpu_best_s']:12.3f}  "
               f"{s['cpu_median_s']:14.3f}" for name, s in summary.items()]
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}")
+    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}")
     print("\n".join(lines))
 
     ours_name = "quantgate validate" if "quantgate validate" in runs else "open_checkpoint"
@@ -146,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     naive = summary["naive (safetensors+torch)"]["median_s"]
     passed = ours <= LIMIT_S and ours <= naive
     print(json.dumps({"benchmark": "validate_dsv3_nvfp4", "order": args.order, "tensors": _tensor_count(data),
-                      "repeat": args.repeat, "load_average": load,
+                      "repeat": args.repeat, "bytecode": args.bytecode, "load_average": load,
                       "results": summary, "judged": ours_name, "limit_s": LIMIT_S, "pass": passed}))
     if not passed:
         log.error("%s median %.3f s: over the %.1f s limit or slower than the naive check (%.3f s)",

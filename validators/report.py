@@ -88,12 +88,10 @@ class Report:
 
 
 def quantgate_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """The quantgate version (`validators.__version__`, kept equal to pyproject.toml's)."""
+    from validators import __version__
 
-    try:
-        return version("quantgate")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return __version__
 
 
 def finding_dict(f: Finding) -> dict:

@@ -42,7 +42,7 @@ def test_real_file_matches_safetensors_own_reading(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored.reshape(info.shape), tensors["lm_head.weight"])
 
 
-def test_tensor_info_is_a_frozen_dataclass() -> None:
+def test_tensor_info_is_immutable_and_hashable() -> None:
     info = TensorInfo("w", "U8", (4, 8), "a.safetensors", 0, 32)
     assert info.numel == 32 and info.nbytes == 32
     with pytest.raises(AttributeError):

@@ -12,10 +12,12 @@ import logging
 import math
 import os
 import struct
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import and_, attrgetter, eq, getitem, itemgetter, rshift, sub
 from typing import TYPE_CHECKING
 
 from validators.errors import CheckpointReadError
@@ -40,6 +42,8 @@ _STRUCT: dict[str, struct.Struct] = {"F32": struct.Struct("<f"), "F16": struct.S
 _BF16 = struct.Struct("<H")
 _F32_FROM_BITS = struct.Struct("<I")
 _F32 = struct.Struct("<f")
+_NATIVE_LE = sys.byteorder == "little" and struct.calcsize("f") == 4    # memoryview "f" is native
+_VIEW_WIDTH = 16        # view a span as floats when it holds at most this many per scalar read
 
 
 def worst(values: Iterable[float]) -> float:
@@ -137,7 +141,8 @@ def _spans(items: list) -> Iterator[list]:
         yield span
 
 
-_START, _END, _FILE = attrgetter("start"), attrgetter("end"), attrgetter("file")
+_START, _FILE = attrgetter("start"), attrgetter("file")
+_TENSORS = attrgetter("tensors")
 
 
 def _read_f32_scalars(view: CheckpointView, jobs: list[tuple[list, list[TensorInfo]]]
@@ -157,33 +162,51 @@ def _read_f32_scalars(view: CheckpointView, jobs: list[tuple[list, list[TensorIn
         return []
     rest: list[tuple[list, int, TensorInfo]] = []
     fds: dict[str, int | None] = {}
-    unpack = _F32.unpack_from
     try:
         for values, infos in jobs:
             rep = infos[0]
-            bufs: dict[str, tuple[int, bytes]] = {}
+            decoded = None
             if rep.dtype == "F32" and rep.end - rep.start == _F32.size:
-                files = set(map(_FILE, infos))
-                for file in files:
-                    part = infos if len(files) == 1 else [i for i in infos if i.file == file]
-                    got = _read_span(root, headers, fds, file, min(map(_START, part)), max(map(_END, part)))
-                    if got is None:
-                        break
-                    bufs[file] = got
-                else:
-                    if len(bufs) == 1:
-                        lo, raw = bufs[rep.file]
-                        values[:] = [unpack(raw, start - lo)[0] for start in map(_START, infos)]
-                    else:
-                        values[:] = [unpack(bufs[f][1], start - bufs[f][0])[0]
-                                     for f, start in zip(map(_FILE, infos), map(_START, infos))]
-                    continue
-            rest.extend(zip([values] * len(infos), range(len(infos)), infos))
+                decoded = _f32_job(root, headers, fds, infos)
+            if decoded is not None:
+                values[:] = decoded
+            else:
+                rest.extend(zip([values] * len(infos), range(len(infos)), infos))
     finally:
         for fd in fds.values():
             if fd is not None:
                 os.close(fd)
     return rest
+
+
+def _f32_job(root, headers: dict, fds: dict[str, int | None], infos: list[TensorInfo]) -> list[float] | None:
+    """The F32 scalars `infos` in order, one pread per shard (the span of that shard's scalars),
+    or None when a span is too wide or a shard unreadable. A class's members may alternate
+    between two shards; every step below is a C-level pass over the members."""
+    files, starts = list(map(_FILE, infos)), list(map(_START, infos))
+    distinct = set(files)
+    if len(distinct) == 1:
+        per_file = {files[0]: (min(starts), max(starts) + _F32.size)}
+    else:
+        per_file = {}
+        for file in distinct:
+            mine = list(compress(starts, map(eq, files, repeat(file))))     # starts in `file`
+            per_file[file] = (min(mine), max(mine) + _F32.size)
+    spans: dict[str, tuple[int, bytes]] = {}
+    for file, (lo, hi) in per_file.items():
+        got = _read_span(root, headers, fds, file, lo, hi)
+        if got is None:
+            return None
+        spans[file] = got
+    los = {file: lo for file, (lo, _) in spans.items()}
+    offsets = list(map(sub, starts, map(los.__getitem__, files)))     # byte offset in its span
+    wide = sum(len(raw) for _, raw in spans.values()) > _VIEW_WIDTH * _F32.size * len(offsets)
+    if _NATIVE_LE and not wide and not any(map(and_, offsets, repeat(3))):
+        views = {file: memoryview(raw)[:len(raw) - len(raw) % _F32.size].cast("f")
+                 for file, (_, raw) in spans.items()}
+        return list(map(getitem, map(views.__getitem__, files), map(rshift, offsets, repeat(2))))
+    unpack = _F32.unpack_from
+    return [unpack(spans[file][1], offset)[0] for file, offset in zip(files, offsets)]
 
 
 def _read_span(root, headers: dict, fds: dict[str, int | None], file: str, lo: int, hi: int
@@ -222,7 +245,7 @@ def scale_table(ctx: "Context") -> ScaleTable:
         for suffix, t in cls.rep.tensors.items():
             if suffix not in SCALAR_SCALES or t.numel > MAX_SCALAR_ELEMENTS:
                 continue
-            infos = [m.tensors[suffix] for m in cls.members]
+            infos = list(map(itemgetter(suffix), map(_TENSORS, cls.members)))   # m.tensors[suffix]
             values: list[float | None] = [None] * len(infos)
             table.by_class[(i, suffix)] = values
             jobs.append((values, infos))

@@ -1,0 +1,49 @@
+"""Invariants of the validator's speed shortcuts: each must give exactly what the plain way gives."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from safetensors_factory import entry
+
+import validators
+from validators.errors import HeaderError
+from validators.report import quantgate_version
+from validators.safetensors_header import TensorInfo, parse_header_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_version_constant_matches_the_package_metadata() -> None:
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert validators.__version__ == declared == version("quantgate") == quantgate_version()
+
+
+@pytest.mark.parametrize("shape", [[True, 4], [1, False], [False], [4, True]])
+def test_booleans_in_a_shape_are_refused_even_when_an_equal_int_shape_was_seen(shape: list) -> None:
+    # the parser shares one tuple per distinct shape; under tuple equality True == 1, False == 0
+    ints = [int(d) for d in shape]
+    numel = 1
+    for d in ints:
+        numel *= d
+    header = {"a": entry("U8", ints, 0, numel), "b": entry("U8", shape, numel, 2 * numel)}
+    with pytest.raises(HeaderError, match="'b'.*shape must be a list of non-negative integers"):
+        parse_header_bytes(json.dumps(header).encode(), file_name="x.safetensors", data_size=2 * numel)
+
+
+def test_a_nested_list_in_a_shape_is_a_header_error_not_a_crash() -> None:
+    header = {"a": entry("U8", [[2], 2], 0, 4)}
+    with pytest.raises(HeaderError, match="shape must be a list of non-negative integers"):
+        parse_header_bytes(json.dumps(header).encode(), file_name="x.safetensors", data_size=4)
+
+
+def test_shapes_with_zero_and_one_are_shared_and_exact() -> None:
+    header = {"a": entry("F32", [1, 3], 0, 12), "b": entry("F32", [1, 3], 12, 24), "c": entry("F32", [0], 24, 24)}
+    tensors = parse_header_bytes(json.dumps(header).encode(), file_name="x.safetensors", data_size=24).tensors
+    assert tensors["a"].shape is tensors["b"].shape == (1, 3)
+    assert tensors["c"] == TensorInfo(name="c", dtype="F32", shape=(0,), file="x.safetensors", start=24, end=24)
+    assert tensors["c"].numel == 0 and tensors["b"].nbytes == 12
