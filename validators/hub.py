@@ -280,7 +280,6 @@ def _hub_errors(target: str, repo_id: str, revision: str | None, endpoint: str) 
 def _hub_error_message(exc: Exception, target: str, repo_id: str, revision: str | None,
                        endpoint: str) -> str | None:
     """The one-line reason for a Hub failure (never the token), or None for an unexpected error."""
-    import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -302,7 +301,21 @@ def _hub_error_message(exc: Exception, target: str, repo_id: str, revision: str 
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return f"the Hub at {endpoint} answered HTTP {status}; retry later or check HF_ENDPOINT"
-    if isinstance(exc, (httpx2.TransportError, OSError)):
+    if isinstance(exc, _transport_errors()):
         return (f"cannot reach the Hub at {endpoint} ({type(exc).__name__}){local_hint}; check the network "
                 "or HF_ENDPOINT, or validate a local copy")
     return None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level error classes of whichever HTTP client this huggingface_hub uses:
+    httpx2 for huggingface_hub >= 2, httpx for 1.x, requests for older releases."""
+    errors: list[type[BaseException]] = [OSError]
+    for module_name, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                              ("requests", "ConnectionError")):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        errors.append(getattr(module, attr))
+    return tuple(errors)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_version_constant_matches_the_package_metadata() -> None:
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert validators.__version__ == declared == version("quantgate") == quantgate_version()
+    assert validators.__version__ == declared == quantgate_version()
+    try:
+        installed = version("quantgate")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH), not installed
+        pytest.skip("quantgate is not installed in this interpreter; pyproject and constant agree")
+    assert installed == declared
 
 
 @pytest.mark.parametrize("shape", [[True, 4], [1, False], [False], [4, True]])
