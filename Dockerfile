@@ -13,6 +13,8 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
+# Optional extras, e.g. `--build-arg QUANTGATE_EXTRAS=ray` for a Ray worker/head image (docs/RAY.md).
+ARG QUANTGATE_EXTRAS=
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -35,7 +37,7 @@ COPY pyproject.toml README.md ./
 COPY validators ./validators
 COPY exporter ./exporter
 COPY service ./service
-RUN pip install . && python -c "import service.app, exporter.pipeline, validators.report"
+RUN pip install ".${QUANTGATE_EXTRAS:+[$QUANTGATE_EXTRAS]}" && python -c "import service.app, exporter.pipeline, validators.report"
 
 RUN useradd --create-home --uid 10001 --user-group quantgate \
  && mkdir -p /data \
