@@ -16,10 +16,12 @@ from typing import Any
 __all__ = ["check_format", "read_json", "write_json_atomic"]
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write `data` as JSON (NaN/inf refused) to a temp file, then rename it onto `path`."""
-    text = json.dumps(data, indent=1, allow_nan=False)
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, data: Mapping[str, Any], indent: int = 1, *, allow_nan: bool = False) -> Path:
+    """Write `data` as JSON (NaN/inf refused) to a hidden temp file, then rename it onto `path`.
+
+    The one JSON writer of the exporter: stats, scores, and the exports' config files."""
+    text = json.dumps(data, indent=indent, allow_nan=allow_nan)
+    tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text + "\n", encoding="utf-8")
     tmp.replace(path)
     return path

@@ -27,6 +27,7 @@ from exporter.auto_options import (
     check_auto_request,
 )
 from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from exporter.jsonfile import write_json_atomic
 from exporter.progress import ProgressCallback, emit
 from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
 from exporter.source import Source, open_source
@@ -38,7 +39,6 @@ from exporter.writers.sharding import (
     INDEX_FILE,
     ShardWriter,
     plan_shards,
-    write_json_atomic,
 )
 from validators.errors import UnsupportedArchitectureError, UsageError
 
@@ -291,7 +291,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
     if len(shards) > 1:
         from exporter.writers.sharding import index_for
 
-        write_json_atomic(out_dir / INDEX_FILE, index_for(shards))
+        write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
     write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
     copy_other_files(source, out_dir)
     result.max_buffered_bytes = writer.max_buffered_bytes
@@ -347,7 +347,7 @@ def write_report(report: Any, out_dir: Path, extra: dict[str, Any] | None = None
 
     `extra`: top-level keys added to the JSON report (e.g. `auto`: the achieved effective bits).
     """
-    write_json_atomic(out_dir / REPORT_JSON, {**report.to_dict(), **(extra or {})})
+    write_json_atomic(out_dir / REPORT_JSON, {**report.to_dict(), **(extra or {})}, indent=2, allow_nan=True)
     try:
         from validators.render import render_html
     except ImportError:   # renderer not installed in this build: the JSON report is the contract

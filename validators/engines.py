@@ -215,6 +215,10 @@ class _Base:
         return ExclusionHit(prefix, "exact") if prefix in listed else None
 
 
+#: Both engines also try a name without the multimodal wrapper's `language_model.` prefix.
+WRAPPER_PREFIX = "language_model."
+
+
 class VllmSemantics(_Base):
     """vLLM `ModelOptQuantConfigBase.is_layer_excluded` (exact / substring / fnmatch), §2."""
 
@@ -228,7 +232,7 @@ class VllmSemantics(_Base):
         hit = self._exact(prefix, patterns, naming)
         if hit:
             return hit
-        stripped = prefix[len("language_model."):] if prefix.startswith("language_model.") else prefix
+        stripped = prefix.removeprefix(WRAPPER_PREFIX)
         for p in patterns:
             if p and (p in prefix or p in stripped):
                 return ExclusionHit(p, "substring")
@@ -264,7 +268,7 @@ class SglangSemantics(_Base):
         hit = self._exact(prefix, patterns, naming)
         if hit:
             return hit
-        stripped = prefix[len("language_model."):] if prefix.startswith("language_model.") else prefix
+        stripped = prefix.removeprefix(WRAPPER_PREFIX)
         segments = prefix.split(".")
         last = segments[-1]
         for p in patterns:

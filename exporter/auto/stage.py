@@ -65,7 +65,7 @@ def plan_record(auto: AutoPlan) -> dict[str, Any]:
 
 
 def write_auto_files(out_dir: Path, auto: AutoPlan) -> None:
-    from exporter.writers.sharding import write_json_atomic
+    from exporter.jsonfile import write_json_atomic
 
     write_json_atomic(out_dir / AUTO_PLAN_FILE, plan_record(auto), indent=1)
     auto.scores.save(out_dir / AUTO_SCORES_FILE)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from exporter.jsonfile import write_json_atomic
 from exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
 from exporter.numerics.int4 import quantize_w4a16
 from exporter.numerics.int8 import quantize_w8a8_int8
@@ -50,7 +51,7 @@ from exporter.writers.common import (
     exclude_candidates,
     read_group,
 )
-from exporter.writers.sharding import OutTensor, Unit, write_json_atomic
+from exporter.writers.sharding import OutTensor, Unit
 from validators.errors import QuantgateError
 from validators.layout import Kind, Module
 from validators.schemes import COMPRESSED_TENSORS, SchemeSpec

@@ -160,7 +160,7 @@ def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: t
 
 def write_configs(out_dir: Path, source: Source, spec: SchemeSpec, exclude: Sequence[str]) -> None:
     """config.json (source config + quantization_config) and hf_quant_config.json."""
-    from exporter.writers.sharding import write_json_atomic
+    from exporter.jsonfile import write_json_atomic
 
     config = dict(source.config)
     config["quantization_config"] = quantization_config(spec, exclude)

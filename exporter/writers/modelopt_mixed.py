@@ -110,7 +110,7 @@ def write_quant_configs(out_dir: Path, source: Any, plan: Plan, exclude: Sequenc
     if len(schemes) == 1:
         write_configs(out_dir, source, next(iter(schemes.values())), exclude)
         return
-    from exporter.writers.sharding import write_json_atomic
+    from exporter.jsonfile import write_json_atomic
 
     config = dict(source.config)
     config["quantization_config"] = mixed_quantization_config(plan, exclude)

@@ -257,12 +257,6 @@ def _fsync_and_rename(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj: object, indent: int = 2) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

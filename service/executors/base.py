@@ -13,10 +13,11 @@ wake-up event, the periodic purge of expired outputs, and the `on_finished` noti
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.executors.outputs import purge_expired
@@ -103,10 +104,12 @@ class DispatchingExecutor(Executor):
         store: Store,
         *,
         on_finished: Callable[[JobRecord], None] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.on_finished = on_finished
+        self.environ = dict(os.environ if environ is None else environ)   # the server's environment
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()

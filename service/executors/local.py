@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +83,8 @@ class _Run:
 class LocalExecutor(DispatchingExecutor):
     """Worker processes on this host, one per slot at most."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        *,
-        on_finished: Callable[[JobRecord], None] | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(settings, store, on_finished=on_finished)
-        self.environ = dict(os.environ if environ is None else environ)
+    def __init__(self, settings: Settings, store: Store, **kwargs: Any) -> None:
+        super().__init__(settings, store, **kwargs)
         self.devices = detect_devices(settings.gpu_slots, self.environ)
         wanted = len(self.devices) if settings.max_concurrency is None else settings.max_concurrency
         self.concurrency = min(len(self.devices), wanted)

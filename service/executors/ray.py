@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,15 +79,8 @@ class RayExecutor(DispatchingExecutor):
 
     dispatcher_name = "quantgate-ray-dispatcher"
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        *,
-        on_finished: Callable[[JobRecord], None] | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(settings, store, on_finished=on_finished)
+    def __init__(self, settings: Settings, store: Store, **kwargs: Any) -> None:
+        super().__init__(settings, store, **kwargs)
         self.address = settings.ray_address
         self.concurrency_limit = UNLIMITED if settings.max_concurrency is None else settings.max_concurrency
         self._runs: dict[str, _RayRun] = {}
