@@ -74,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
                    help="maximum shard size, e.g. 5GB (default), 500MB")
     _register_auto(p)
+    _register_push(p)
     p.add_argument("--progress", default="auto", choices=PROGRESS_MODES,
                    help="auto: a bar on a terminal, nothing otherwise; json: one JSON event per line on stdout")
 
@@ -103,6 +104,18 @@ def _register_auto(p: argparse.ArgumentParser) -> None:
     group.add_argument("--scores", default=None, metavar="FILE",
                        help="scores file: reused when it exists (re-planning needs no forward pass), written "
                             "otherwise; every auto export also keeps its scores in auto_scores.json")
+
+
+def _register_push(p: argparse.ArgumentParser) -> None:
+    """Options that publish the validated export (exporter.publish); HF_TOKEN must allow writing."""
+    group = p.add_argument_group(
+        "publish", "after the export validates, push it with a generated model card (README.md) to the Hub "
+        "(HF_TOKEN, HF_ENDPOINT); a failed validation is never pushed, and a re-run does not commit twice")
+    group.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="repo to push to (created if missing)")
+    group.add_argument("--private", action="store_true", help="create the repo private (ignored if it exists)")
+    group.add_argument("--push-revision", default=None, metavar="BRANCH",
+                       help="branch to commit to, created from main when missing (default main); "
+                            "--revision names the source's revision")
 
 
 def _auto_fields(args: argparse.Namespace) -> dict:
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         auto_fields = _auto_fields(args)
+        target = _push_target(args)
     except QuantgateError as exc:
         print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -166,7 +180,48 @@ def run(args: argparse.Namespace) -> int:
         print("quantgate quantize: interrupted; nothing was written to --out", file=sys.stderr)
         return 130
     _close(sink)
-    return _summarize(result, args.progress == "json")
+    status = _summarize(result, args.progress == "json")
+    if status != 0 or target is None:
+        return status
+    return _push(args, result, target, sink)
+
+
+def _push_target(args: argparse.Namespace):
+    """The push target of --push-to-hub (checked before any work), or None."""
+    from exporter.publish import PushTarget, check_repo_id
+    from validators.errors import UsageError
+
+    if args.push_to_hub is None:
+        if args.private or args.push_revision:
+            raise UsageError("--private and --push-revision need --push-to-hub ORG/NAME")
+        return None
+    return PushTarget(check_repo_id(args.push_to_hub), private=args.private, revision=args.push_revision)
+
+
+def _push(args: argparse.Namespace, result, target, sink) -> int:
+    """Push the validated export; exit 2 when the Hub refuses the token, 1 when the upload fails."""
+    import json
+
+    from exporter.publish import PushError, PushRejected, publish_export
+
+    try:
+        push, _card = publish_export(result.output, target, source=args.source, source_revision=args.revision,
+                                     recipe=args.recipe, progress=sink)
+    except PushRejected as exc:
+        _close(sink)
+        print(f"quantgate quantize: push refused: {_one_line(exc)} (the validated export is at {result.output})",
+              file=sys.stderr)
+        return 2
+    except PushError as exc:
+        _close(sink)
+        print(f"quantgate quantize: push failed: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    _close(sink)
+    if args.progress == "json":
+        print(json.dumps({"event": "push", **push.to_dict()}), flush=True)
+    verb = "pushed" if push.created else "already pushed"
+    print(f"{verb}: {push.repo_url} (commit {push.commit})", file=sys.stderr)
+    return 0
 
 
 def _summarize(result, json_mode: bool) -> int:

@@ -62,9 +62,13 @@ class FakeHub:
         """Directory of `rev` (a branch name or a commit sha) in `repo`, or None."""
         repo_dir = self.root / repo
         for branch in sorted(p.name for p in repo_dir.iterdir() if p.is_dir()):
-            if rev in (branch, commit_sha(repo, branch)):
+            if rev in (branch, self.sha(repo, branch)):
                 return repo_dir / branch
         return None
+
+    def sha(self, repo: str, branch: str) -> str:
+        """The commit id a branch points at (a writable fake hub moves it on every commit)."""
+        return commit_sha(repo, branch)
 
     def resolve_bytes_served(self, file_suffix: str = ".safetensors") -> list[Served]:
         return [s for s in self.log if s.method == "GET" and "/resolve/" in s.path and s.path.endswith(file_suffix)]
@@ -114,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         files = sorted(str(p.relative_to(branch)) for p in branch.rglob("*") if p.is_file())
         body = json.dumps({
             "id": repo, "modelId": repo, "private": False,
-            "sha": commit_sha(repo, branch.name),
+            "sha": self.hub.sha(repo, branch.name),
             "siblings": [{"rfilename": f} for f in files],
         }).encode()
         self.send(200, body, {"Content-Type": "application/json"}, head)
@@ -132,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = target.read_bytes()
         headers = {
-            "X-Repo-Commit": commit_sha(repo, branch.name),
+            "X-Repo-Commit": self.hub.sha(repo, branch.name),
             "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
