@@ -18,6 +18,7 @@ __all__ = [
     "JobList",
     "JobProgress",
     "JobPublic",
+    "PushOptions",
     "ValidationCreate",
     "ValidationPublic",
 ]
@@ -55,6 +56,25 @@ class CalibrationOptions(_Strict):
     all_experts: bool = Field(True, description="route calibration tokens through every expert")
 
 
+# Where a job pushes its validated export (exporter.publish); the server's HF_TOKEN must allow writing.
+class PushOptions(_Strict):
+    repo_id: str = Field(min_length=3, max_length=192, description="Hub repo to push to (org/name), created if missing")
+    private: bool = Field(False, description="create the repo private (ignored when it exists)")
+    revision: str | None = Field(None, min_length=1, max_length=256,
+                                 description="branch to commit to, created from main when missing (default main)")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        from exporter.publish import check_repo_id  # torch-free
+        from validators.errors import UsageError
+
+        try:
+            return check_repo_id(value)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+
+
 # Body of POST /v1/jobs.
 class JobCreate(_Strict):
     source: str = Field(
@@ -76,6 +96,9 @@ class JobCreate(_Strict):
         max_length=MAX_PATH_CHARS,
         description="output directory under the allowed roots; default <data-dir>/outputs/<job id>",
     )
+    push_to_hub: PushOptions | None = Field(
+        None, description="after the export validates, push it with a generated model card; a failed "
+        "validation is never pushed")
     gpus: int = Field(
         1,
         ge=0,
@@ -182,6 +205,8 @@ class JobPublic(BaseModel):
         None, description="why a queued job is not running yet (e.g. not enough free GPUs)"
     )
     report_url: str | None
+    publish: dict[str, Any] | None = Field(
+        None, description="where the validated export was pushed: repo_id, revision, commit, commit_url, repo_url")
 
     @classmethod
     def from_record(cls, job: JobRecord) -> JobPublic:
@@ -198,7 +223,7 @@ class JobPublic(BaseModel):
             recipe=request["recipe"],
             dialect=request.get("dialect", "modelopt"),
             params={"calibration": request.get("calibration", {}), "exclude": request.get("exclude", []),
-                    **{k: request[k] for k in AUTO_PARAMS if request.get(k) is not None}},
+                    **{k: request[k] for k in (*AUTO_PARAMS, "push_to_hub") if request.get(k) is not None}},
             progress=JobProgress(stage=job.progress_stage, fraction=job.progress_fraction)
             if job.progress_stage
             else None,
@@ -210,6 +235,7 @@ class JobPublic(BaseModel):
             gpus=int(request.get("gpus", 1)),
             queue_reason=job.queue_reason if job.status == "queued" else None,
             report_url=f"/v1/jobs/{job.id}/report" if has_report else None,
+            publish=(job.report or {}).get("publish") if has_report else None,
         )
 
 

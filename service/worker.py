@@ -94,10 +94,16 @@ def validation_summary(report: Any) -> dict[str, Any]:
     }
 
 
-def _write_html(report: Any, job_dir: Path) -> None:
+def _write_html(report: Any, job_dir: Path, push: dict | None = None) -> None:
     from validators.render import render_html
 
-    (job_dir / "report.html").write_text(render_html(report), encoding="utf-8")
+    page = render_html(report)
+    if push is not None:
+        from exporter.publish import publish_html
+
+        head, sep, tail = page.rpartition("</body>")
+        page = f"{head}{publish_html(push)}{sep}{tail}" if sep else page + publish_html(push)
+    (job_dir / "report.html").write_text(page, encoding="utf-8")
 
 
 def run_job(spec: dict[str, Any], channel: Channel) -> int:
@@ -129,7 +135,11 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
         channel.send({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
         return EXIT_INTERNAL
     job_dir = Path(spec["job_dir"])
-    _write_html(result.report, job_dir)
+    report = {**result.report.to_dict(), **({"auto": result.auto} if result.auto else {})}
+    push, push_error = _publish(spec, result, channel) if result.ok and spec.get("push_to_hub") else (None, None)
+    if push is not None:
+        report["publish"] = push
+    _write_html(result.report, job_dir, push)
     channel.send(
         {
             "event": "result",
@@ -137,11 +147,34 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
             "output": str(result.output) if result.output else None,
             "failed_output": str(result.temp_output) if result.temp_output else None,
             "validation": validation_summary(result.report),
-            "report": {**result.report.to_dict(), **({"auto": result.auto} if result.auto else {})},
+            "report": report,
             "warnings": list(result.warnings),
         }
     )
+    if push_error is not None:
+        code, status = push_error
+        channel.send({"event": "error", "code": code[0], "message": code[1]})
+        return status
     return EXIT_OK if result.ok else EXIT_VALIDATION_FAILED
+
+
+def _publish(spec: dict[str, Any], result: Any, channel: Channel) -> tuple[dict | None, Any]:
+    """Push the validated export (exporter.publish, push id = the job id, so a retried job does not
+    commit twice); returns (push record, None) or (None, ((code, message), exit status))."""
+    from exporter.publish import PushError, PushRejected, PushTarget, publish_export
+
+    options = spec["push_to_hub"]
+    target = PushTarget(options["repo_id"], private=bool(options.get("private")), revision=options.get("revision"))
+    try:
+        push, _card = publish_export(Path(result.output), target, source=spec["source"],
+                                     source_revision=spec.get("revision"), recipe=spec["recipe"],
+                                     push_id=spec.get("job_id"), progress=channel.progress)
+    except PushRejected as exc:
+        message = f"push refused: {exc}; the validated export is kept at {result.output}"
+        return None, (("push_rejected", message), EXIT_BAD_INPUT)
+    except PushError as exc:
+        return None, (("push_failed", f"{exc} (export at {result.output})"), EXIT_INTERNAL)
+    return push.to_dict(), None
 
 
 def main(argv: list[str] | None = None) -> int:
