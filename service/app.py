@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import health, jobs, metrics, ui, validations
+from service.api import docs, health, jobs, metrics, ui, validations
 from service.api.deps import require_token
 from service.executors.base import Executor
 from service.executors.local import LocalExecutor
@@ -149,6 +149,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         version="0.1.0",
         summary="Quantize Hugging Face checkpoints and prove vLLM and SGLang will load them.",
         lifespan=lifespan,
+        docs_url=None,  # service.api.docs serves /docs from the package (FastAPI's loads a CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -158,5 +160,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(validations.router, dependencies=authenticated)
     app.include_router(metrics.router, dependencies=authenticated)
-    app.include_router(ui.router, dependencies=authenticated)
+    app.include_router(ui.router)  # the page checks the token itself (401 + an empty page without it)
+    app.include_router(docs.router)
+    docs.mount_static(app)
     return app
