@@ -1,8 +1,8 @@
 """The operator page in a real headless browser (Debian's chromium driven by Playwright).
 
 A real `quantgate serve` with API tokens and real workers on 127.0.0.1: the operator enters the
-token, submits a job on the tiny Gemma4 MoE, watches its progress arrive over the SSE stream until
-done, opens the HTML report, cancels a second (slow) job, validates the export from the validation
+token, submits a job on the tiny Gemma4 MoE with a push to a local fake Hub, watches its progress
+arrive over the SSE stream until done and pushed, opens the HTML report, cancels a second (slow) job, validates the export from the validation
 form, and opens `/docs`. Every request the browser makes to another host is refused and recorded,
 so the page and Swagger UI are proved to work offline. Screenshots of the job page and the report
 are saved (QUANTGATE_SCREENSHOT_DIR, else a temp dir) and their paths printed.
@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from svc_helpers import API_TOKEN, FAST_CALIBRATION, SLOW_CALIBRATION, wait_terminal
+from svc_helpers import API_TOKEN, FAKE_HF_TOKEN, FAST_CALIBRATION, SLOW_CALIBRATION, wait_terminal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validators"))
+from fake_hub_write import WritableFakeHubServer  # noqa: E402
 
 CHROMIUM = os.environ.get("QUANTGATE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -69,8 +73,9 @@ def browser_page(tmp_path: Path) -> Iterator[tuple[object, list[str]]]:
             context.close()
 
 
-def _submit(page, source: Path, calibration: dict) -> str:
+def _submit(page, source: Path, calibration: dict, push: str = "") -> str:
     page.fill("#source", str(source))
+    page.fill("#push-repo", push)
     page.select_option("#recipe", "nvfp4")
     page.fill("#calib-samples", str(calibration["samples"]))
     page.fill("#calib-seq-len", str(calibration["seq_len"]))
@@ -80,9 +85,19 @@ def _submit(page, source: Path, calibration: dict) -> str:
     return page.inner_text("#submit-state").split()[-1]
 
 
-def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path, browser_page, shots: Path) -> None:
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[object]:
+    (tmp_path / "hub").mkdir()
+    with WritableFakeHubServer(tmp_path / "hub", FAKE_HF_TOKEN) as server:
+        yield server
+
+
+def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path, browser_page, shots: Path,
+                                  hub) -> None:
     page, outside = browser_page
-    server = start_server(tmp_path / "data", roots=[model_root], token=API_TOKEN)
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home")}
+    server = start_server(tmp_path / "data", roots=[model_root], token=API_TOKEN, env=hub_env)
 
     first = page.goto(server.base_url + "/")
     assert first is not None and first.status == 401, "no token yet: the page, empty, with 401"
@@ -91,9 +106,8 @@ def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path
     page.click("#token-form button")
     page.wait_for_selector("#jobs-body td:has-text('no jobs yet')")
 
-    # submit, then watch the job over the event stream until it is done
-    stages_seen = []
-    job_id = _submit(page, model_root / "gemma4", FAST_CALIBRATION)
+    # submit (with a push to the local Hub), then watch the job over the event stream until it is done
+    job_id = _submit(page, model_root / "gemma4", FAST_CALIBRATION, push="team/gemma4-tiny-NVFP4")
     assert page.is_visible("#watch") and page.inner_text("#watch-id") == job_id
     page.evaluate("""() => { window.__stages = [];
         new MutationObserver(() => window.__stages.push(document.getElementById('watch-stage').textContent))
@@ -105,7 +119,10 @@ def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path
     assert page.eval_on_selector("#watch-progress", "el => el.value") == 1
     assert any(s.startswith(("calibrate", "quantize", "write")) for s in stages_seen), stages_seen
     events = page.inner_text("#events")
-    assert "[progress]" in events and "validating the export" in events
+    assert "[progress]" in events and "validating the export" in events and "pushed to team/gemma4-tiny-NVFP4" in events
+    commit = hub.commit_ids("team/gemma4-tiny-NVFP4")[0]
+    assert page.inner_text("#watch-publish") == f"Pushed to team/gemma4-tiny-NVFP4 @ {commit[:12]}"
+    assert any(s.startswith("upload") for s in stages_seen), stages_seen
     page.wait_for_selector(f"#jobs-body tr[data-job='{job_id}'] .status.succeeded")
     job_shot = shots / "job-page.png"
     page.screenshot(path=str(job_shot), full_page=True)
@@ -119,7 +136,7 @@ def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path
     page.locator("#report-frame").screenshot(path=str(report_shot))
 
     # a second, slow job: cancelled from the page
-    slow_id = _submit(page, model_root / "gemma4", SLOW_CALIBRATION)
+    slow_id = _submit(page, model_root / "gemma4", SLOW_CALIBRATION, push="team/never")
     page.wait_for_function("['running', 'queued'].includes(document.getElementById('watch-status').textContent)")
     page.wait_for_function("!document.getElementById('cancel-button').disabled")
     page.click("#cancel-button")
@@ -144,5 +161,6 @@ def test_operator_page_end_to_end(start_server, model_root: Path, tmp_path: Path
     docs_shot = shots / "docs.png"
     page.screenshot(path=str(docs_shot))
 
+    assert not (hub.root / "team" / "never").exists(), "a cancelled job pushes nothing"
     assert outside == [], f"the browser tried to leave the machine: {outside}"
     print(f"\nscreenshots:\n  job page: {job_shot}\n  report:   {report_shot}\n  /docs:    {docs_shot}")
