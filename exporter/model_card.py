@@ -15,7 +15,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 __all__ = ["CardFacts", "render_card", "serve_commands"]
 

@@ -167,8 +167,9 @@ def push_export(folder: Path, target: PushTarget, card: str, *, token: str | Non
         if earlier is not None:
             emit(progress, STAGE, 1.0, f"already pushed to {target.repo_id} in commit {earlier[:12]}; nothing sent",
                  repo_id=target.repo_id, revision=target.branch, commit=earlier, created=False)
-            return PushResult(target.repo_id, target.branch, earlier, f"{api.endpoint}/{target.repo_id}/commit/{earlier}",
-                              repo_url, created=False, files=len(files) + 1)
+            commit_url = f"{api.endpoint}/{target.repo_id}/commit/{earlier}"
+            return PushResult(target.repo_id, target.branch, earlier, commit_url, repo_url, created=False,
+                              files=len(files) + 1)
         size = sum(path.stat().st_size for _, path in files)
         emit(progress, STAGE, 0.1, f"uploading {len(files) + 1} files ({size / 1e6:.1f} MB) to {target.repo_id}",
              repo_id=target.repo_id, files=len(files) + 1, bytes=size)

@@ -2,10 +2,11 @@
 
 A real `quantgate serve` with API tokens and real workers on 127.0.0.1: the operator enters the
 token, submits a job on the tiny Gemma4 MoE with a push to a local fake Hub, watches its progress
-arrive over the SSE stream until done and pushed, opens the HTML report, cancels a second (slow) job, validates the export from the validation
-form, and opens `/docs`. Every request the browser makes to another host is refused and recorded,
-so the page and Swagger UI are proved to work offline. Screenshots of the job page and the report
-are saved (QUANTGATE_SCREENSHOT_DIR, else a temp dir) and their paths printed.
+arrive over the SSE stream until done and pushed, opens the HTML report, cancels a second (slow)
+job, validates the export from the validation form, and opens `/docs`. Every request the browser
+makes to another host is refused and recorded, so the page and Swagger UI are proved to work
+offline. Screenshots of the job page and the report are saved (QUANTGATE_SCREENSHOT_DIR, else a
+temp dir) and their paths printed.
 
 Skips with the reason when chromium or the playwright package is missing (see README: never
 `playwright install`; the test uses the system's /usr/bin/chromium).

@@ -186,7 +186,8 @@ class _WriteHandler(_Handler):
 
     def create_repo(self, data: bytes) -> None:
         body = json.loads(data)
-        repo = f"{body['organization']}/{body['name']}" if body.get("organization") else f"quantgate-tester/{body['name']}"
+        namespace = body.get("organization") or "quantgate-tester"
+        repo = f"{namespace}/{body['name']}"
         if (self.hub.root / repo).is_dir():
             self.json_reply(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo}"})
             return
