@@ -32,7 +32,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 JOB_TIMEOUT_MS = 240_000
 
-if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and not shutil.which("chromium"):
+if not os.access(CHROMIUM, os.X_OK):
+    CHROMIUM = shutil.which("chromium") or CHROMIUM
+if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; or set QUANTGATE_CHROMIUM)",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
@@ -50,7 +52,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def browser_page(tmp_path: Path) -> Iterator[tuple[object, list[str]]]:
     """A fresh chromium profile; requests to any host but 127.0.0.1 are aborted and recorded."""
-    executable = CHROMIUM if os.path.isfile(CHROMIUM) else shutil.which("chromium")
+    executable = CHROMIUM
     outside: list[str] = []
 
     def offline(route) -> None:
