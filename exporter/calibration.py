@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from exporter.calib_data import calibration_batches
+from exporter.calib_data import RANDOM, calibration_batches
 from exporter.calib_experts import (
     CALIB_IMPLEMENTATION,
     DENSE_EXPERTS,
@@ -334,12 +334,13 @@ def calibrate(
     start = time.perf_counter()
     model = load_calibration_model(model_ref, device=device, dtype=dtype, token=token, revision=revision)
     load_seconds = time.perf_counter() - start
-    tokenizer = load_tokenizer(model_ref, token, revision)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    tokenizer = None if data == RANDOM else load_tokenizer(model_ref, token, revision, vocab_size=vocab_size)
     prepared = calibration_batches(
         data,
         tokenizer=tokenizer,
         config=model.config,
-        vocab_size=model.get_input_embeddings().num_embeddings,
+        vocab_size=vocab_size,
         samples=samples,
         seq_len=seq_len,
         batch_size=batch_size,

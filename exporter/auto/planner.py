@@ -162,18 +162,20 @@ def _score(
     revision: str | None,
     progress: ProgressCallback | None,
 ) -> ScoreTable:
-    from exporter.calib_data import calibration_batches
+    from exporter.calib_data import RANDOM, calibration_batches
     from exporter.calib_model import load_calibration_model, load_tokenizer
 
     model_ref = str(src.path)
     start = time.perf_counter()
     if model is None:
         model = load_calibration_model(model_ref, device=setup.device, token=token, revision=revision)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    tokenizer = None if setup.data == RANDOM else load_tokenizer(model_ref, token, revision, vocab_size=vocab_size)
     prepared = calibration_batches(
         setup.data,
-        tokenizer=load_tokenizer(model_ref, token, revision),
+        tokenizer=tokenizer,
         config=model.config,
-        vocab_size=model.get_input_embeddings().num_embeddings,
+        vocab_size=vocab_size,
         samples=setup.samples,
         seq_len=setup.seq_len,
         batch_size=setup.batch_size,
