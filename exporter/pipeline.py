@@ -128,7 +128,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     emit(progress, "plan", 0.0, f"opening {req.source}")
-    source = open_source(req.source, revision=req.revision, token=req.token)
+    source = open_source(req.source, revision=req.revision, token=req.token, refuse_quantized=True)
     auto = None
     if req.recipe == AUTO_RECIPE:
         from exporter.auto.stage import plan_for_request
