@@ -305,8 +305,8 @@ def calibrate_model(
             "modules": len(stats.amax),
         }
     )
-    for line in stats.warnings:
-        logger.warning("%s", line)
+    for line in stats.warnings:   # data (stats.warnings) the caller shows once; not logged twice
+        logger.debug("%s", line)
     return stats
 
 

@@ -155,7 +155,8 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
             from exporter.auto.stage import write_auto_files
 
             write_auto_files(tmp, auto)
-        report = _validate(tmp, progress, timings, extra={"auto": auto.summary()} if auto is not None else None)
+        report = _validate(tmp, progress, timings, extra={"auto": auto.summary()} if auto is not None else None,
+                           final=out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,7 +172,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         result.stats_path = out / STATS_FILE_NAME if stats is not None else None
         emit(progress, "finalize", 1.0, f"exported to {out}", output=str(out), ok=True)
     else:
-        kept = _unique(out.with_name(out.name + FAILED_SUFFIX))
+        kept = Path(report.target)   # <out>.failed-validation[.N], chosen (and named) by _validate
         tmp.rename(kept)
         result.temp_output = kept
         emit(progress, "finalize", 1.0, f"validation failed; output kept at {kept}", output=str(kept), ok=False)
@@ -328,12 +329,17 @@ def copy_other_files(source: Source, out_dir: Path) -> list[str]:
 
 
 def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float],
-              extra: dict[str, Any] | None = None):
+              extra: dict[str, Any] | None = None, *, final: Path | None = None):
+    """Validate the temporary `out_dir` and write the report into it. With `final` (the `--out`
+    path), the report names where the export will live, not the hidden temporary directory: `final`
+    when it validates, else the `<final>.failed-validation` path it is kept at."""
     from validators.report import validate
 
     t = time.perf_counter()
     emit(progress, "validate", 0.0, "validating the export")
     report = validate(str(out_dir))
+    if final is not None:
+        report.target = str(final if report.ok else _unique(final.with_name(final.name + FAILED_SUFFIX)))
     write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
     emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
