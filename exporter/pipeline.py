@@ -161,8 +161,8 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
             from exporter.auto.stage import write_auto_files
 
             write_auto_files(tmp, auto)
-        report = _validate(tmp, progress, timings, extra={"auto": auto.summary()} if auto is not None else None,
-                           final=out)
+        extra = {"auto": auto.summary()} if auto is not None else None
+        report = _validate(tmp, progress, timings, extra=extra, final=out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

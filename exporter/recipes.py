@@ -193,5 +193,5 @@ def _propagate_groups(layout: Layout, plan: Plan) -> None:
                     plan.assignments[m] = Assignment(m, None, f"{key} is all-or-nothing and {cause} is BF16 "
                                                               f"({plan.assignments[cause].reason})")
                     changed = True
-            plan.warnings.append(f"{key}: {len(members) - len(out)} module(s) left BF16 because {cause} is BF16 "
-                                 f"({plan.assignments[cause].reason}) and {key} is all-or-nothing")
+            plan.warnings.append(f"{key}: {len(members) - len(out)} module(s) left BF16 because {cause} is "
+                                 f"BF16 ({plan.assignments[cause].reason}) and {key} is all-or-nothing")

@@ -260,7 +260,8 @@ def _model_card(arch: str, spec: TinyArch, seed: int, dtype: torch.dtype, config
 
 
 def build_tiny(arch: str, out_dir: Path | str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-               max_shard_size: int | str | None = None, with_tokenizer: bool = True, **overrides: Any) -> Path:
+               max_shard_size: int | str | None = None, with_tokenizer: bool = True,
+               **overrides: Any) -> Path:
     """Build, initialise (deterministically from `seed`) and save a tiny `arch` model into `out_dir`.
 
     `max_shard_size` (e.g. "200KB") writes a sharded checkpoint with model.safetensors.index.json.

@@ -48,17 +48,18 @@ def test_a_failed_export_names_where_it_is_kept(exported, tmp_path: Path, monkey
 def test_shape_warnings_print_once_and_complete(tiny_model, tmp_path: Path) -> None:
     """The demo Gemma4 under w4a16: in_features 64 is not a multiple of the group 128."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(tiny_model("gemma4")), "--recipe",
-                           "w4a16", "--out", str(tmp_path / "q"), "--device", "cpu"],
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(tiny_model("gemma4")),
+                           "--recipe", "w4a16", "--out", str(tmp_path / "q"), "--device", "cpu"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert not [line for line in lines if line.startswith("WARNING ")], proc.stderr
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert warnings and len(warnings) == len(set(warnings))
-    shape = "model.layers.0.self_attn.q_proj: in_features 64 is not divisible by 128 (W4A16); left BF16 and excluded"
+    shape = ("model.layers.0.self_attn.q_proj: in_features 64 is not divisible by 128 (W4A16); "
+             "left BF16 and excluded")
     assert proc.stderr.count(shape) == 1
     group = [w for w in warnings if w.startswith("warning: model.layers.0.experts: ")]
-    assert group == ["warning: model.layers.0.experts: 8 module(s) left BF16 because model.layers.0.experts.0."
-                     "gate_proj is BF16 (in_features 64 is not divisible by 128 (W4A16)) and model.layers.0.experts "
-                     "is all-or-nothing"]
+    assert group == ["warning: model.layers.0.experts: 8 module(s) left BF16 because "
+                     "model.layers.0.experts.0.gate_proj is BF16 (in_features 64 is not divisible by 128 "
+                     "(W4A16)) and model.layers.0.experts is all-or-nothing"]

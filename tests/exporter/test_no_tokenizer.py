@@ -77,7 +77,8 @@ def test_cli_quantizes_the_tokenizerless_model_with_random_data(bare_qwen3: Path
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "NVFP4"
 
 
-def test_cli_text_data_without_a_tokenizer_is_bad_input_with_one_warning(bare_qwen3: Path, tmp_path: Path) -> None:
+def test_cli_text_data_without_a_tokenizer_is_bad_input_with_one_warning(bare_qwen3: Path,
+                                                                          tmp_path: Path) -> None:
     data = tmp_path / "calib.jsonl"
     data.write_text(json.dumps({"text": "hello world"}) + "\n")
     proc = _cli(str(bare_qwen3), "--recipe", "nvfp4", "--calib-data", str(data), "--out", str(tmp_path / "q"),

@@ -54,7 +54,8 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("recipe", "label"), [("nvfp4", "ModelOpt NVFP4"), ("fp8", "ModelOpt FP8")])
-def test_our_modelopt_exports_are_refused_before_loading(exported, tmp_path, monkeypatch, recipe, label) -> None:
+def test_our_modelopt_exports_are_refused_before_loading(exported, tmp_path, monkeypatch, recipe,
+                                                         label) -> None:
     _, result = exported("llama", recipe)
     _no_model_load(monkeypatch)
     with pytest.raises(AlreadyQuantizedError) as info:
@@ -69,7 +70,8 @@ def test_cli_exits_2_on_a_modelopt_and_a_compressed_tensors_export(exported, w8a
     for source, label in ((nvfp4.output, "ModelOpt NVFP4"), (w8a8_export, "compressed-tensors W8A8")):
         proc = _cli(str(source), "--recipe", "nvfp4", "--out", str(tmp_path / "q"), "--device", "cpu")
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip() == f"quantgate quantize: error: source is already quantized ({label}): {FIX}"
+        expected = f"quantgate quantize: error: source is already quantized ({label}): {FIX}"
+        assert proc.stderr.strip() == expected
 
 
 def test_a_config_declaring_quantization_is_refused(tiny_model, tmp_path) -> None:
@@ -90,7 +92,8 @@ def test_quantized_tensors_without_a_config_are_refused(tiny_model, tmp_path) ->
     name = "model.layers.0.mlp.down_proj.weight"
     weights[name] = weights[name].to(torch.float8_e4m3fn)
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(AlreadyQuantizedError, match=rf"quantized tensor\(s\) and no quantization config, e.g\. {name} F8_E4M3"):
+    reason = rf"quantized tensor\(s\) and no quantization config, e.g\. {name} F8_E4M3"
+    with pytest.raises(AlreadyQuantizedError, match=reason):
         open_source(str(src), refuse_quantized=True)
 
 
