@@ -112,10 +112,10 @@ PROFILED: tuple[tuple[str, str], ...] = (
     ("exporter.unit_feed", "UnitFeed.get"),
     ("exporter.pipeline", "copy_other_files"),
     ("exporter.pipeline", "_validate"),
-    ("exporter.calibration", "load_calibration_model"),
-    ("exporter.calibration", "load_tokenizer"),
+    ("exporter.calib_model", "load_calibration_model"),   # called through the module by calib_session
+    ("exporter.calib_session", "load_tokenizer"),
     ("exporter.calibration", "calibrate_model"),
-    ("exporter.calibration", "calibration_batches"),
+    ("exporter.calib_session", "calibration_batches"),
 )
 
 

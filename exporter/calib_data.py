@@ -233,9 +233,13 @@ def calibration_batches(
     seed: int = 0,
     token: str | None = None,
 ) -> CalibrationBatches:
-    """Everything above in one call, as `calibrate` uses it."""
-    if tokenizer is not None:
-        vocab_size = min(vocab_size, len(tokenizer))
+    """Everything above in one call, as `calibrate` uses it.
+
+    `random` never consults the tokenizer: ids cover the model's `vocab_size` embedding rows minus
+    the config's special / placeholder ids, so a model without (or with a broken) tokenizer calibrates.
+    """
+    if data == RANDOM:
+        tokenizer = None
     tokens, origin = load_tokens(
         data,
         tokenizer=tokenizer,

@@ -103,11 +103,39 @@ def _model_class(transformers: Any, name: str) -> type | None:
     return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
 
 
-def load_tokenizer(model_ref: str, token: str | None, revision: str | None) -> Any | None:
+#: A tokenizer with fewer tokens than this share of the model's vocabulary cannot be the model's
+#: (real tokenizers cover nearly all of their embedding; the tiny test models' cover about half).
+MIN_TOKENIZER_SHARE = 0.25
+
+
+def tokenizer_problem(tokenizer: Any, vocab_size: int | None) -> str | None:
+    """Why `tokenizer` cannot be the tokenizer of a model with `vocab_size` embedding rows, or None.
+
+    transformers 5 builds an empty tokenizer (one special token) for a directory without tokenizer
+    files instead of raising (Qwen3-MoE: an empty Qwen2Tokenizer); packing text with it, or capping
+    the vocabulary to it, breaks calibration. Empty or far smaller than the vocabulary: not the model's.
+    """
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    specials = len(set(getattr(tokenizer, "all_special_ids", None) or []))
+    if size <= specials:
+        return f"it is empty ({size} token(s), {specials} of them special)"
+    if vocab_size and size < MIN_TOKENIZER_SHARE * vocab_size:
+        return f"its {size} tokens are far fewer than the model's vocabulary of {vocab_size}"
+    return None
+
+
+def load_tokenizer(
+    model_ref: str, token: str | None, revision: str | None, *, vocab_size: int | None = None
+) -> Any | None:
+    """The model's tokenizer, or None when there is none or the one found cannot be the model's
+    (see `tokenizer_problem`; `vocab_size`: the model's embedding rows), with one warning then."""
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
             model_ref,
             trust_remote_code=False,
             local_files_only=Path(model_ref).is_dir(),
@@ -117,3 +145,14 @@ def load_tokenizer(model_ref: str, token: str | None, revision: str | None) -> A
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.info("no tokenizer for %s (%s); only random calibration data is available", model_ref, exc)
         return None
+    problem = tokenizer_problem(tokenizer, vocab_size)
+    if problem is not None:
+        logger.warning(
+            "ignoring the %s that transformers built for %s: %s; the model is treated as having no "
+            "tokenizer (add its tokenizer files for text calibration data; random data needs none)",
+            type(tokenizer).__name__,
+            model_ref,
+            problem,
+        )
+        return None
+    return tokenizer

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from exporter.calib_data import calibration_batches
 from exporter.calib_experts import (
     CALIB_IMPLEMENTATION,
     DENSE_EXPERTS,
@@ -37,8 +36,8 @@ from exporter.calib_model import (
     forward_kwargs,
     input_device,
     load_calibration_model,
-    load_tokenizer,
 )
+from exporter.calib_session import ModelSession
 from exporter.calib_stats import (
     STATS_FILE_NAME,
     ActivationStats,
@@ -305,8 +304,8 @@ def calibrate_model(
             "modules": len(stats.amax),
         }
     )
-    for line in stats.warnings:
-        logger.warning("%s", line)
+    for line in stats.warnings:   # data (stats.warnings) the caller shows once; not logged twice
+        logger.debug("%s", line)
     return stats
 
 
@@ -326,26 +325,21 @@ def calibrate(
     layout: Any | None = None,
     seed: int = 0,
     dtype: torch.dtype = DEFAULT_DTYPE,
+    session: ModelSession | None = None,
 ) -> ActivationStats:
     """Calibrate `source` (an exporter Source, a local model directory, or a Hub repo id) for
-    `targets` (a Plan, or on-disk module names). See the module docstring."""
+    `targets` (a Plan, or on-disk module names). See the module docstring.
+
+    `session`: an `exporter.calib_session.ModelSession` whose model (already loaded for `auto`
+    scoring, or loaded now) is used and kept; without one the model is loaded here and dropped."""
     model_ref = str(getattr(source, "path", source))
     layout = layout if layout is not None else getattr(source, "layout", None)
-    start = time.perf_counter()
-    model = load_calibration_model(model_ref, device=device, dtype=dtype, token=token, revision=revision)
-    load_seconds = time.perf_counter() - start
-    tokenizer = load_tokenizer(model_ref, token, revision)
-    prepared = calibration_batches(
-        data,
-        tokenizer=tokenizer,
-        config=model.config,
-        vocab_size=model.get_input_embeddings().num_embeddings,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        token=token,
-    )
+    owned = session is None
+    if session is None:
+        session = ModelSession(model_ref, device=device, dtype=dtype, token=token, revision=revision)
+    model = session.model()
+    load_seconds = session.load_seconds
+    prepared = session.batches(data, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
     logger.info(
         "calibrating %s on %d x %d tokens (%s), all_experts=%s",
         model_ref,
@@ -372,4 +366,6 @@ def calibrate(
         }
     )
     del model
+    if owned:
+        session.release()
     return stats

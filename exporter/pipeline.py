@@ -26,6 +26,7 @@ from exporter.auto_options import (
     DEFAULT_SCORE_SAMPLES,
     check_auto_request,
 )
+from exporter.calib_session import ModelSession
 from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
 from exporter.jsonfile import write_json_atomic
 from exporter.progress import ProgressCallback, emit
@@ -128,12 +129,14 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     emit(progress, "plan", 0.0, f"opening {req.source}")
-    source = open_source(req.source, revision=req.revision, token=req.token)
+    source = open_source(req.source, revision=req.revision, token=req.token, refuse_quantized=True)
     auto = None
+    # Loaded at most once, on first use: auto scoring and calibration share it (exporter.calib_session).
+    session = ModelSession(str(source.path), device=req.device, token=req.token, revision=req.revision)
     if req.recipe == AUTO_RECIPE:
         from exporter.auto.stage import plan_for_request
 
-        plan, auto = plan_for_request(req, source, progress)
+        plan, auto = plan_for_request(req, source, progress, session=session)
     else:
         plan = make_plan(source.layout, req.recipe, req.exclude, dialect=req.dialect)
     emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
@@ -147,7 +150,10 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        stats = _calibration(req, source, plan, tmp, progress, timings)
+        try:
+            stats = _calibration(req, source, plan, tmp, progress, timings, session)
+        finally:
+            session.release()   # the weight pass reads the checkpoint, never the model
         writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
                                  on_buffer=_writer_hook, dialect=req.dialect)
@@ -155,7 +161,8 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
             from exporter.auto.stage import write_auto_files
 
             write_auto_files(tmp, auto)
-        report = _validate(tmp, progress, timings, extra={"auto": auto.summary()} if auto is not None else None)
+        extra = {"auto": auto.summary()} if auto is not None else None
+        report = _validate(tmp, progress, timings, extra=extra, final=out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,7 +178,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         result.stats_path = out / STATS_FILE_NAME if stats is not None else None
         emit(progress, "finalize", 1.0, f"exported to {out}", output=str(out), ok=True)
     else:
-        kept = _unique(out.with_name(out.name + FAILED_SUFFIX))
+        kept = Path(report.target)   # <out>.failed-validation[.N], chosen (and named) by _validate
         tmp.rename(kept)
         result.temp_output = kept
         emit(progress, "finalize", 1.0, f"validation failed; output kept at {kept}", output=str(kept), ok=False)
@@ -180,7 +187,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
 
 
 def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
-                 timings: dict[str, float]) -> ActivationStats | None:
+                 timings: dict[str, float], session: ModelSession | None = None) -> ActivationStats | None:
     if not plan.needs_calibration:
         return None
     t = time.perf_counter()
@@ -193,7 +200,7 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
         emit(progress, "calibrate", 0.0, f"calibrating on {req.calib_samples} x {req.calib_seq_len} tokens")
         stats = calibrate(source, plan, data=req.calib_data, samples=req.calib_samples, seq_len=req.calib_seq_len,
                           batch_size=req.calib_batch_size, device=req.device, all_experts=req.calib_all_experts,
-                          progress=progress)
+                          progress=progress, token=req.token, revision=req.revision, session=session)
     stats.check_covers(plan.quantized())
     stats.save(tmp / STATS_FILE_NAME)
     emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
@@ -328,12 +335,17 @@ def copy_other_files(source: Source, out_dir: Path) -> list[str]:
 
 
 def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float],
-              extra: dict[str, Any] | None = None):
+              extra: dict[str, Any] | None = None, *, final: Path | None = None):
+    """Validate the temporary `out_dir` and write the report into it. With `final` (the `--out`
+    path), the report names where the export will live, not the hidden temporary directory: `final`
+    when it validates, else the `<final>.failed-validation` path it is kept at."""
     from validators.report import validate
 
     t = time.perf_counter()
     emit(progress, "validate", 0.0, "validating the export")
     report = validate(str(out_dir))
+    if final is not None:
+        report.target = str(final if report.ok else _unique(final.with_name(final.name + FAILED_SUFFIX)))
     write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
     emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,

@@ -137,8 +137,8 @@ def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect:
     plan.needs_calibration = spec.activation_scales and any(a.quantized for a in plan.assignments.values())
     if not any(a.quantized for a in plan.assignments.values()):
         plan.warnings.append(f"recipe {rec.name} quantizes no module of this model")
-    for warning in plan.warnings:
-        log.warning("%s", warning)
+    for warning in plan.warnings:   # data for the caller to show once (CLI `warning:` lines, job events)
+        log.debug("%s", warning)
     return plan
 
 
@@ -193,4 +193,5 @@ def _propagate_groups(layout: Layout, plan: Plan) -> None:
                     plan.assignments[m] = Assignment(m, None, f"{key} is all-or-nothing and {cause} is BF16 "
                                                               f"({plan.assignments[cause].reason})")
                     changed = True
-            plan.warnings.append(f"{key}: {len(members) - len(out)} module(s) left BF16 because {cause} is")
+            plan.warnings.append(f"{key}: {len(members) - len(out)} module(s) left BF16 because {cause} is "
+                                 f"BF16 ({plan.assignments[cause].reason}) and {key} is all-or-nothing")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from exporter.quantized_source import refuse_quantized_source
 from validators.checkpoint import CheckpointView, open_checkpoint
 from validators.errors import CheckpointReadError, UnsupportedArchitectureError
 from validators.layout import FusedSlice, Kind, Layout, Module, build_layout
@@ -137,11 +138,14 @@ def slice_fused(expert: torch.Tensor, fused: FusedSlice) -> torch.Tensor:
     return matrix.contiguous()
 
 
-def open_source(source: str, revision: str | None = None, token: str | None = None) -> Source:
+def open_source(source: str, revision: str | None = None, token: str | None = None, *,
+                refuse_quantized: bool = False) -> Source:
     """Open a local directory / `.safetensors` file or a Hub repo id and build its layout.
 
     Raises CheckpointReadError (unreadable, pickle-only, missing) or UnsupportedArchitectureError
     (the layout cannot place the model's modules), both with an actionable message.
+    `refuse_quantized` (a source to quantize): AlreadyQuantizedError for a quantized checkpoint,
+    decided from its config and headers before the layout is built (exporter.quantized_source).
     """
     path = _resolve(source, revision, token)
     refuse_pickle_only(path)
@@ -150,6 +154,8 @@ def open_source(source: str, revision: str | None = None, token: str | None = No
     if view.problems:
         first = view.problems[0]
         raise CheckpointReadError(f"{source}: {first.message} ({first.code}); fix: {first.fix}")
+    if refuse_quantized:
+        refuse_quantized_source(view.config, view.hf_quant_config, view.tensors)
     layout = build_layout(view.tensors, view.config)
     check_supported(layout, source, view.tensors)
     return Source(view=view, layout=layout, path=root)

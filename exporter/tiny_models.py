@@ -260,10 +260,13 @@ def _model_card(arch: str, spec: TinyArch, seed: int, dtype: torch.dtype, config
 
 
 def build_tiny(arch: str, out_dir: Path | str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-               max_shard_size: int | str | None = None, **overrides: Any) -> Path:
+               max_shard_size: int | str | None = None, with_tokenizer: bool = True,
+               **overrides: Any) -> Path:
     """Build, initialise (deterministically from `seed`) and save a tiny `arch` model into `out_dir`.
 
     `max_shard_size` (e.g. "200KB") writes a sharded checkpoint with model.safetensors.index.json.
+    `with_tokenizer=False` leaves only what `save_pretrained` writes (no tokenizer files), as a user
+    who saves just the model does.
     Returns the directory. Offline; about 0.1 s per model once transformers is imported.
     """
     spec = _arch(arch)
@@ -277,7 +280,8 @@ def build_tiny(arch: str, out_dir: Path | str, *, dtype: torch.dtype = torch.bfl
     save_kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with _quiet_progress_bars():
         model.save_pretrained(out, **save_kwargs)
-    save_tokenizer(out, config.get_text_config().vocab_size)
+    if with_tokenizer:
+        save_tokenizer(out, config.get_text_config().vocab_size)
     (out / "README.md").write_text(_model_card(arch, spec, seed, dtype, config), encoding="utf-8")
     log.debug("built tiny %s (%d params) in %s", arch, sum(p.numel() for p in model.parameters()), out)
     return out

@@ -93,11 +93,14 @@ def plan_auto(
     token: str | None = None,
     revision: str | None = None,
     progress: ProgressCallback | None = None,
+    session: Any | None = None,
 ) -> AutoPlan:
     """Plan `source` (an exporter Source or a model directory / Hub id) at `bits` effective bits.
 
     `model`: an already loaded transformers model of `source` to score with (else loaded here, only
-    when scores must be computed). `data`/`seed`/`score_*`: the scoring tokens, as calibration data.
+    when scores must be computed). `session`: an `exporter.calib_session.ModelSession` to take the
+    model from instead, so that calibration afterwards reuses the same load (the pipeline's way).
+    `data`/`seed`/`score_*`: the scoring tokens, as calibration data.
     """
     src = _open(source, revision, token)
     check_method(method)
@@ -113,7 +116,8 @@ def plan_auto(
     else:
         setup = ScoringSetup(method, score_samples, score_seq_len, score_batch_size, data, seed, device)
         table = _score(
-            src, groups, names, setup, model=model, token=token, revision=revision, progress=progress
+            src, groups, names, setup, model=model, token=token, revision=revision, progress=progress,
+            session=session,
         )
         if path is not None:
             table.save(path)
@@ -161,28 +165,23 @@ def _score(
     token: str | None,
     revision: str | None,
     progress: ProgressCallback | None,
+    session: Any | None = None,
 ) -> ScoreTable:
-    from exporter.calib_data import calibration_batches
-    from exporter.calib_model import load_calibration_model, load_tokenizer
+    from exporter.calib_session import ModelSession, ModelState, check_untouched
 
     model_ref = str(src.path)
     start = time.perf_counter()
-    if model is None:
-        model = load_calibration_model(model_ref, device=setup.device, token=token, revision=revision)
-    prepared = calibration_batches(
-        setup.data,
-        tokenizer=load_tokenizer(model_ref, token, revision),
-        config=model.config,
-        vocab_size=model.get_input_embeddings().num_embeddings,
-        samples=setup.samples,
-        seq_len=setup.seq_len,
-        batch_size=setup.batch_size,
-        seed=setup.seed,
-        token=token,
+    if session is None:
+        session = ModelSession(model_ref, device=setup.device, token=token, revision=revision, model=model)
+    model = session.model()
+    prepared = session.batches(
+        setup.data, samples=setup.samples, seq_len=setup.seq_len, batch_size=setup.batch_size, seed=setup.seed
     )
+    before = ModelState.of(model)
     scores = score_groups(
         model, src.layout, groups, prepared.batches, method=setup.method, source=src, progress=progress
     )
+    check_untouched(model, before)   # calibration may run on this very model next
     metadata = {
         "model": model_ref,
         "model_class": type(model).__name__,

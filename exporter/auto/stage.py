@@ -37,10 +37,12 @@ def score_batch_size(method: str, calib_batch_size: int) -> int:
     return GRADIENT_BATCH_SIZE if method == "gradient" else calib_batch_size
 
 
-def plan_for_request(req: Any, source: Any, progress: ProgressCallback | None = None) -> tuple[Plan, AutoPlan]:
+def plan_for_request(req: Any, source: Any, progress: ProgressCallback | None = None,
+                     session: Any | None = None) -> tuple[Plan, AutoPlan]:
     """(exporter Plan, AutoPlan) for a QuantizeRequest with recipe `auto` (options already checked).
 
-    An unreachable budget is refused before the model is loaded or scored.
+    An unreachable budget is refused before the model is loaded or scored. `session`: the job's
+    `exporter.calib_session.ModelSession`; the model scoring loads stays there for calibration.
     """
     candidates = check_candidates(req.candidates)
     check_feasible(decision_groups(source.layout, candidate_specs(candidates), tuple(req.exclude)), float(req.bits))
@@ -49,7 +51,7 @@ def plan_for_request(req: Any, source: Any, progress: ProgressCallback | None = 
         score_samples=req.score_samples, score_seq_len=req.calib_seq_len,
         score_batch_size=score_batch_size(req.method, req.calib_batch_size), scores_file=req.scores,
         data=req.calib_data, device=req.device, exclude=tuple(req.exclude), token=req.token,
-        revision=req.revision, progress=progress)
+        revision=req.revision, progress=progress, session=session)
     plan = to_plan(auto, source.layout)
     if not plan.quantized():
         raise UsageError(f"auto at {req.bits:g} bits keeps every decoder Linear BF16 (effective bits "

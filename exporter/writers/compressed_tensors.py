@@ -52,6 +52,7 @@ from exporter.writers.common import (
     read_group,
 )
 from exporter.writers.sharding import OutTensor, Unit
+from validators.engines import ENGINE_SEMANTICS
 from validators.errors import QuantgateError
 from validators.layout import Kind, Module
 from validators.schemes import COMPRESSED_TENSORS, SchemeSpec
@@ -165,16 +166,38 @@ def natural_key(name: str) -> tuple:
     return (name.split(".")[0] == "lm_head", parts)
 
 
+#: The projections vLLM's compressed-tensors MoE method resolves for a FusedMoE layer, on expert 0
+#: under the engine's names (`compressed_tensors_moe.get_moe_method`: `<moe prefix>.0.gate_proj`,
+#: `.0.up_proj`, `.0.down_proj`; reference vllm_sglang.md §5), whatever the checkpoint calls them.
+ENGINE_MOE_PROBES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+
 def ignore_list(source: Source, plan: Plan) -> list[str]:
-    """Exact names of the Linear-like modules left BF16 (not embeddings), in module order.
+    """Exact names of the Linear-like modules left BF16 (not embeddings), in module order: their
+    Hugging Face names, plus the names the engines resolve them by where those differ.
 
     compressed-tensors' save enumerates every unquantized module of a class it quantized
-    somewhere; vLLM resolves `ignore` per layer (fused layers through their shards, a MoE layer
-    through its expert 0's projections), so exact names are always unambiguous.
+    somewhere (the Hugging Face names, which transformers' own loader matches). vLLM maps `ignore`
+    through the model's hf_to_vllm_mapper prefixes only, never through renames inside the model's
+    weight iterator (Gemma4 `experts` -> `moe.experts`), and resolves a MoE layer through expert 0's
+    `ENGINE_MOE_PROBES` under its engine prefix (Mixtral's `w1/w2/w3` are never consulted). So every
+    BF16 module is also listed under its engine name (`validators.engines`, the name space the
+    ModelOpt writer's `exclude_modules` are proven in) and every BF16 MoE layer by its probes.
     """
     excluded, _, always = exclude_candidates(source, plan)
-    names = [n for n in excluded if source.layout.modules[n].kind is not Kind.EMBEDDING] + always
-    return sorted(dict.fromkeys(names), key=natural_key)
+    modules = source.layout.modules
+    names = [n for n in excluded if modules[n].kind is not Kind.EMBEDDING] + always
+    arch = source.architecture
+    engine_names = []
+    for sem in ENGINE_SEMANTICS.values():
+        for name in names:
+            module = modules.get(name)
+            if module is not None and module.kind is Kind.EXPERT and module.moe_group:
+                moe = sem.engine_name(module.moe_group, arch)
+                engine_names += [f"{moe}.0.{proj}" for proj in ENGINE_MOE_PROBES]
+            else:
+                engine_names.append(sem.engine_name(name, arch))
+    return sorted(dict.fromkeys(names + engine_names), key=natural_key)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -284,6 +307,6 @@ def prepare_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-__all__ = ["CT_VERSION", "SCHEME_ARGS", "WRITABLE_SCHEMES", "build_ct_units",
+__all__ = ["CT_VERSION", "ENGINE_MOE_PROBES", "SCHEME_ARGS", "WRITABLE_SCHEMES", "build_ct_units",
            "config_group", "ignore_list", "plan_groups", "prepare_configs", "quantization_args",
            "quantization_config", "quantize_group", "round_up_to"]
