@@ -161,7 +161,8 @@ run_checks() {
   local refused=0 out
   out=$(docker run --rm --network host -e QUANTGATE_PORT="$port" "$IMAGE" 2>&1) || refused=$?
   printf '   %s\n' "$out" | tail -3
-  record refuses_without_tokens "$([ "$refused" != 0 ] && grep -qi token <<<"$out" && echo true || echo false)"
+  record refused_exit_status "$refused"
+  record refuses_without_tokens "$([ "$refused" = 2 ] && grep -qi token <<<"$out" && echo true || echo false)"
 
   log "run on --port $port (the image says QUANTGATE_PORT=8000), tiny models mounted read-only"
   docker run -d --name "$NAME" --network host \
@@ -177,14 +178,12 @@ run_checks() {
 
   log "a CPU nvfp4 job on /models/gemma4-tiny (read-only)"
   job=$($CHECK job "$url" "$TOKEN" /models/gemma4-tiny) || true
-  echo "   $job"
   record job "$job"
   JOB_ID=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("job_id", ""))' "$job")
 
   log "the validation endpoint on a BF16 checkpoint whose config claims NVFP4"
   local broken
   broken=$($CHECK broken "$url" "$TOKEN" /models/broken-nvfp4-claim) || true
-  echo "   $broken"
   record broken_checkpoint "$broken"
 
   log "docker stop / docker start: the job history in the /data volume"
@@ -193,7 +192,6 @@ run_checks() {
   record healthy_after_restart "$(wait_health && echo true || echo false)"
   local history
   history=$($CHECK history "$url" "$TOKEN" "$JOB_ID") || true
-  echo "   $history"
   record history_after_restart "$history"
 
   if [ "${KEEP:-0}" != 1 ]; then
