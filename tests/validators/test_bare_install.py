@@ -61,7 +61,7 @@ def bare_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for step in ([base_python, "-m", "venv", venv],
                  [venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", wheel],
                  [venv / "bin" / "python", "-m", "pip", "install", "--quiet", *bare]):
-        done = _run(*step, cwd=work)
+        done = _run(*step, cwd=work, env=_env())   # no PYTHONPATH: nothing of the checkout is visible
         assert done.returncode == 0, (step, done.stderr)
     return venv
 
