@@ -14,7 +14,9 @@ Runs, in this order (each is also runnable alone, see its --help):
 Works from a fresh clone after `make setup` (every model and checkpoint is generated offline).
 The machine's load average is recorded before and after each benchmark: on a shared box, compare
 only numbers taken in one run. Children get OMP_WAIT_POLICY=PASSIVE unless it is set, as the
-`quantgate` CLI does (exporter/__init__.py), also for the benchmarks that import torch first. Exits 1 when any benchmark fails (its own checks included).
+`quantgate` CLI does (exporter/__init__.py), also for the benchmarks that import torch first.
+Exits 1 when a benchmark fails: it crashed, a correctness check failed, or a ratio measured side by
+side in one run went the wrong way. Absolute times against a budget are reported, never a failure.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class Outcome:
 def _validate_lines(r: dict[str, Any]) -> list[str]:
     lines = [f"{name}: best {v.get('best_s')} s, median {v.get('median_s')} s"
              for name, v in (r.get("results") or {}).items() if isinstance(v, dict)]
-    verdict = "pass" if r.get("pass") else "FAIL"
-    return [*lines, f"tensors {r.get('tensors')}, judged {r.get('judged')!r} against {r.get('limit_s')} s: {verdict}"]
+    verdict = "pass" if r.get("pass") else "FAIL (slower than the naive check)"
+    budget = "within" if r.get("within_budget") else "over (reported only; see the load average)"
+    return [*lines, f"tensors {r.get('tensors')}, judged {r.get('judged')!r}: {verdict}; "
+                    f"{r.get('limit_s')} s budget: {budget}"]
 
 
 def _export_lines(r: dict[str, Any]) -> list[str]:

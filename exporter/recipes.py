@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from exporter.auto_options import AUTO_RECIPE
 from validators.errors import UsageError
 from validators.layout import Kind, Layout, Module
 from validators.schemes import COMPRESSED_TENSORS, MODELOPT, SchemeSpec, scheme
@@ -104,11 +105,16 @@ class Plan:
         return next(iter(schemes.values()), None)
 
 
+def recipe_names() -> tuple[str, ...]:
+    """Every recipe a user can ask for: the table's, then `auto` (per-layer formats, exporter.auto)."""
+    return (*RECIPES, AUTO_RECIPE)
+
+
 def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(recipe_names())}") from None
 
 
 def default_dialect(recipe: str) -> str:
@@ -116,13 +122,18 @@ def default_dialect(recipe: str) -> str:
     return get_recipe(recipe).dialects[0]
 
 
-def check_dialect(recipe: str, dialect: str) -> None:
+#: How the dialect option is spelled to the user: the command-line flag, or the job-body field (API).
+CLI_DIALECT = "--dialect {}"
+API_DIALECT = '"dialect": "{}"'
+
+
+def check_dialect(recipe: str, dialect: str, spelling: str = CLI_DIALECT) -> None:
     """UsageError when `recipe` cannot be written in `dialect` (e.g. w4a16 has no ModelOpt spelling)."""
     rec = get_recipe(recipe)
     if dialect not in rec.dialects:
         raise UsageError(f"recipe {rec.name} cannot be written in the {dialect} dialect (its scheme "
                          f"{rec.scheme_name} exists only as {' / '.join(rec.dialects)}); "
-                         f"write it as {rec.dialects[0]} (--dialect {rec.dialects[0]})")
+                         f"write it as {rec.dialects[0]} ({spelling.format(rec.dialects[0])})")
 
 
 def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect: str = DIALECT) -> Plan:

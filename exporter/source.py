@@ -16,10 +16,17 @@ from pathlib import Path
 
 import torch
 
-from exporter.quantized_source import refuse_quantized_source
-from validators.checkpoint import CheckpointView, open_checkpoint
-from validators.errors import CheckpointReadError, UnsupportedArchitectureError
-from validators.layout import FusedSlice, Kind, Layout, Module, build_layout
+from exporter.source_checks import (  # noqa: F401 - torch-free checks, re-exported here
+    DECODER_KINDS,
+    PICKLE_SUFFIXES,
+    check_supported,
+    inspect_checkpoint,
+    no_such_source,
+    refuse_pickle_only,
+)
+from validators.checkpoint import CheckpointView
+from validators.errors import CheckpointReadError
+from validators.layout import FusedSlice, Layout, Module
 from validators.safetensors_header import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -30,7 +37,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8,
     "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
 }
-PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: What a Hub download fetches: weights, configs, tokenizer and processor files, chat templates.
 HUB_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
                                  "*.jinja", "chat_template*")
@@ -148,16 +154,8 @@ def open_source(source: str, revision: str | None = None, token: str | None = No
     decided from its config and headers before the layout is built (exporter.quantized_source).
     """
     path = _resolve(source, revision, token)
-    refuse_pickle_only(path)
-    view = open_checkpoint(str(path))
+    view, layout = inspect_checkpoint(path, source, refuse_quantized=refuse_quantized)
     root = path if path.is_dir() else path.parent
-    if view.problems:
-        first = view.problems[0]
-        raise CheckpointReadError(f"{source}: {first.message} ({first.code}); fix: {first.fix}")
-    if refuse_quantized:
-        refuse_quantized_source(view.config, view.hf_quant_config, view.tensors)
-    layout = build_layout(view.tensors, view.config)
-    check_supported(layout, source, view.tensors)
     return Source(view=view, layout=layout, path=root)
 
 
@@ -166,7 +164,7 @@ def _resolve(source: str, revision: str | None, token: str | None) -> Path:
     if path.exists():
         return path.resolve()
     if source.startswith(("/", ".", "~")) or not _HUB_ID.match(source):
-        raise CheckpointReadError(f"{source}: no such file or directory (and not a Hub repo id like org/name)")
+        raise no_such_source(source)
     return download_hub(source, revision=revision, token=token)
 
 
@@ -194,46 +192,4 @@ def download_hub(repo: str, *, revision: str | None = None, token: str | None = 
         raise CheckpointReadError(f"{repo}: the repo has no .safetensors weights; quantgate never loads pickle "
                                   "(.bin/.pt) checkpoints. Convert it to safetensors first.")
     return path
-
-
-def refuse_pickle_only(path: Path) -> None:
-    """Refuse a directory (or file) that holds pickle weights and no safetensors."""
-    if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointReadError(f"{path}: pickle checkpoint ({path.suffix}) refused: loading it executes "
-                                      "code. Convert it to safetensors first.")
-        return
-    if any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointReadError(f"{path}: only pickle weights ({', '.join(pickles[:3])}) and no .safetensors; "
-                                  "quantgate refuses pickle checkpoints. Convert them to safetensors first.")
-    raise CheckpointReadError(f"{path}: no .safetensors files in this directory")
-
-
-#: Kinds that make a checkpoint a decoder we can quantize.
-DECODER_KINDS: frozenset[Kind] = frozenset({Kind.ATTENTION, Kind.MLP, Kind.EXPERT, Kind.SHARED_EXPERT})
-
-
-def check_supported(layout: Layout, source: str, tensors: dict[str, TensorInfo] | None = None) -> None:
-    """The layout must place the decoder's Linears, and every fused 3-D expert tensor.
-
-    A fused expert tensor the layout could not expand would silently stay BF16 under a quantized
-    claim, the exact failure quantgate exists to prevent, so it is an error, not a warning.
-    """
-    if not any(layout.by_kind(kind) for kind in DECODER_KINDS):
-        raise UnsupportedArchitectureError(
-            f"{source}: unsupported architecture {layout.architecture or 'unknown'}: no attention, MLP or expert "
-            "modules recognised in the tensor names")
-    fused_expanded = {m.fused.tensor for m in layout.modules.values() if m.fused is not None}
-    shapes = {n: t.shape for n, t in (tensors or {}).items()}
-    stray = [name for name in layout.unassigned if name not in fused_expanded and "expert" in name
-             and len(shapes.get(name, ())) == 3]
-    stray += [m.name for m in layout.modules.values() if m.kind is Kind.OTHER and "expert" in m.name
-              and any(len(t.shape) == 3 for t in m.tensors.values())]
-    if stray:
-        raise UnsupportedArchitectureError(
-            f"{source}: unsupported expert layout in {layout.architecture or 'this model'}: cannot place "
-            f"{stray[0]}" + (f" (+{len(stray) - 1} more)" if len(stray) > 1 else ""))
 

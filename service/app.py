@@ -24,6 +24,7 @@ from service.api import docs, health, jobs, metrics, ui, validations
 from service.api.deps import require_token
 from service.executors.base import Executor
 from service.executors.local import LocalExecutor
+from service.messages import errors_message, public_error
 from service.metrics import Metrics
 from service.security import BodySizeLimit, PathNotAllowed
 from service.settings import Settings
@@ -113,12 +114,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Inputs are not echoed back (a misplaced secret must not bounce into logs or clients).
-        errors = [
-            {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-            for err in exc.errors()
-        ]
-        message = "; ".join(f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in errors)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        errors = [public_error(err) for err in exc.errors()]
+        message = errors_message(exc.errors())
+        about_body = any(err["loc"][:1] == ["body"] for err in errors)
+        if about_body and request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             message += " (send the body as a JSON object with Content-Type: application/json)"
         return JSONResponse(
             {"detail": errors, "message": message}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT

@@ -17,6 +17,14 @@ from types import ModuleType
 from typing import NoReturn
 
 COMMANDS: tuple[str, ...] = ("validate", "quantize", "serve")
+#: what each command needs beyond the bare install: (extra, import names it brings)
+COMMAND_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "quantize": ("export", ("torch", "transformers", "safetensors", "tokenizers", "scipy")),
+    "serve": ("serve", ("fastapi", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client",
+                        "torch", "transformers", "safetensors")),
+}
+EXIT_USAGE = 2
+DISTRIBUTION = "quantgate"
 #: commands whose process ends when `run` returns: run without the cyclic GC, exit without teardown
 SHORT_LIVED: frozenset[str] = frozenset({"validate"})
 
@@ -24,15 +32,53 @@ SHORT_LIVED: frozenset[str] = frozenset({"validate"})
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantgate",
-        description="Quantize Hugging Face checkpoints (NVFP4/FP8) and validate that vLLM and SGLang "
-        "will load them correctly.",
+        description="Quantize Hugging Face checkpoints (NVFP4, FP8, mixed NVFP4/FP8, W4A16, W8A8-int8, "
+        "NVFP4A16; ModelOpt or compressed-tensors format) and validate, from the safetensors headers, that "
+        "vLLM and SGLang will load them correctly.",
+        epilog="Exit codes: 0 ok, 1 findings or failed validation, 2 bad input or usage "
+        "(`serve`: 3 when the port cannot be bound).",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"service.commands.{name}")
         module.register(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked for (importlib.metadata costs every other command startup time)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        sys.stdout.write(f"{parser.prog} {version()}\n")
+        parser.exit()
+
+
+def version() -> str:
+    """The installed distribution's version (`unknown` when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def missing_extra(command: str) -> str | None:
+    """A one-line reason when `command` needs an extra whose packages are not importable, else None."""
+    import importlib.util
+
+    extra, modules = COMMAND_EXTRAS.get(command, ("", ()))
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"this command needs the '{extra}' extra ({', '.join(missing)} not installed): "
+            f"pip install '{DISTRIBUTION}[{extra}]'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
+    reason = missing_extra(args.command)
+    if reason:
+        print(f"quantgate {args.command}: {reason}", file=sys.stderr)
+        return EXIT_USAGE
     module = importlib.import_module(f"service.commands.{args.command}")
     if argv is None and args.command in SHORT_LIVED:   # the process entry (console script, -m)
         _run_and_exit(module, args)

@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 
-__all__ = ["new_id"]
+__all__ = ["is_id", "new_id"]
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 TIME_CHARS = 10  # 48 bits of milliseconds -> 10 base32 chars
@@ -42,3 +42,10 @@ def new_id(prefix: str) -> str:
             _last_ms = now_ms
             _last_random = secrets.randbits(RANDOM_BITS - 1)  # headroom so increments never wrap
         return f"{prefix}_{_encode(now_ms, TIME_CHARS)}{_encode(_last_random, RANDOM_CHARS)}"
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """True when `value` is spelled like an id `new_id(prefix)` makes (whether or not it exists)."""
+    body = value.removeprefix(f"{prefix}_")
+    return (body != value and len(body) == TIME_CHARS + RANDOM_CHARS
+            and all(char in CROCKFORD for char in body))

@@ -34,6 +34,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+def no_nul(value: str | None) -> str | None:
+    """A NUL byte cannot be in a file name (the OS refuses it: `embedded null byte`): 422, not 500."""
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL byte (\\u0000)")
+    return value
+
+
 class _FromRecord(BaseModel):
     """A public view that is a store record's fields under the same names."""
 
@@ -54,6 +61,8 @@ class CalibrationOptions(_Strict):
     seq_len: int = Field(512, ge=1, le=131_072)
     batch_size: int = Field(8, ge=1, le=4096)
     all_experts: bool = Field(True, description="route calibration tokens through every expert")
+
+    _data_has_no_nul = field_validator("data")(no_nul)
 
 
 # Where a job pushes its validated export (exporter.publish); the server's HF_TOKEN must allow writing.
@@ -117,14 +126,15 @@ class JobCreate(_Strict):
     method: Literal["gradient", "kl_div"] | None = Field(None, description='recipe "auto": sensitivity score')
     score_samples: int | None = Field(None, ge=1, le=1_000_000, description='recipe "auto": sequences scored')
 
+    _paths_have_no_nul = field_validator("source", "output", "revision")(no_nul)
+
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, value: str) -> str:
-        from exporter.auto_options import AUTO_RECIPE  # torch-free, like the recipe table
-        from exporter.recipes import RECIPES  # torch-free table shared with the exporter
+        from exporter.recipes import recipe_names  # torch-free table shared with the exporter
 
-        if value not in RECIPES and value != AUTO_RECIPE:
-            raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join([*RECIPES, AUTO_RECIPE])}")
+        if value not in recipe_names():
+            raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join(recipe_names())}")
         return value
 
     @model_validator(mode="after")
@@ -143,7 +153,7 @@ class JobCreate(_Strict):
     def _recipe_dialect(self) -> JobCreate:
         """Resolve the default dialect and refuse a recipe the dialect cannot spell (w4a16 as modelopt)."""
         from exporter.auto_options import AUTO_RECIPE
-        from exporter.recipes import check_dialect, default_dialect
+        from exporter.recipes import API_DIALECT, check_dialect, default_dialect
         from validators.errors import UsageError
 
         if self.recipe == AUTO_RECIPE:
@@ -154,7 +164,7 @@ class JobCreate(_Strict):
         if self.dialect is None:
             self.dialect = default_dialect(self.recipe)
         try:
-            check_dialect(self.recipe, self.dialect)
+            check_dialect(self.recipe, self.dialect, API_DIALECT)
         except UsageError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -272,6 +282,8 @@ class ValidationCreate(_Strict):
     path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
     hub_repo: str | None = Field(None, min_length=3, max_length=256, description="org/name")
     revision: str | None = Field(None, max_length=256)
+
+    _paths_have_no_nul = field_validator("path", "hub_repo", "revision")(no_nul)
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> ValidationCreate:

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from service.api.content import best_match, job_event_stream
 from service.api.deps import ExecutorDep, JobDep, SettingsDep, StoreDep
-from service.ids import new_id
+from service.ids import is_id, new_id
 from service.schemas import EventList, EventPublic, JobCreate, JobList, JobPublic
 from service.security import classify_source, resolve_under_roots
 from service.settings import Settings
@@ -41,6 +42,19 @@ def _resolved_request(body: JobCreate, settings: Settings) -> dict[str, Any]:
     return request
 
 
+def _check_source(source: str) -> None:
+    """What the worker would refuse at once (missing, unreadable config or headers, unsupported layout)
+    answers 422 now with the worker's own message; the worker checks again (the files may change)."""
+    from exporter.source_checks import check_local_source  # torch-free: the validator's header pass
+    from exporter.quantized_source import AlreadyQuantizedError
+    from validators.errors import CheckpointReadError, UnsupportedArchitectureError
+
+    try:
+        check_local_source(source)
+    except (CheckpointReadError, UnsupportedArchitectureError, AlreadyQuantizedError) as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
 def _output_path(body: JobCreate, job_id: str, settings: Settings) -> Path:
     """Where the export goes: the requested directory (confined, unused) or <data-dir>/outputs/<id>."""
     if body.output is None:
@@ -65,7 +79,8 @@ def _output_path(body: JobCreate, job_id: str, settings: Settings) -> Path:
     responses={
         403: {"description": "a path outside the allowed roots"},
         409: {"description": "the output path is taken"},
-        422: {"description": "invalid body, or an Idempotency-Key reused with another body"},
+        422: {"description": "invalid body, a local source that cannot be read as a checkpoint, or an "
+              "Idempotency-Key reused with another body"},
     },
 )
 def create_job(
@@ -86,6 +101,8 @@ def create_job(
             return JobPublic.from_record(existing)
         job_id = new_id(JOB_ID_PREFIX)
         request = _resolved_request(body, settings)
+        if classify_source(body.source) == "local":
+            _check_source(request["source"])
         output = _output_path(body, job_id, settings)
         job, replayed = store.create_job(
             job_id=job_id,
@@ -118,6 +135,10 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     """List jobs, newest first; pass the last id as `after` for the next page."""
+    if after is not None and not is_id(after, JOB_ID_PREFIX):
+        raise RequestValidationError([{
+            "loc": ("query", "after"), "type": "value_error",
+            "msg": f"not a job id ({JOB_ID_PREFIX}_ and 26 characters); pass last_id of the previous page"}])
     jobs, has_more = store.list_jobs(after=after, limit=limit)
     data = [JobPublic.from_record(job) for job in jobs]
     return JobList(

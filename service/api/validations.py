@@ -29,8 +29,9 @@ def _run_validator(target: str, revision: str | None, token: str | None) -> tupl
     try:
         report = validate(target, revision=revision, token=token)
     except (CheckpointReadError, UnsupportedArchitectureError) as exc:
+        reason = str(exc).removeprefix(f"{target}: ")  # the validator's messages start with the target
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot validate {target}: {exc}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot validate {target}: {reason}"
         ) from None
     return report, render_html(report)
 

@@ -44,10 +44,13 @@ def _positive_int(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "quantize", help="quantize a BF16 checkpoint to NVFP4/FP8 (ModelOpt format) and validate it",
+        "quantize", help="quantize a BF16 checkpoint (NVFP4, FP8, auto mixed, W4A16, W8A8-int8, NVFP4A16) "
+                         "and validate it",
         description="Quantize a Hugging Face checkpoint (local directory or Hub repo id) and write it in "
-                    "the ModelOpt format vLLM and SGLang load. The export is validated before it is moved "
-                    "to --out; a failing export is kept at <out>.failed-validation with its report.")
+                    "the ModelOpt or compressed-tensors format vLLM and SGLang load. The export is validated "
+                    "before it is moved to --out; a failing export is kept at <out>.failed-validation with "
+                    "its report. Exit 0: exported and validated; 1: the export failed validation; 2: bad "
+                    "input.")
     p.add_argument("source", metavar="SOURCE", help="local checkpoint directory / .safetensors file, or Hub repo id")
     p.add_argument("--recipe", required=True, metavar="RECIPE",
                    help=f"what to quantize: {', '.join(RECIPE_NAMES)}")
@@ -145,10 +148,40 @@ def _progress_sink(mode: str):
     from exporter.progress import BarProgress, JsonLinesProgress
 
     if mode == "json":
-        return JsonLinesProgress(sys.stdout)
+        return StdoutProgress(JsonLinesProgress(sys.stdout))
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
         return BarProgress(sys.stderr)
     return None
+
+
+def _stdout_gone() -> None:
+    """Point fd 1 at /dev/null once the reader of stdout has gone, so no later write or the
+    interpreter's final flush raises BrokenPipeError again (the Python docs' SIGPIPE recipe)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class StdoutProgress:
+    """JSON progress lines on stdout that stop, while the export goes on, once the reader has gone
+    (`quantgate quantize ... --progress json | head -3`): the export is the result, not the lines."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.open = True
+
+    def __call__(self, event) -> None:
+        if not self.open:
+            return
+        try:
+            self.inner(event)
+        except BrokenPipeError:
+            self.open = False
+            _stdout_gone()
+            print("quantgate quantize: stdout was closed; no more progress lines, the export goes on",
+                  file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,11 +262,14 @@ def _summarize(result, json_mode: bool) -> int:
 
     errors = [f for f in result.report.findings if f.severity.value == "error"]
     if json_mode:
-        print(json.dumps({"event": "result", "ok": result.ok,
-                          "output": str(result.output) if result.output else None,
-                          "temp_output": str(result.temp_output) if result.temp_output else None,
-                          "errors": len(errors), "warnings": result.warnings,
-                          **({"auto": result.auto} if result.auto else {})}), flush=True)
+        try:
+            print(json.dumps({"event": "result", "ok": result.ok,
+                              "output": str(result.output) if result.output else None,
+                              "temp_output": str(result.temp_output) if result.temp_output else None,
+                              "errors": len(errors), "warnings": result.warnings,
+                              **({"auto": result.auto} if result.auto else {})}), flush=True)
+        except BrokenPipeError:
+            _stdout_gone()
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if result.auto:

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "QUANTGATE_ALLOWED_ROOTS, QUANTGATE_API_TOKENS, QUANTGATE_GPU_SLOTS, QUANTGATE_MAX_CONCURRENCY, "
         "QUANTGATE_RETENTION_DAYS, QUANTGATE_CANCEL_GRACE_SECONDS, QUANTGATE_MAX_ATTEMPTS, "
         "QUANTGATE_EXECUTOR, QUANTGATE_RAY_ADDRESS, QUANTGATE_RAY_CPUS_PER_JOB, "
-        "QUANTGATE_UNSCHEDULABLE_TIMEOUT_SECONDS, HF_TOKEN.",
+        "QUANTGATE_UNSCHEDULABLE_TIMEOUT_SECONDS, HF_TOKEN. Exit status: 0 stopped by SIGTERM/SIGINT; "
+        "2 bad configuration (e.g. a non-loopback --host without QUANTGATE_API_TOKENS, a data dir another "
+        "server holds); 3 the server could not start listening (the port is in use or not allowed).",
     )
     parser.add_argument("--host", help="bind address (default 127.0.0.1; anything else requires API tokens)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
@@ -50,10 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="jobs running at once (default: one per slot; 0 accepts jobs but runs none)",
     )
-    parser.add_argument("--retention-days", dest="retention_days", type=float)
-    parser.add_argument("--cancel-grace-seconds", dest="cancel_grace_seconds", type=float)
-    parser.add_argument("--max-attempts", dest="max_attempts", type=int)
-    parser.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--retention-days", dest="retention_days", type=float, metavar="DAYS",
+        help="delete finished jobs, their events and validations after this many days (default 30)",
+    )
+    parser.add_argument(
+        "--cancel-grace-seconds", dest="cancel_grace_seconds", type=float, metavar="S",
+        help="a cancelled worker gets SIGTERM, then SIGKILL after this many seconds (default 10)",
+    )
+    parser.add_argument(
+        "--max-attempts", dest="max_attempts", type=int, metavar="N",
+        help="runs per job: a job interrupted by a server crash or a lost Ray worker is retried until "
+        "it has used this many (default 2)",
+    )
+    parser.add_argument(
+        "--log-level", dest="log_level", choices=("debug", "info", "warning", "error"),
+        help="server log level on stderr (default info)",
+    )
     parser.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -112,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**_overrides(args))
     except ValidationError as exc:
+        from service.messages import error_message
+
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            sys.stderr.write(f"quantgate serve: {where + ': ' if where else ''}{error['msg']}\n")
+            sys.stderr.write(f"quantgate serve: {error_message(error)}\n")
         return 2
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.getLogger().setLevel(level)

@@ -198,19 +198,21 @@ def test_export_failing_validation_ends_failed_with_report(env: Env) -> None:
     assert leftovers(output) == [kept], "the final path was never written"
 
 
-def test_unreadable_sources_fail_with_a_clear_message(
+def test_unreadable_sources_are_refused_with_a_clear_message(
     env: Env, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    missing = env.finished(env.submit(source=str(env.root / "no-such-model"))["id"])
-    assert missing["status"] == "failed" and missing["error"]["code"] == "bad_input"
-    assert "no-such-model" in missing["error"]["message"] and "Traceback" not in missing["error"]["message"]
+    """Refused at submit time now (422); the worker's own check of the same sources:
+    tests/service/test_submit_checks.py."""
+    payload = {"recipe": "nvfp4", "calibration": FAST_CALIBRATION}
+    missing = env.call("POST", "/v1/jobs", json={**payload, "source": str(env.root / "no-such-model")})
+    assert missing.status_code == 422
+    assert "no-such-model" in missing.json()["detail"] and "Traceback" not in missing.text
     corrupt = env.root / "corrupt-model"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((env.root / "gemma4" / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"\xff" * 8 + b"not a header")
-    broken = env.finished(env.submit(source=str(corrupt))["id"])
-    assert broken["status"] == "failed" and broken["error"]["code"] == "bad_input"
-    assert "model.safetensors" in broken["error"]["message"]
+    broken = env.call("POST", "/v1/jobs", json={**payload, "source": str(corrupt)})
+    assert broken.status_code == 422 and "model.safetensors" in broken.json()["detail"]
     assert env.call("GET", "/readyz").status_code == 200
 
 
