@@ -17,7 +17,7 @@
 #   QUANTGATE_EXTRAS extras to install (default serve; `serve,ray` for a Ray head/worker image)
 #   EXTRA_CA_CERTS   PEM text of extra CA certificates (a TLS-intercepting proxy), trusted by apt,
 #                    pip, the Hub client and the service: --build-arg EXTRA_CA_CERTS="$(cat ca.pem)"
-# scripts/container_test.sh builds and runs this image on a local Debian base (no registry needed).
+# tests/container/container_test.sh builds and runs this image on a local Debian base (no registry needed).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 

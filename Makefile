@@ -34,9 +34,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
 # Builds the Docker image on a local Debian base and runs it (root, docker.io, debootstrap; ~20 min).
-# Not part of `make test`. See scripts/container_test.sh.
+# Not part of `make test`. See tests/container/container_test.sh.
 container-test: $(STAMP)
-	PYTHON=$(abspath $(PY)) scripts/container_test.sh
+	PYTHON=$(abspath $(PY)) tests/container/container_test.sh
 
 clean:
 	rm -rf $(VENV) demo-data bench-data .pytest_cache

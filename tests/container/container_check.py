@@ -1,9 +1,9 @@
-"""HTTP checks of a running quantgate service, for scripts/container_test.sh (standard library only).
+"""HTTP checks of a running quantgate service, for tests/container/container_test.sh (standard library only).
 
-    python3 scripts/container_check.py make-broken SRC DST        # BF16 copy whose config claims NVFP4
-    python3 scripts/container_check.py job URL TOKEN SOURCE       # a CPU job runs to a validated export
-    python3 scripts/container_check.py broken URL TOKEN PATH      # the validation endpoint flags PATH
-    python3 scripts/container_check.py history URL TOKEN JOB_ID   # the job is still listed, succeeded
+    python3 tests/container/container_check.py make-broken SRC DST        # BF16 copy whose config claims NVFP4
+    python3 tests/container/container_check.py job URL TOKEN SOURCE       # a CPU job runs to a validated export
+    python3 tests/container/container_check.py broken URL TOKEN PATH      # the validation endpoint flags PATH
+    python3 tests/container/container_check.py history URL TOKEN JOB_ID   # the job is still listed, succeeded
 
 Each check prints one line of JSON with what it saw and exits 0 when it held, 1 when it did not.
 The same checks run against a local `quantgate serve` (the dry check before a container build).

@@ -16,10 +16,10 @@
 # Results (build time, image size, each check) go to $WORK_DIR/results.json and stdout.
 # Environment: PYTHON (a python with the [export] extra, to build the tiny model), WORK_DIR, IMAGE,
 # BASE_IMAGE, TORCH_INDEX_URL, TORCH_VERSION, DEBIAN_MIRROR, KEEP=1 (keep container and volume).
-# Usage: scripts/container_test.sh [all|base|run]  (base: only step 2; run: step 4 on an image built earlier)
+# Usage: tests/container/container_test.sh [all|base|run]  (base: only step 2; run: step 4 on an image built earlier)
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 WORK_DIR=${WORK_DIR:-/var/tmp/quantgate-container-test}
 IMAGE=${IMAGE:-quantgate:container-test}
@@ -30,7 +30,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 NAME=quantgate-ct
 VOLUME=quantgate-ct-data
 TOKEN=qg-container-test-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
-CHECK="python3 $REPO/scripts/container_check.py"
+CHECK="python3 $REPO/tests/container/container_check.py"
 export DOCKER_BUILDKIT=0   # the classic builder: no buildx plugin needed, --network host honoured
 
 log() { printf '\n== %s\n' "$*"; }
