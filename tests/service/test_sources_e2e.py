@@ -38,7 +38,7 @@ def _run(client, source: Path) -> dict:
     return wait_terminal(client, created.json()["id"])
 
 
-def test_tokenizerless_qwen3_moe_job_succeeds_then_its_export_is_refused_as_a_source(
+def test_tokenizerless_qwen3_moe_job_succeeds_then_its_export_is_refused_at_submit(
     server, sources_root: Path
 ) -> None:
     handle, client = server
@@ -54,8 +54,10 @@ def test_tokenizerless_qwen3_moe_job_succeeds_then_its_export_is_refused_as_a_so
 
     exported = sources_root / "qwen3-nvfp4"          # the export, copied under the allowed root
     shutil.copytree(output, exported)
-    refused = _run(client, exported)
-    assert refused["status"] == "failed" and refused["error"]["code"] == "bad_input", refused
-    assert refused["error"]["message"] == (
+    # refused at the door (the submit-time header pass), with the worker's own message
+    refused = client.post("/v1/jobs", json={"source": str(exported), "recipe": "nvfp4",
+                                            "calibration": FAST_CALIBRATION})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == (
         "source is already quantized (ModelOpt NVFP4): quantize the original BF16 checkpoint")
-    assert refused["attempts"] == 1 and "Traceback" not in handle.log_text()
+    assert "Traceback" not in handle.log_text()
