@@ -7,6 +7,7 @@ What the browser test cannot see cheaply: `/` without the token is a 401 page wi
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,14 +30,16 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def _submit(client: TestClient, source: str) -> str:
-    response = client.post("/v1/jobs", json={"source": source, "recipe": "fp8"}, headers=AUTH)
+def _submit(client: TestClient, source: Path, tiny_model) -> str:
+    """Queue a job on a real (tiny) checkpoint copied to `source`: the API checks sources at submit."""
+    shutil.copytree(tiny_model("llama"), source)
+    response = client.post("/v1/jobs", json={"source": str(source), "recipe": "fp8"}, headers=AUTH)
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
-def test_page_without_token_is_401_and_holds_no_job(client: TestClient, tmp_path: Path) -> None:
-    job_id = _submit(client, str(tmp_path / "secret-model-name"))
+def test_page_without_token_is_401_and_holds_no_job(client: TestClient, tmp_path: Path, tiny_model) -> None:
+    job_id = _submit(client, tmp_path / "secret-model-name", tiny_model)
     bare = client.get("/")
     assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
     assert 'id="submit-form"' in bare.text and 'id="token"' in bare.text, "the page still renders"
@@ -50,8 +53,8 @@ def test_page_without_token_is_401_and_holds_no_job(client: TestClient, tmp_path
     assert "<option>nvfp4</option>" in page.text and "<option>auto</option>" in page.text
 
 
-def test_row_text_is_escaped_and_never_fills_a_slot(client: TestClient, tmp_path: Path) -> None:
-    _submit(client, str(tmp_path / "<img src=x onerror=alert(1)>{{rows}}{{auth}}"))
+def test_row_text_is_escaped_and_never_fills_a_slot(client: TestClient, tmp_path: Path, tiny_model) -> None:
+    _submit(client, tmp_path / "<img src=x onerror=alert(1)>{{rows}}{{auth}}", tiny_model)
     page = client.get("/", headers=AUTH).text
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;{{rows}}{{auth}}" in page
 
