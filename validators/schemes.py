@@ -384,6 +384,40 @@ def match_scheme(dialect: str | None, suffixes: Mapping[str, TensorInfo]) -> Sch
     return None
 
 
+@dataclass(frozen=True)
+class _ExpertView:
+    """One expert's slice of a stored 3-D tensor, in nn.Linear orientation (dtype + shape only)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def expert_views(tensors: Mapping[str, TensorInfo], transposed: bool) -> dict[str, _ExpertView]:
+    """A fused 3-D module's tensors as one expert's [out, ...] tensors: the leading expert dim is dropped
+    and, for transposed ([E, in, out]) storage, the last two dims are swapped back; scalars stay scalars.
+
+    ModelOpt keeps GPT-OSS / Llama4 experts 3-D (`experts.gate_up_proj` U8 [E, in/2, out],
+    `_weight_scale` F8_E4M3 [E, in/16, out], 0-d `_weight_scale_2` / `_input_scale`: reference
+    modelopt.md §2), so every per-expert [out, in] shape function of the table applies to these views.
+    """
+    views = {}
+    for suffix, info in tensors.items():
+        shape = tuple(info.shape)
+        if len(shape) == 3:
+            shape = (shape[2], shape[1]) if transposed else shape[1:]
+        views[suffix] = _ExpertView(info.dtype, shape)
+    return views
+
+
+def match_fused_scheme(dialect: str | None, tensors: Mapping[str, TensorInfo],
+                       transposed: bool) -> SchemeSpec | None:
+    """`match_scheme` for a fused 3-D expert module (see `expert_views`); the weight must be 3-D."""
+    weight = next((tensors[s] for s in WEIGHT_SUFFIXES if s in tensors), None)
+    if weight is None or len(weight.shape) != 3:
+        return None
+    return match_scheme(dialect, expert_views(tensors, transposed))  # type: ignore[arg-type]
+
+
 def _is_unquantized(suffixes: Mapping[str, TensorInfo]) -> bool:
     weight = suffixes.get("weight")
     return weight is not None and weight.dtype in UNQUANTIZED_BITS
