@@ -106,9 +106,16 @@ def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.
         raise QuantgateError(f"{module.fused.tensor}: cannot dequantize scheme {spec.key}")
     stored = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items()
               if suffix not in ACTIVATION_SUFFIXES and suffix != "bias"}
+    n_experts = export.info(module.fused.tensor).shape[0]
+
+    def expert(t: torch.Tensor, e: int) -> torch.Tensor:
+        if t.ndim == 3:
+            return (t[e].t() if transposed else t[e]).contiguous()
+        return t[e] if tuple(t.shape) == (n_experts,) else t   # stacked per-expert scalars
+
     experts = []
-    for e in range(export.info(module.fused.tensor).shape[0]):
-        read = {s: ((t[e].t() if transposed else t[e]).contiguous() if t.ndim == 3 else t) for s, t in stored.items()}
+    for e in range(n_experts):
+        read = {s: expert(t, e) for s, t in stored.items()}
         w = dequantize(read, dtype)   # [out, in]
         experts.append(w.t() if transposed else w)
     return torch.stack(experts).contiguous()

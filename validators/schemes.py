@@ -400,13 +400,25 @@ def expert_views(tensors: Mapping[str, TensorInfo], transposed: bool) -> dict[st
     `_weight_scale` F8_E4M3 [E, in/16, out], 0-d `_weight_scale_2` / `_input_scale`: reference
     modelopt.md §2), so every per-expert [out, in] shape function of the table applies to these views.
     """
+    weight = next((tensors[s] for s in WEIGHT_SUFFIXES if s in tensors), None)
+    n_experts = weight.shape[0] if weight is not None and len(weight.shape) == 3 else None
     views = {}
     for suffix, info in tensors.items():
         shape = tuple(info.shape)
         if len(shape) == 3:
             shape = (shape[2], shape[1]) if transposed else shape[1:]
+        elif shape == (n_experts,) and suffix not in WEIGHT_SUFFIXES:
+            shape = ()   # stacked per-expert scalars (`per_expert_scalars` names them)
         views[suffix] = _ExpertView(info.dtype, shape)
     return views
+
+
+def per_expert_scalars(tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """Suffixes of a fused 3-D module stored as per-expert [E] scalars where ModelOpt writes 0-d."""
+    weight = next((tensors[s] for s in WEIGHT_SUFFIXES if s in tensors), None)
+    if weight is None or len(weight.shape) != 3:
+        return []
+    return sorted(s for s, t in tensors.items() if s not in WEIGHT_SUFFIXES and tuple(t.shape) == (weight.shape[0],))
 
 
 def match_fused_scheme(dialect: str | None, tensors: Mapping[str, TensorInfo],

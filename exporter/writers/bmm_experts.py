@@ -48,8 +48,9 @@ BMM_DIALECTS: frozenset[str] = frozenset({MODELOPT})
 #: Why a dialect has no 3-D expert form (the refusal message names it).
 UNSUPPORTED_DIALECT_REASONS: dict[str, str] = {
     "compressed-tensors": "compressed-tensors has no 3-D expert form that vLLM or SGLang load (llm-compressor "
-                          "writes these experts as per-expert 2-D modules, and its fused 3-D `*_packed` output "
-                          "is not mapped by either engine: llm-compressor #2939)",
+                          "linearizes these experts into per-expert 2-D modules, a form quantgate does not write "
+                          "for them; its fused 3-D `*_packed` output is mapped by neither engine: "
+                          "llm-compressor #2939)",
 }
 
 

@@ -268,15 +268,26 @@ def fused_3d_tensors(ctx: Context) -> Iterator[Finding]:
     Fix: re-export the experts 3-D with every scale in the [E, in/16, out] orientation (quantgate's
     exporter.writers.bmm_experts), or keep them BF16 and exclude them.
     """
+    from validators.schemes import per_expert_scalars
+
     groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
+    stacked: dict[str, list[str]] = defaultdict(list)
     for cls in ctx.a.quantized_classes:
         if cls.rep.fused is None:
             continue
         spec = expected_scheme(ctx, cls)
-        if spec is None or cls.state.scheme == spec:
+        if spec is None:
+            continue
+        for suffix in per_expert_scalars(cls.rep.tensors):
+            stacked[suffix].extend(cls.names)
+        if cls.state.scheme == spec:
             continue
         for problem in _fused_problems(spec, cls):
             groups[(problem, problem.startswith("no "))].extend(cls.names)
+    for suffix, names in sorted(stacked.items()):   # a form we have not seen an engine read: no verdict
+        yield finding("QG308", WARNING, f"{len(names)} fused 3-D expert module(s) store `{suffix}` per expert "
+                      "([E]); ModelOpt writes one 0-d scale per 3-D tensor, the form the engines' 3-D loaders "
+                      "are known to read", modules=names, fix=f"Store `{suffix}` as one F32 scalar per tensor.")
     for (problem, missing), names in sorted(groups.items()):
         yield finding("QG308", ERROR, f"{len(names)} fused 3-D expert module(s): {problem}", modules=names,
                       fix="Write the experts in ModelOpt's 3-D form (exporter.writers.bmm_experts) or exclude them.",
