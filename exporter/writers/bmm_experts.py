@@ -26,6 +26,7 @@ llm-compressor #2939 hazard), so that dialect is refused for these experts (`che
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,8 +42,8 @@ from validators.schemes import MODELOPT, SchemeSpec
 if TYPE_CHECKING:
     from exporter.writers.common import InputScales
 
-#: ModelOpt quant_algo -> how the 3-D tensor is quantized (see the module docstring).
-BMM_ALGOS: frozenset[str] = frozenset({"NVFP4", "FP8"})
+#: Larger 3-D tensors (Llama4 Maverick's gate_up_proj is 21 GB in BF16) are streamed expert by expert.
+WHOLE_READ_MAX = 1 << 30
 #: Dialects with a 3-D expert form the engines load.
 BMM_DIALECTS: frozenset[str] = frozenset({MODELOPT})
 #: Why a dialect has no 3-D expert form (the refusal message names it).
@@ -62,8 +63,11 @@ class BmmJob:
     modules: tuple[Module, ...]      # its virtual per-expert modules (for input scales and byte counts)
     spec: SchemeSpec
 
-    def read(self, source: Source, device: torch.device) -> torch.Tensor:
-        """The stored [E, in, out] tensor on `device`."""
+    def read(self, source: Source, device: torch.device) -> torch.Tensor | None:
+        """The stored [E, in, out] tensor on `device`, or None when it is larger than `WHOLE_READ_MAX`
+        bytes (`quantize_bmm` then reads it one expert at a time, twice: amax, then quantize)."""
+        if source.info(self.tensor).nbytes > WHOLE_READ_MAX:
+            return None
         return source.tensor(self.tensor, pin=device.type == "cuda").to(device, non_blocking=True)
 
 
@@ -126,9 +130,9 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
                 "quantgate has not modelled for 3-D experts. Use one scheme (nvfp4 or fp8), or exclude the "
                 "experts with --exclude '*experts*'")
         spec = next(iter(quantized))
-        if spec.quant_algo not in BMM_ALGOS:
+        if spec.quant_algo not in QUANTIZERS:
             raise UnsupportedArchitectureError(
-                f"{where}; quantgate writes these 3-D experts in {', '.join(sorted(BMM_ALGOS))} only, not "
+                f"{where}; quantgate writes these 3-D experts in {', '.join(sorted(QUANTIZERS))} only, not "
                 f"{spec.name}. Choose the nvfp4 or fp8 recipe, or keep the experts BF16 with --exclude '*experts*'")
 
 
@@ -152,47 +156,59 @@ def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
     return units
 
 
-def quantize_bmm(job: BmmJob, weight: torch.Tensor, scales: InputScales) -> dict[str, torch.Tensor]:
-    """Quantize the stored [E, in, out] `weight` of `job` (see the module docstring)."""
+def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch.device,
+                 weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
+    already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
     from exporter.numerics.fp8 import activation_scale
+    from exporter.numerics.nvfp4 import weight_amax
 
+    cuda = device.type == "cuda"
+
+    def expert(e: int) -> torch.Tensor:   # [in, out]
+        if weight is not None:
+            return weight[e]
+        return source.expert_tensor(job.tensor, e, pin=cuda).to(device, non_blocking=True)
+
+    n_experts = source.info(job.tensor).shape[0]
+    amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()   # of the whole tensor
     algo = job.spec.quant_algo
-    if algo == "NVFP4":
-        out = _nvfp4(weight)
-    elif algo == "FP8":
-        out = _fp8(weight)
-    else:   # check_bmm_plan refuses this before any weight is read
+    quantize = QUANTIZERS.get(algo)
+    if quantize is None:   # check_bmm_plan refuses this before any weight is read
         raise UnsupportedArchitectureError(f"{job.tensor}: no 3-D expert writer for {job.spec.name}")
+    out = quantize(amax, (expert(e) for e in range(n_experts)))
     result = {output_name(job.tensor, suffix): t for suffix, t in out.items()}
     if job.spec.activation_scales:
-        amax = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
-        scale = activation_scale(torch.tensor(amax, dtype=torch.float32), algo).to(torch.float32).reshape(())
+        amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
+        scale = activation_scale(torch.tensor(amax_in, dtype=torch.float32), algo).to(torch.float32).reshape(())
         result[output_name(job.tensor, "input_scale")] = scale
     return result
 
 
-def _per_expert(weight: torch.Tensor) -> list[torch.Tensor]:
-    """Each expert's matrix in nn.Linear orientation [out, in] (a view of the stored [in, out])."""
-    return [weight[e].t() for e in range(weight.shape[0])]
+def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One weight_scale_2 for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
+    quantized as its [out, in] matrix, in blocks of 16 along in, and stored transposed back."""
+    from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
 
-
-def _nvfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    from exporter.numerics.nvfp4 import quantize_nvfp4, shared_global_scale
-
-    ws2 = shared_global_scale([weight])   # one weight_scale_2 for the whole tensor (one quantizer)
+    ws2 = nvfp4_global_scale(amax)
     packed, block = [], []
-    for w in _per_expert(weight):
-        p, s, _ = quantize_nvfp4(w, ws2)   # blocks of 16 along in: [out, in/2], [out, in/16]
+    for w in experts:
+        p, s, _ = quantize_nvfp4(w.t(), ws2)   # [out, in/2], [out, in/16]
         packed.append(p.t())
         block.append(s.t())
     return {"weight": torch.stack(packed).contiguous(), "weight_scale": torch.stack(block).contiguous(),
             "weight_scale_2": ws2.reshape(()).clone()}
 
 
-def _fp8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One per-tensor weight_scale for the whole tensor; each expert quantized as its [out, in] matrix."""
     from exporter.numerics.fp8 import fp8_scale, quantize_fp8
-    from exporter.numerics.nvfp4 import weight_amax
 
-    scale = fp8_scale(weight_amax(weight)).reshape(())
-    q = [quantize_fp8(w, scale)[0].t() for w in _per_expert(weight)]
+    scale = fp8_scale(amax).reshape(())
+    q = [quantize_fp8(w.t(), scale)[0].t() for w in experts]
     return {"weight": torch.stack(q).contiguous(), "weight_scale": scale.clone()}
+
+
+#: quant_algo -> (amax of the whole tensor, expert slabs [in, out]) -> tensors by suffix
+QUANTIZERS: dict[str, Callable[[torch.Tensor, Iterable[torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "NVFP4": _nvfp4, "FP8": _fp8}

@@ -25,7 +25,7 @@ def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
 
 def _modelopt_quantize(job, source, scales, device, weights=None):
     if isinstance(job, bmm_experts.BmmJob):   # transposed 3-D experts stay 3-D
-        return bmm_experts.quantize_bmm(job, job.read(source, device) if weights is None else weights, scales)
+        return bmm_experts.quantize_bmm(job, source, scales, device, weight=weights)
     return modelopt.quantize_group(job, source, scales, device, weights=weights)
 
 

@@ -115,6 +115,22 @@ def test_dequantized_bmm_logits_within_scheme_bound(exported, arch: str, recipe:
     assert_logits_within_noise_bound(source, source_dir, result.output, noisy)
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
+def test_streaming_large_tensors_expert_by_expert_gives_the_same_bytes(exported, tmp_path: Path, monkeypatch,
+                                                                         arch: str) -> None:
+    """Above WHOLE_READ_MAX a 3-D tensor is read one expert at a time (amax pass, then quantize pass):
+    the export is byte-identical to reading it whole."""
+    from exporter.pipeline import QuantizeRequest, run_quantize
+    from exporter.writers import bmm_experts
+
+    source_dir, whole = exported(arch, "nvfp4")
+    monkeypatch.setattr(bmm_experts, "WHOLE_READ_MAX", 0)
+    streamed = run_quantize(QuantizeRequest(source=str(source_dir), recipe="nvfp4", out=tmp_path / "out",
+                                            device="cpu", calib_stats=whole.output / STATS_FILE_NAME))
+    assert streamed.ok
+    assert (streamed.output / "model.safetensors").read_bytes() == (whole.output / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize(("mutation", "status", "severity"), [
     ("untransposed_scale", "fails", "error"), ("no_weight_scale_2", "loads_wrong", "error"),
     ("per_expert_weight_scale_2", "loads", "warning")])
