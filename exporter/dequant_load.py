@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from exporter.source import Source, open_source
 from validators.errors import QuantgateError
 from validators.layout import FusedSlice, Module
-from validators.schemes import COMPRESSED_TENSORS, MODELOPT, match_fused_scheme, match_scheme
+from validators.schemes import COMPRESSED_TENSORS, MODELOPT, fused_storage, match_scheme
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.
     when transposed), or None when it is not quantized. Each expert's slice is turned back to [out, in]
     (`validators.schemes.expert_views`), dequantized by the scheme's 2-D dequantizer, and turned back."""
     assert module.fused is not None
-    transposed = module.fused.transposed
-    spec = match_fused_scheme(dialect or export_dialect(export), module.tensors, transposed)
-    if spec is None:
+    found = fused_storage(dialect or export_dialect(export), module.tensors, module.fused.transposed)
+    if found is None:
         return None
+    spec, transposed = found   # the stored orientation (the source's, for our exports)
     dequantize = DEQUANTIZERS.get(spec.key)
     if dequantize is None:
         raise QuantgateError(f"{module.fused.tensor}: cannot dequantize scheme {spec.key}")
@@ -117,7 +117,7 @@ def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.
     for e in range(n_experts):
         read = {s: expert(t, e) for s, t in stored.items()}
         w = dequantize(read, dtype)   # [out, in]
-        experts.append(w.t() if transposed else w)
+        experts.append(w.t() if module.fused.transposed else w)   # back to the source's orientation
     return torch.stack(experts).contiguous()
 
 

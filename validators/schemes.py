@@ -430,6 +430,18 @@ def match_fused_scheme(dialect: str | None, tensors: Mapping[str, TensorInfo],
     return match_scheme(dialect, expert_views(tensors, transposed))  # type: ignore[arg-type]
 
 
+def fused_storage(dialect: str | None, tensors: Mapping[str, TensorInfo],
+                  transposed: bool) -> tuple[SchemeSpec, bool] | None:
+    """(scheme, stored transposed?) of a quantized fused 3-D module: the layout's orientation first,
+    then the other one (a checkpoint whose tensors are consistent only as [E, out, in] although the
+    architecture stores [E, in, out] is still that scheme; QG308 warns about the orientation)."""
+    for orientation in (transposed, not transposed):
+        spec = match_fused_scheme(dialect, tensors, orientation)
+        if spec is not None:
+            return spec, orientation
+    return None
+
+
 def _is_unquantized(suffixes: Mapping[str, TensorInfo]) -> bool:
     weight = suffixes.get("weight")
     return weight is not None and weight.dtype in UNQUANTIZED_BITS

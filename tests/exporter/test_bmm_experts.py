@@ -133,11 +133,12 @@ def test_streaming_large_tensors_expert_by_expert_gives_the_same_bytes(exported,
 
 @pytest.mark.parametrize(("mutation", "status", "severity"), [
     ("untransposed_scale", "fails", "error"), ("no_weight_scale_2", "loads_wrong", "error"),
-    ("per_expert_weight_scale_2", "loads", "warning")])
+    ("per_expert_weight_scale_2", "loads", "warning"), ("flipped_orientation", "loads", "warning")])
 def test_validator_catches_a_malformed_3d_export(exported, tmp_path: Path, mutation: str, status: str,
                                                  severity: str) -> None:
     """QG308: the same export with one scale in another orientation (the engine's copy_ fails), missing
-    (left uninitialised), or stacked per expert (a form no engine is known to read: warned, no verdict)."""
+    (left uninitialised), stacked per expert or consistently stored [E, out, in] (forms no engine is known
+    to read: warned, no verdict)."""
     _, result = exported("gpt_oss", "nvfp4")
     bad = tmp_path / "bad"
     shutil.copytree(result.output, bad)
@@ -147,12 +148,20 @@ def test_validator_catches_a_malformed_3d_export(exported, tmp_path: Path, mutat
         state[t + "_weight_scale"] = state[t + "_weight_scale"].transpose(1, 2).contiguous()
     elif mutation == "no_weight_scale_2":
         del state[t + "_weight_scale_2"]
-    else:
+    elif mutation == "per_expert_weight_scale_2":
         state[t + "_weight_scale_2"] = state[t + "_weight_scale_2"].reshape(1).repeat(state[t].shape[0])
+    else:   # [E, in/2, out] -> [E, out, in/2]: still packed along in, so a valid [E, out, in] form
+        for name in (t, t + "_weight_scale"):
+            state[name] = state[name].transpose(1, 2).contiguous()
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     report = validate(str(bad)).to_dict()
     assert {f["severity"] for f in report["findings"] if f["code"] == "QG308"} == {severity}
     assert {v["status"] for v in report["verdicts"].values()} == {status}
+    if mutation == "flipped_orientation":   # the dequantizing loader reads the stored orientation
+        from exporter.dequant_load import dequantized_state_dict
+
+        source = open_source(str(exported("gpt_oss", "nvfp4")[0]))
+        assert torch.equal(dequantized_state_dict(bad, source)[t], dequantized_state_dict(result.output, source)[t])
 
 
 def test_compressed_tensors_bmm_experts_are_refused_with_a_way_out(tiny_model, tmp_path: Path,

@@ -52,3 +52,14 @@ def test_missing_scale_is_not_nvfp4_and_per_expert_scalars_are_named() -> None:
     assert spec is None or spec.name != "NVFP4"
     assert per_expert_scalars(nvfp4_3d(2 * F, H, weight_scale_2=(E,))) == ["weight_scale_2"]
     assert per_expert_scalars(nvfp4_3d(2 * F, H)) == []
+
+
+def test_fused_storage_finds_the_stored_orientation() -> None:
+    from validators.schemes import fused_storage
+
+    modelopt = fused_storage(MODELOPT, nvfp4_3d(2 * F, H), transposed=True)
+    flipped = fused_storage(MODELOPT, nvfp4_3d(2 * F, H, weight=(E, 2 * F, H // 2), weight_scale=(E, 2 * F, H // 16)),
+                            transposed=True)
+    assert modelopt is not None and (modelopt[0].name, modelopt[1]) == ("NVFP4", True)
+    assert flipped is not None and (flipped[0].name, flipped[1]) == ("NVFP4", False)
+    assert fused_storage(MODELOPT, nvfp4_3d(2 * F, H, weight_scale=(E, 2 * F, H // 16)), transposed=True) is None
