@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 
 from exporter.source import Source, open_source
 from validators.errors import QuantgateError
+from validators.fused_schemes import fused_storage
 from validators.layout import FusedSlice, Module
-from validators.schemes import COMPRESSED_TENSORS, MODELOPT, fused_storage, match_scheme
+from validators.schemes import COMPRESSED_TENSORS, MODELOPT, match_scheme
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,8 @@ class Analysis:
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
-        from validators.schemes import fused_storage, match_scheme
+        from validators.fused_schemes import fused_storage
+        from validators.schemes import match_scheme
 
         transposed = module.fused.transposed if module.fused is not None else None
         sig = (transposed, *sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))

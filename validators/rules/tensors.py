@@ -230,7 +230,7 @@ def unrecognised(ctx: Context) -> Iterator[Finding]:
 
 def _fused_problems(spec: "SchemeSpec", cls: "ModClass") -> list[str]:
     """What keeps a fused 3-D module's tensors from being `spec` in its 3-D form (empty when they are)."""
-    from validators.schemes import expert_views
+    from validators.fused_schemes import expert_views
 
     m = cls.rep
     views = expert_views(m.tensors, bool(m.fused and m.fused.transposed))
@@ -268,7 +268,7 @@ def fused_3d_tensors(ctx: Context) -> Iterator[Finding]:
     Fix: re-export the experts 3-D with every scale in the [E, in/16, out] orientation (quantgate's
     exporter.writers.bmm_experts), or keep them BF16 and exclude them.
     """
-    from validators.schemes import fused_storage, per_expert_scalars
+    from validators.fused_schemes import fused_storage, per_expert_scalars
 
     groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
     stacked: dict[str, list[str]] = defaultdict(list)
