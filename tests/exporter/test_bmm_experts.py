@@ -193,6 +193,24 @@ def test_experts_of_one_tensor_split_between_schemes_are_refused(tiny_model) -> 
         check_bmm_plan(split, source, "modelopt")
 
 
+def test_mixed_precision_plans_with_3d_experts_are_refused(tiny_model) -> None:
+    """MIXED_PRECISION keys modules in `quantized_layers`; ModelOpt keys 3-D experts by their container,
+    a spelling not written here yet, so such a plan (auto with several candidates) is refused."""
+    from dataclasses import replace
+
+    from exporter.recipes import Assignment
+    from exporter.writers.bmm_experts import check_bmm_plan
+    from validators.errors import UnsupportedArchitectureError
+
+    source = open_source(str(tiny_model("gpt_oss")))
+    plan, fp8 = make_plan(source.layout, "nvfp4"), make_plan(source.layout, "fp8")
+    attention = {n: Assignment(n, fp8.assignments[n].scheme) for n in plan.quantized()
+                 if source.layout.modules[n].kind is Kind.ATTENTION}
+    assert attention
+    with pytest.raises(UnsupportedArchitectureError, match="mixed-precision"):
+        check_bmm_plan(replace(plan, assignments={**plan.assignments, **attention}), source, "modelopt")
+
+
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
 def test_excluding_bmm_experts_exports_the_rest(tiny_model, tmp_path: Path, arch: str) -> None:
     out = tmp_path / "out"
