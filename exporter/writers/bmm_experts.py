@@ -106,8 +106,9 @@ def _bmm_groups(source: Source, plan: Plan) -> dict[str, list[Module]]:
 
 def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
     """Refuse, before anything is read, what the 3-D writer cannot write: a dialect without a 3-D
-    expert form, a scheme other than NVFP4/FP8, or one tensor's experts split between schemes (a
-    3-D tensor has one quantizer, so it is quantized whole or kept BF16 whole)."""
+    expert form, a scheme other than NVFP4/FP8, one tensor's experts split between schemes (a 3-D
+    tensor has one quantizer, so it is quantized whole or kept BF16 whole), or a mixed-precision plan
+    (ModelOpt keys 3-D experts by their container in `quantized_layers`, which is not written yet)."""
     mixed = len({a.scheme.name for a in plan.assignments.values() if a.scheme is not None}) > 1
     for tensor, members in _bmm_groups(source, plan).items():
         schemes = {plan.assignments[m.name].scheme for m in members}
