@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from exporter.source import Source, open_source
 from validators.errors import QuantgateError
+from validators.fused_schemes import fused_storage
 from validators.layout import FusedSlice, Module
 from validators.schemes import COMPRESSED_TENSORS, MODELOPT, match_scheme
 
@@ -91,17 +92,51 @@ def dequantize_module(export: Source, module: Module, dtype: torch.dtype = torch
     return dequantize(read, dtype)
 
 
+def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.bfloat16,
+                     dialect: str | None = None) -> torch.Tensor | None:
+    """The whole fused 3-D tensor holding `module`, dequantized in its stored orientation ([E, in, out]
+    when transposed), or None when it is not quantized. Each expert's slice is turned back to [out, in]
+    (`validators.schemes.expert_views`), dequantized by the scheme's 2-D dequantizer, and turned back."""
+    assert module.fused is not None
+    found = fused_storage(dialect or export_dialect(export), module.tensors, module.fused.transposed)
+    if found is None:
+        return None
+    spec, transposed = found   # the stored orientation (the source's, for our exports)
+    dequantize = DEQUANTIZERS.get(spec.key)
+    if dequantize is None:
+        raise QuantgateError(f"{module.fused.tensor}: cannot dequantize scheme {spec.key}")
+    stored = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items()
+              if suffix not in ACTIVATION_SUFFIXES and suffix != "bias"}
+    n_experts = export.info(module.fused.tensor).shape[0]
+
+    def expert(t: torch.Tensor, e: int) -> torch.Tensor:
+        if t.ndim == 3:
+            return (t[e].t() if transposed else t[e]).contiguous()
+        return t[e] if tuple(t.shape) == (n_experts,) else t   # stacked per-expert scalars
+
+    experts = []
+    for e in range(n_experts):
+        read = {s: expert(t, e) for s, t in stored.items()}
+        w = dequantize(read, dtype)   # [out, in]
+        experts.append(w.t() if module.fused.transposed else w)   # back to the source's orientation
+    return torch.stack(experts).contiguous()
+
+
 def dequantized_state_dict(export_dir: str | Path, source: Source,
                            dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Every source tensor name -> its value in the export (dequantized where quantized)."""
     export = open_source(str(export_dir))
     dialect = export_dialect(export)
     matrices: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     for name, module in export.layout.modules.items():
+        if module.fused is not None:   # experts kept 3-D in the export (GPT-OSS / Llama4 under ModelOpt)
+            if module.fused.tensor not in state and (whole := dequantize_fused(export, module, dtype, dialect)) is not None:
+                state[module.fused.tensor] = whole
+            continue
         w = dequantize_module(export, module, dtype, dialect)
         if w is not None:
             matrices[name] = w
-    state: dict[str, torch.Tensor] = {}
     fused: dict[str, list[tuple[FusedSlice, str]]] = {}
     for name, module in source.layout.modules.items():
         if module.fused is not None and name in matrices:

@@ -33,6 +33,7 @@ from exporter.progress import ProgressCallback, emit
 from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
 from exporter.source import Source, open_source
 from exporter.unit_feed import UnitFeed, device_stream, feed_workers
+from exporter.writers.bmm_experts import check_bmm_plan
 from exporter.writers.common import CopyJob
 from exporter.writers.modelopt_batched import feed_batching
 from exporter.writers.sharding import (
@@ -41,7 +42,7 @@ from exporter.writers.sharding import (
     ShardWriter,
     plan_shards,
 )
-from validators.errors import UnsupportedArchitectureError, UsageError
+from validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     if not plan.quantized():
         raise UsageError(f"recipe {plan.recipe} quantizes no module of this model "
                          f"({source.architecture or 'unknown architecture'}); choose another recipe")
-    refuse_bmm_experts(plan, source)
+    check_bmm_plan(plan, source, req.dialect)   # transposed 3-D experts: what the 3-D writer can write
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -213,26 +214,6 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
 class _WriteStats:
     bytes_read: int = 0
     max_buffered_bytes: int = 0
-
-
-def refuse_bmm_experts(plan: Plan, source: Source) -> None:
-    """Refuse to quantize experts stored as transposed 3-D BMM tensors ([E, in, out]).
-
-    ModelOpt keeps such experts 3-D (`experts.gate_up_proj` plus prefixed scales such as
-    `experts.gate_up_proj_weight_scale`) and the engines' model files read them in that form; our
-    writers unfuse experts into per-expert 2-D modules, which those loaders do not map (and GPT-OSS's
-    fused, interleaved biases would no longer line up with the unfused weights). Decided by the
-    layout's FusedSlice.transposed flag, not by model family.
-    """
-    layout = source.layout
-    groups = sorted({m.moe_group or m.name for name in plan.quantized()
-                     if (m := layout.modules[name]).fused is not None and m.fused.transposed})
-    if groups:
-        shown = ", ".join(groups[:3]) + (" ..." if len(groups) > 3 else "")
-        raise UnsupportedArchitectureError(
-            f"{source.architecture or 'this model'} stores its experts as transposed 3-D tensors ({shown}); "
-            "quantgate cannot yet write the 3-D expert form vLLM and SGLang read for it. Keep the experts "
-            "BF16 with --exclude '*experts*'; attention and dense layers are still quantized")
 
 
 def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,

@@ -299,7 +299,7 @@ def _expand_fused(module: str, tensors: dict[str, TensorInfo], layer: int | None
     transposed = fmt.transposed if fmt is not None else _looks_transposed(proj, d1, d2, cfg.hidden)
     interleaved = fmt.interleaved if fmt is not None else False
     pack = _IN_PACK.get(("weight", weight.dtype), 1)
-    out, in_ = (d2, d1) if transposed else (d1, d2 * pack)
+    out, in_ = (d2, d1 * pack) if transposed else (d1, d2 * pack)   # packed along in: [E, in/2, out]
     half = out // 2
     result = []
     for e in range(n_experts):

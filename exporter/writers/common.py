@@ -195,4 +195,6 @@ class DialectWriter:
         job = unit.job
         if isinstance(job, CopyJob):
             return source.tensor(job.name)
+        if not isinstance(job, QuantJob):   # e.g. a whole 3-D tensor (exporter.writers.bmm_experts.BmmJob)
+            return job.read(source, device)
         return read_group(job, source, device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from exporter.recipes import Plan
 from exporter.source import Source
-from exporter.writers import compressed_tensors, modelopt
+from exporter.writers import bmm_experts, compressed_tensors, modelopt
 from exporter.writers.common import DialectWriter
 from validators.errors import UsageError
 from validators.schemes import COMPRESSED_TENSORS, MODELOPT
@@ -23,12 +23,14 @@ def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-def _modelopt_quantize(*args, **kwargs):
-    return modelopt.quantize_group(*args, **kwargs)
+def _modelopt_quantize(job, source, scales, device, weights=None):
+    if isinstance(job, bmm_experts.BmmJob):   # transposed 3-D experts stay 3-D
+        return bmm_experts.quantize_bmm(job, source, scales, device, weight=weights)
+    return modelopt.quantize_group(job, source, scales, device, weights=weights)
 
 
 WRITERS: dict[str, DialectWriter] = {
-    MODELOPT: DialectWriter(MODELOPT, modelopt.build_units, _modelopt_quantize, _modelopt_configs),
+    MODELOPT: DialectWriter(MODELOPT, bmm_experts.build_modelopt_units, _modelopt_quantize, _modelopt_configs),
     COMPRESSED_TENSORS: DialectWriter(COMPRESSED_TENSORS, compressed_tensors.build_ct_units,
                                       compressed_tensors.quantize_group, compressed_tensors.prepare_configs),
 }

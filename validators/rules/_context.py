@@ -132,12 +132,18 @@ class Analysis:
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
+        from validators.fused_schemes import fused_storage
         from validators.schemes import match_scheme
 
-        sig = tuple(sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
+        transposed = module.fused.transposed if module.fused is not None else None
+        sig = (transposed, *sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
         if sig not in self._scheme_cache:
             try:
-                self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
+                if transposed is None:
+                    self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
+                else:
+                    stored = fused_storage(self.dialect, module.tensors, transposed)
+                    self._scheme_cache[sig] = stored[0] if stored is not None else None
             except Exception:   # noqa: BLE001 - an odd tensor set is a finding, never a crash
                 log.debug("match_scheme failed for %s", module.name, exc_info=True)
                 self._scheme_cache[sig] = None

@@ -226,3 +226,80 @@ def unrecognised(ctx: Context) -> Iterator[Finding]:
         yield finding("QG307", ERROR, f"{len(names)} module(s) hold a tensor set no {ctx.a.dialect} scheme defines",
                       modules=names, fix="Re-export these modules with one scheme.", effect=FAILS,
                       error="RuntimeError: size mismatch / KeyError on the module's scale tensors")
+
+
+def _fused_problems(spec: "SchemeSpec", cls: "ModClass") -> list[str]:
+    """What keeps a fused 3-D module's tensors from being `spec` in its 3-D form (empty when they are)."""
+    from validators.fused_schemes import expert_views
+
+    m = cls.rep
+    views = expert_views(m.tensors, bool(m.fused and m.fused.transposed))
+    problems = [f"no `{s}`" for s in sorted(spec.required_suffixes - set(views))]
+    weight = views.get(spec.weight_suffix)
+    if weight is None or len(weight.shape) != 2:
+        return problems
+    out_f, in_f = weight.shape[0], spec.in_features_from_weight(weight.shape)
+    for suffix, info in sorted(views.items()):
+        tspec = spec.by_suffix.get(suffix)
+        if tspec is None or suffix == spec.weight_suffix:
+            continue
+        if info.dtype not in tspec.dtypes:
+            problems.append(f"`{suffix}` is {info.dtype}, not {'/'.join(tspec.dtypes)}")
+        stored = tuple(m.tensors[suffix].shape)
+        if info.shape not in tspec.accepted_shapes(out_f, in_f):
+            want = tspec.shape(out_f, in_f)
+            layout = "[E, in, out]" if m.fused and m.fused.transposed else "[E, out, in]"
+            want3 = want if len(want) < 2 else (stored[0], *(want[::-1] if layout == "[E, in, out]" else want))
+            problems.append(f"`{suffix}` has shape {list(stored)}, {list(want3)} expected for {layout} storage")
+    return problems
+
+
+@rule("QG308", "fused-3d-expert-tensors", ERROR, per_engine=False)
+def fused_3d_tensors(ctx: Context) -> Iterator[Finding]:
+    """Quantized experts kept as fused 3-D tensors (ModelOpt's GPT-OSS / Llama4 form) lack a scale or
+    store one in the wrong orientation.
+
+    Why: invariants 4, 5, 16. ModelOpt writes `experts.gate_up_proj` U8 [E, in/2, out] with
+    `_weight_scale` F8_E4M3 [E, in/16, out] (blocks of 16 along the input dim, then transposed back)
+    and 0-d `_weight_scale_2` / `_input_scale` (modelopt.md §2). vLLM's llama4.py / gpt_oss.py loaders
+    transpose each 3-D tensor into `w13_`/`w2_` parameters: a scale in another orientation fails in
+    `copy_` ("The size of tensor a ... must match"), a missing one stays `torch.empty` (vllm_sglang.md §7).
+
+    Fix: re-export the experts 3-D with every scale in the [E, in/16, out] orientation (quantgate's
+    exporter.writers.bmm_experts), or keep them BF16 and exclude them.
+    """
+    from validators.fused_schemes import fused_storage, per_expert_scalars
+
+    groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
+    stacked: dict[str, list[str]] = defaultdict(list)
+    flipped: list[str] = []
+    for cls in ctx.a.quantized_classes:
+        if cls.rep.fused is None:
+            continue
+        spec = expected_scheme(ctx, cls)
+        if spec is None:
+            continue
+        for suffix in per_expert_scalars(cls.rep.tensors):
+            stacked[suffix].extend(cls.names)
+        if cls.state.scheme == spec:
+            stored = fused_storage(ctx.a.dialect, cls.rep.tensors, cls.rep.fused.transposed)
+            if stored is not None and stored[1] != cls.rep.fused.transposed:
+                flipped.extend(cls.names)
+            continue
+        for problem in _fused_problems(spec, cls):
+            groups[(problem, problem.startswith("no "))].extend(cls.names)
+    if flipped:   # consistent, but not in the architecture's orientation: no verdict either
+        yield finding("QG308", WARNING, f"{len(flipped)} fused 3-D expert module(s) are stored [E, out, in] although "
+                      "this architecture stores its experts [E, in, out]; ModelOpt writes them transposed like the "
+                      "source, and whether an engine's 3-D loader reads the other orientation is not modelled",
+                      modules=flipped, fix="Store the experts and their block scales in the source's orientation.")
+    for suffix, names in sorted(stacked.items()):   # a form we have not seen an engine read: no verdict
+        yield finding("QG308", WARNING, f"{len(names)} fused 3-D expert module(s) store `{suffix}` per expert "
+                      "([E]); ModelOpt writes one 0-d scale per 3-D tensor, the form the engines' 3-D loaders "
+                      "are known to read", modules=names, fix=f"Store `{suffix}` as one F32 scalar per tensor.")
+    for (problem, missing), names in sorted(groups.items()):
+        yield finding("QG308", ERROR, f"{len(names)} fused 3-D expert module(s): {problem}", modules=names,
+                      fix="Write the experts in ModelOpt's 3-D form (exporter.writers.bmm_experts) or exclude them.",
+                      effect=LOADS_WRONG if missing else FAILS,
+                      error=("silent: " + MISSING_EFFECT.get(problem[4:-1], "scale uninitialised")) if missing else
+                      "RuntimeError: The size of tensor a must match the size of tensor b")

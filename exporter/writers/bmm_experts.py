@@ -1,0 +1,215 @@
+"""Transposed 3-D ("BMM") experts kept 3-D, as ModelOpt writes them for GPT-OSS and Llama4.
+
+GPT-OSS (`GptOssExperts`) and Llama4 (`Llama4TextExperts`) store their routed experts as
+`experts.gate_up_proj` [E, H, 2I] (GPT-OSS: gate/up interleaved along the last dim, plus
+`gate_up_proj_bias` [E, 2I]) and `experts.down_proj` [E, I, H], i.e. `x @ W[e]`: [E, in, out].
+ModelOpt (`unified_export_hf._export_quantized_weight`, reference/modelopt.md §2 "Llama4/GptOss
+stay 3-D") does not unfuse them: one weight quantizer per projection covers every expert, and the
+export keeps the fused name with prefixed scales:
+
+* NVFP4: `<t>` U8 [E, in/2, out], `<t>_weight_scale` F8_E4M3 [E, in/16, out] (each expert's
+  matrix is transposed to [out, in], quantized in blocks of 16 along the INPUT dim, and the result
+  transposed back: `maybe_transpose_expert_weight_dimensions`), `<t>_weight_scale_2` F32 [] (from
+  the amax of the whole 3-D tensor, so gate and up of every expert share it) and `<t>_input_scale`
+  F32 [] (one input quantizer per projection: the max over experts).
+* FP8: `<t>` F8_E4M3 [E, in, out], `<t>_weight_scale` F32 [] and `<t>_input_scale` F32 [].
+
+Biases and routers pass through unchanged. The numerics are `exporter.numerics` applied to each
+expert's transposed [out, in] slice with the tensor's shared per-tensor scale; nothing here is a
+second implementation of a number format.
+
+The compressed-tensors dialect has no 3-D expert form that an engine loads (llm-compressor
+linearizes these experts to per-expert 2-D modules, and its 3-D `*_packed` output is the
+llm-compressor #2939 hazard), so that dialect is refused for these experts (`check_bmm_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from exporter.recipes import Plan
+from exporter.source import Source
+from exporter.writers.sharding import OutTensor, Unit
+from validators.errors import UnsupportedArchitectureError
+from validators.layout import Module
+from validators.schemes import MODELOPT, SchemeSpec
+
+if TYPE_CHECKING:
+    from exporter.writers.common import InputScales
+
+#: Larger 3-D tensors (Llama4 Maverick's gate_up_proj is 21 GB in BF16) are streamed expert by expert.
+WHOLE_READ_MAX = 1 << 30
+#: Dialects with a 3-D expert form the engines load.
+BMM_DIALECTS: frozenset[str] = frozenset({MODELOPT})
+#: Why a dialect has no 3-D expert form (the refusal message names it).
+UNSUPPORTED_DIALECT_REASONS: dict[str, str] = {
+    "compressed-tensors": "compressed-tensors has no 3-D expert form that vLLM or SGLang load (llm-compressor "
+                          "linearizes these experts into per-expert 2-D modules, a form quantgate does not write "
+                          "for them; its fused 3-D `*_packed` output is mapped by neither engine: "
+                          "llm-compressor #2939)",
+}
+
+
+@dataclass(frozen=True)
+class BmmJob:
+    """Quantize one transposed 3-D expert tensor [E, in, out] as a whole (all its virtual modules)."""
+
+    tensor: str                      # the fused tensor, e.g. `model.layers.0.mlp.experts.gate_up_proj`
+    modules: tuple[Module, ...]      # its virtual per-expert modules (for input scales and byte counts)
+    spec: SchemeSpec
+
+    def read(self, source: Source, device: torch.device) -> torch.Tensor | None:
+        """The stored [E, in, out] tensor on `device`, or None when it is larger than `WHOLE_READ_MAX`
+        bytes (`quantize_bmm` then reads it one expert at a time, twice: amax, then quantize)."""
+        if source.info(self.tensor).nbytes > WHOLE_READ_MAX:
+            return None
+        return source.tensor(self.tensor, pin=device.type == "cuda").to(device, non_blocking=True)
+
+
+def is_bmm(module: Module) -> bool:
+    """A virtual expert of a transposed 3-D tensor (decided by the layout, not by model family)."""
+    return module.fused is not None and module.fused.transposed
+
+
+def output_name(tensor: str, suffix: str) -> str:
+    """ModelOpt's prefixed name: `weight` keeps the tensor name, a scale is `<tensor>_<suffix>`."""
+    return tensor if suffix == "weight" else f"{tensor}_{suffix}"
+
+
+def output_tensors(tensor: str, shape: tuple[int, ...], spec: SchemeSpec) -> tuple[OutTensor, ...]:
+    """The scheme table's tensors for a 3-D [E, in, out] weight: per-expert [out, in]-shaped tensors
+    are stored transposed and stacked ([E, ..., out]); per-tensor scalars stay scalars."""
+    n_experts, in_f, out_f = shape
+    result = []
+    for t in spec.tensors:
+        if not t.required:
+            continue
+        planned = tuple(t.shape(out_f, in_f))
+        stored = () if planned == () else (n_experts, *planned[::-1])
+        result.append(OutTensor(output_name(tensor, t.suffix), t.dtypes[0], stored))
+    return tuple(result)
+
+
+def _bmm_groups(source: Source, plan: Plan) -> dict[str, list[Module]]:
+    groups: dict[str, list[Module]] = {}
+    for name in plan.assignments:
+        module = source.layout.modules[name]
+        if is_bmm(module):
+            groups.setdefault(module.fused.tensor, []).append(module)   # type: ignore[union-attr]
+    return groups
+
+
+def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
+    """Refuse, before anything is read, what the 3-D writer cannot write: a dialect without a 3-D
+    expert form, a scheme other than NVFP4/FP8, one tensor's experts split between schemes (a 3-D
+    tensor has one quantizer, so it is quantized whole or kept BF16 whole), or a mixed-precision plan
+    (ModelOpt keys 3-D experts by their container in `quantized_layers`, which is not written yet)."""
+    mixed = len({a.scheme.name for a in plan.assignments.values() if a.scheme is not None}) > 1
+    for tensor, members in _bmm_groups(source, plan).items():
+        schemes = {plan.assignments[m.name].scheme for m in members}
+        quantized = {s for s in schemes if s is not None}
+        if not quantized:
+            continue
+        where = f"{source.architecture or 'this model'} stores its experts as transposed 3-D tensors ({tensor})"
+        if dialect not in BMM_DIALECTS:
+            reason = UNSUPPORTED_DIALECT_REASONS.get(dialect, f"the {dialect} dialect has no 3-D expert form")
+            raise UnsupportedArchitectureError(
+                f"{where}; {reason}. Use --dialect modelopt, or keep the experts BF16 with --exclude '*experts*'")
+        if len(schemes) > 1:
+            raise UnsupportedArchitectureError(
+                f"{where}; its experts were given different schemes ({sorted(s.name if s else 'BF16' for s in schemes)}), "
+                "but a 3-D tensor is quantized whole. Quantize all experts of the layer or exclude them all "
+                "(--exclude '*experts*')")
+        if mixed:
+            raise UnsupportedArchitectureError(
+                f"{where}; a mixed-precision plan would key these experts in `quantized_layers`, a form "
+                "quantgate has not modelled for 3-D experts. Use one scheme (nvfp4 or fp8), or exclude the "
+                "experts with --exclude '*experts*'")
+        spec = next(iter(quantized))
+        if spec.quant_algo not in QUANTIZERS:
+            raise UnsupportedArchitectureError(
+                f"{where}; quantgate writes these 3-D experts in {', '.join(sorted(QUANTIZERS))} only, not "
+                f"{spec.name}. Choose the nvfp4 or fp8 recipe, or keep the experts BF16 with --exclude '*experts*'")
+
+
+def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
+    """The modelopt units: one `BmmJob` unit per quantized transposed 3-D expert tensor, everything
+    else as `exporter.writers.common.build_units` lays it out."""
+    from exporter.writers.common import build_units
+
+    groups = {t: ms for t, ms in _bmm_groups(source, plan).items() if plan.assignments[ms[0].name].quantized}
+    if not groups:
+        return build_units(source, plan)
+    taken = {m.name for ms in groups.values() for m in ms}
+    rest = dataclasses.replace(plan, assignments={n: a for n, a in plan.assignments.items() if n not in taken})
+    units = [u for u in build_units(source, rest) if u.key not in groups]   # drop their BF16 copies
+    for tensor, members in groups.items():
+        spec = plan.assignments[members[0].name].scheme
+        assert spec is not None
+        job = BmmJob(tensor, tuple(sorted(members, key=lambda m: m.name)), spec)
+        units.append(Unit(tensors=output_tensors(tensor, tuple(source.info(tensor).shape), spec), job=job))
+    units.sort(key=lambda u: u.key)
+    return units
+
+
+def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch.device,
+                 weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
+    already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
+    from exporter.numerics.fp8 import activation_scale
+    from exporter.numerics.nvfp4 import weight_amax
+
+    cuda = device.type == "cuda"
+
+    def expert(e: int) -> torch.Tensor:   # [in, out]
+        if weight is not None:
+            return weight[e]
+        return source.expert_tensor(job.tensor, e, pin=cuda).to(device, non_blocking=True)
+
+    n_experts = source.info(job.tensor).shape[0]
+    amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()   # of the whole tensor
+    algo = job.spec.quant_algo
+    quantize = QUANTIZERS.get(algo)
+    if quantize is None:   # check_bmm_plan refuses this before any weight is read
+        raise UnsupportedArchitectureError(f"{job.tensor}: no 3-D expert writer for {job.spec.name}")
+    out = quantize(amax, (expert(e) for e in range(n_experts)))
+    result = {output_name(job.tensor, suffix): t for suffix, t in out.items()}
+    if job.spec.activation_scales:
+        amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
+        scale = activation_scale(torch.tensor(amax_in, dtype=torch.float32), algo).to(torch.float32).reshape(())
+        result[output_name(job.tensor, "input_scale")] = scale
+    return result
+
+
+def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One weight_scale_2 for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
+    quantized as its [out, in] matrix, in blocks of 16 along in, and stored transposed back."""
+    from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
+
+    ws2 = nvfp4_global_scale(amax)
+    packed, block = [], []
+    for w in experts:
+        p, s, _ = quantize_nvfp4(w.t(), ws2)   # [out, in/2], [out, in/16]
+        packed.append(p.t())
+        block.append(s.t())
+    return {"weight": torch.stack(packed).contiguous(), "weight_scale": torch.stack(block).contiguous(),
+            "weight_scale_2": ws2.reshape(()).clone()}
+
+
+def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One per-tensor weight_scale for the whole tensor; each expert quantized as its [out, in] matrix."""
+    from exporter.numerics.fp8 import fp8_scale, quantize_fp8
+
+    scale = fp8_scale(amax).reshape(())
+    q = [quantize_fp8(w.t(), scale)[0].t() for w in experts]
+    return {"weight": torch.stack(q).contiguous(), "weight_scale": scale.clone()}
+
+
+#: quant_algo -> (amax of the whole tensor, expert slabs [in, out]) -> tensors by suffix
+QUANTIZERS: dict[str, Callable[[torch.Tensor, Iterable[torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "NVFP4": _nvfp4, "FP8": _fp8}
