@@ -25,6 +25,7 @@ from torch import Tensor
 
 from exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
 from exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
+from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
 from exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
 from exporter.source import Source
 from exporter.writers.common import InputScales, QuantJob, read_group
@@ -157,11 +158,10 @@ def _matrix_amax(stack: Tensor) -> Tensor:
     return torch.cat([stack[s:s + step].abs().amax(dim=(1, 2)) for s in range(0, stack.shape[0], step)]).float()
 
 
-def _global_scales(amax: Tensor) -> Tensor:
-    """`nvfp4_global_scale` per entry: amax / 2688 (true division on amax's device), 0 -> 1.0."""
-    divisor = torch.tensor(GLOBAL_AMAX_DIVISOR, dtype=torch.float32, device=amax.device)
-    amax = torch.where(amax == 0, divisor, amax)
-    return amax / divisor
+def _global_scales(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """`nvfp4_global_scale` per entry: amax / 2688 as `numerics` divides, 0 -> 1.0. fp32 [M] -> [M]."""
+    amax = torch.where(amax == 0, torch.full_like(amax, GLOBAL_AMAX_DIVISOR), amax)
+    return scalar_div(amax, GLOBAL_AMAX_DIVISOR, numerics)
 
 
 def _quantize_stack(stack: Tensor, ws2: Tensor) -> tuple[Tensor, Tensor]:
