@@ -136,9 +136,10 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         plan, auto = plan_for_request(req, source, progress)
     else:
         plan = make_plan(source.layout, req.recipe, req.exclude, dialect=req.dialect)
-    emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
-         quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings))
     timings["plan"] = time.perf_counter() - t0
+    emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
+         quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings),
+         seconds=timings["plan"])
     if not plan.quantized():
         raise UsageError(f"recipe {plan.recipe} quantizes no module of this model "
                          f"({source.architecture or 'unknown architecture'}); choose another recipe")
@@ -165,17 +166,21 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
                             max_buffered_bytes=writer.max_buffered_bytes,
                             auto=auto.summary() if auto is not None else None)
     emit(progress, "finalize", 0.0, "finalizing")
+    t_final = time.perf_counter()
     if report.ok:
         _replace_dir(tmp, out)
         result.output = out
         result.stats_path = out / STATS_FILE_NAME if stats is not None else None
-        emit(progress, "finalize", 1.0, f"exported to {out}", output=str(out), ok=True)
     else:
         kept = _unique(out.with_name(out.name + FAILED_SUFFIX))
         tmp.rename(kept)
         result.temp_output = kept
-        emit(progress, "finalize", 1.0, f"validation failed; output kept at {kept}", output=str(kept), ok=False)
+    timings["finalize"] = time.perf_counter() - t_final
     timings["total"] = time.perf_counter() - t0
+    final = result.output or result.temp_output
+    emit(progress, "finalize", 1.0, f"exported to {final}" if report.ok else
+         f"validation failed; output kept at {final}", output=str(final), ok=report.ok,
+         seconds=timings["finalize"], timings=dict(timings))
     return result
 
 
@@ -196,10 +201,18 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
                           progress=progress)
     stats.check_covers(plan.quantized())
     stats.save(tmp / STATS_FILE_NAME)
-    emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
-         warnings=list(stats.warnings))
     timings["calibrate"] = time.perf_counter() - t
+    for key, meta in CALIBRATION_TIMINGS.items():   # absent when the stats were read from a file
+        if isinstance(stats.metadata.get(meta), (int, float)):
+            timings[key] = float(stats.metadata[meta])
+    emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
+         warnings=list(stats.warnings), seconds=timings["calibrate"],
+         **{key: timings[key] for key in CALIBRATION_TIMINGS if key in timings})
     return stats
+
+
+#: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
+CALIBRATION_TIMINGS: dict[str, str] = {"load_seconds": "load_seconds", "forward_seconds": "seconds"}
 
 
 @dataclass
@@ -295,8 +308,12 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
     write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
     copy_other_files(source, out_dir)
     result.max_buffered_bytes = writer.max_buffered_bytes
+    seconds = time.perf_counter() - t
     if timings is not None:
-        timings["weights"] = time.perf_counter() - t
+        timings["weights"] = seconds
+    emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
+         seconds=seconds, bytes_read=result.bytes_read,
+         gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result
 
 
@@ -336,9 +353,9 @@ def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[st
     report = validate(str(out_dir))
     write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
-    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
-         findings=len(report.findings))
     timings["validate"] = time.perf_counter() - t
+    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
+         findings=len(report.findings), seconds=timings["validate"])
     return report
 
 

@@ -140,7 +140,10 @@ def _progress_sink(mode: str):
 
 def run(args: argparse.Namespace) -> int:
     from exporter.pipeline import QuantizeRequest, run_quantize
+    from exporter.progress import emit, process_seconds
     from validators.errors import QuantgateError
+
+    import_seconds = process_seconds()   # interpreter start + imports, before the job begins
 
     try:
         auto_fields = _auto_fields(args)
@@ -155,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
         calib_stats=args.calib_stats, device=args.device, exclude=tuple(args.exclude),
         shard_size=args.shard_size, overwrite=args.overwrite, **auto_fields)
     sink = _progress_sink(args.progress)
+    emit(sink, "plan", 0.0, "imports done", import_seconds=import_seconds)
     try:
         result = run_quantize(request, sink)
+        if import_seconds is not None:
+            result.timings["import"] = import_seconds
     except QuantgateError as exc:
         _close(sink)
         print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
@@ -177,7 +183,7 @@ def _summarize(result, json_mode: bool) -> int:
         print(json.dumps({"event": "result", "ok": result.ok,
                           "output": str(result.output) if result.output else None,
                           "temp_output": str(result.temp_output) if result.temp_output else None,
-                          "errors": len(errors), "warnings": result.warnings,
+                          "errors": len(errors), "warnings": result.warnings, "timings": result.timings,
                           **({"auto": result.auto} if result.auto else {})}), flush=True)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
