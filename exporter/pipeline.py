@@ -28,6 +28,7 @@ from exporter.auto_options import (
 )
 from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
 from exporter.jsonfile import write_json_atomic
+from exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
 from exporter.progress import ProgressCallback, emit
 from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
 from exporter.source import Source, open_source
@@ -74,6 +75,8 @@ class QuantizeRequest:
     method: str = DEFAULT_METHOD
     score_samples: int = DEFAULT_SCORE_SAMPLES
     scores: str | Path | None = None  # scores file: reused when it exists, written otherwise
+    # extension: whose bits the numerics reproduce, ModelOpt 0.47 run on CUDA (default) or on the CPU
+    numerics: str = DEFAULT_NUMERICS
 
 
 @dataclass
@@ -110,6 +113,8 @@ def check_request(req: QuantizeRequest) -> Path:
         raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(DIALECTS)}")
     if req.recipe != AUTO_RECIPE:
         check_dialect(req.recipe, req.dialect)
+    if req.numerics not in NUMERICS_MODES:
+        raise UsageError(f"unknown numerics {req.numerics!r}; choose one of {', '.join(NUMERICS_MODES)}")
     if req.shard_size <= 0:
         raise UsageError(f"shard size must be positive, got {req.shard_size}")
     out = Path(req.out).expanduser().resolve()
@@ -151,7 +156,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         stats = _calibration(req, source, plan, tmp, progress, timings)
         writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
-                                 on_buffer=_writer_hook, dialect=req.dialect)
+                                 on_buffer=_writer_hook, dialect=req.dialect, numerics=req.numerics)
         if auto is not None:
             from exporter.auto.stage import write_auto_files
 
@@ -244,10 +249,11 @@ def refuse_bmm_experts(plan: Plan, source: Source) -> None:
 def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
                     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
                     progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
-                    on_buffer: Any = None, dialect: str = "modelopt") -> _WriteStats:
+                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS) -> _WriteStats:
     """The weight pass: write every shard, the index, the configs and the non-weight files.
 
     `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
+    `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
     """
     from exporter.writers.registry import writer_for
 
@@ -276,7 +282,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
             job = unit.job
             if isinstance(job, CopyJob):
                 return {job.name: data}
-            out = dialect_writer.quantize_group(job, source, scales, device, weights=data)
+            out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
             return {name: t.to("cpu") for name, t in out.items()}
 
     def produce(unit) -> dict[str, torch.Tensor]:
@@ -291,7 +297,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
         done += unit.nbytes
         emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
 
-    batching = feed_batching(dialect, device, ordered, source, scales)   # GPU: many groups per pass
+    batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
     with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
                   **batching) as feed:
         try:

@@ -1,8 +1,9 @@
 """FP8 E4M3 per-tensor weights and static activation scales, bit-identical to ModelOpt 0.47.
 
 ModelOpt's FP8 export (``reference/lab_modelopt.md`` §6):
-- ``weight_scale = amax / 448`` as fp32 ``[]``; ModelOpt's ``export_amax`` turns a zero amax into
-  the format maximum, so an all-zero weight gets scale 1.0.
+- ``weight_scale = amax / 448`` as fp32 ``[]`` (``torch.tensor(amax / maxbound)`` on the quantizer's
+  0-d amax: on CUDA ``amax * fl32(1/448)``); ModelOpt's ``export_amax`` turns a zero amax into the
+  format maximum, so an all-zero weight gets scale 1.0.
 - ``weight = (W.to(model_dtype) / weight_scale).to(float8_e4m3fn)``. For a BF16 model the quotient
   is rounded to BF16 before the e4m3 cast (the division's dtype is the weight's). An fp32-only
   implementation differs from ModelOpt in 53 of the 2048 elements of the shared fixture, so we
@@ -24,7 +25,6 @@ from exporter.numerics.common import (
     check_weight,
     require_finite,
     row_chunks,
-    true_div,
 )
 from exporter.numerics.e2m1 import E2M1_MAX
 from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div, weight_over_scale
@@ -39,11 +39,12 @@ ACTIVATION_AMAX_DIVISORS: dict[str, float] = {
 }
 
 
-def fp8_scale(amax: Tensor) -> Tensor:
-    """Per-tensor FP8 scale: ``amax / 448`` in fp32; a zero amax gives 1.0 (ModelOpt ``export_amax``)."""
+def fp8_scale(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """Per-tensor FP8 scale: ``amax / 448`` in fp32 as ``numerics`` divides; a zero amax gives 1.0
+    (ModelOpt ``export_amax``). amax [] or [...] -> fp32 of the same shape."""
     a = amax.float()
     a = torch.where(a == 0, torch.full_like(a, E4M3_MAX), a)
-    return true_div(a, E4M3_MAX)
+    return scalar_div(a, E4M3_MAX, numerics)
 
 
 def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None,
@@ -53,15 +54,14 @@ def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None,
     w [out, in] (bf16/fp16/fp32) -> (q float8_e4m3fn [out, in], weight_scale fp32 []).
     ``weight_scale`` may be passed to share one scale across a fused group (compute it with
     `fp8_scale` on the group's max amax); it must cover this weight (amax <= 448 * scale).
-    ``numerics`` (`exporter.numerics.modes`) picks how ``W / weight_scale`` is rounded; the scale
-    is the same in every mode (ModelOpt computes it in Python double).
+    ``numerics`` (`exporter.numerics.modes`) picks how the scale and ``W / weight_scale`` are rounded.
     """
     check_weight(w, what="FP8")
     amax = abs_max(w).float()  # []
     require_finite(amax, what="FP8")
     shared = weight_scale is not None
     if weight_scale is None:
-        weight_scale = fp8_scale(amax)
+        weight_scale = fp8_scale(amax, numerics)
     else:
         weight_scale = as_scalar_scale(weight_scale, w.device, what="FP8 weight_scale")
         check_shared_scale(amax, weight_scale, E4M3_MAX, what="FP8", scale_name="weight_scale")

@@ -70,7 +70,7 @@ def plan_batches(units: Sequence[Unit], sizes: Sequence[int], *,
 
 
 def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
-                   device: torch.device) -> list[dict[str, Tensor]]:
+                   device: torch.device, numerics: str = DEFAULT_NUMERICS) -> list[dict[str, Tensor]]:
     """Each unit's output tensors (on the CPU), byte-identical to `modelopt.quantize_group`."""
     jobs: list[QuantJob] = [u.job for u in units]
     names: list[str] = []            # one entry per module, in job order
@@ -107,7 +107,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
         group_amax.extend([max(members)] * n if share else members)
         k += n
     scale_amax = torch.tensor(group_amax, dtype=torch.float32).to(device)
-    ws2 = _global_scales(scale_amax)                                        # fp32 [M]
+    ws2 = _global_scales(scale_amax, numerics)                                        # fp32 [M]
 
     # 3. quantize each shape's stack in chunks; one device-to-host copy per output kind and shape
     packed: dict[int, Tensor] = {}
@@ -130,7 +130,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
             tensors[f"{m.name}.weight_scale"] = block[k]
             tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
             if job.spec.activation_scales:
-                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec)
+                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec, numerics)
             k += 1
         out.append(tensors)
     return out
@@ -191,7 +191,7 @@ MAX_BATCH_OUTPUT_BYTES = 64 * 2**20       # ~230 MiB of BF16 read: NVFP4 output 
 
 
 def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], source: Source,
-                  scales: InputScales) -> dict[str, Any]:
+                  scales: InputScales, numerics: str = DEFAULT_NUMERICS) -> dict[str, Any]:
     """`UnitFeed` keyword arguments that batch this weight pass, or {} where it should not."""
     if device.type not in BATCH_DEVICES or dialect not in BATCH_DIALECTS:
         return {}
@@ -199,7 +199,7 @@ def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], sou
 
     def work_batch(members: list[Unit]) -> list[dict[str, Tensor]]:
         with device_stream(device):
-            return quantize_batch(members, source, scales, device)
+            return quantize_batch(members, source, scales, device, numerics)
 
     batches = plan_batches(units, [u.nbytes for u in units], max_bytes=MAX_BATCH_OUTPUT_BYTES)
     log.info("weight pass: %d units in %d batches on %s", len(units), len(batches), device)

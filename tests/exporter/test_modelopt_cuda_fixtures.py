@@ -53,6 +53,29 @@ def test_export_is_bit_identical_to_modelopt_on_cuda(recipe: str, device: str, t
     assert differing == []
 
 
+def test_numerics_option_reproduces_modelopt_on_the_cpu(tmp_path: Path) -> None:
+    """`quantgate quantize --numerics modelopt-cpu`: the same export with correctly rounded
+    divisions; on this fixture exactly the planted global scales (and what they feed) move."""
+    import subprocess
+    import sys
+
+    from numerics_helpers import REPO_ROOT
+
+    stats = FIXTURE / "modelopt_nvfp4_calibration.json"
+    out = tmp_path / "cpu"
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(FIXTURE / "source"), "--recipe",
+                           "nvfp4", "--device", "cpu", "--calib-stats", str(stats), "--numerics", "modelopt-cpu",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ours, expected = load_file(out / "model.safetensors"), _modelopt("nvfp4")
+    moved = {k.rsplit(".", 1)[0] for k in expected if not torch.equal(bits(ours[k]), bits(expected[k]))}
+    source = load_file(FIXTURE / "source" / "model.safetensors")
+    assert "model.layers.0.mlp.down_proj" in moved and "model.layers.0.self_attn.q_proj" in moved
+    amax = source["model.layers.0.mlp.down_proj.weight"].abs().max().float()
+    assert torch.equal(bits(ours["model.layers.0.mlp.down_proj.weight_scale_2"]),
+                       bits(nvfp4_global_scale(amax, MODELOPT_CPU)))
+
+
 def test_fixture_pins_the_cuda_global_scale() -> None:
     """The planted amaxes give a weight_scale_2 that ModelOpt-on-CPU bits would miss by one ulp."""
     expected = _modelopt("nvfp4")

@@ -47,8 +47,9 @@ def test_bf16_division_is_rounded_in_bf16_as_modelopt_does() -> None:
 
 def test_scale_is_amax_over_448_and_zero_amax_gives_one() -> None:
     w = torch.tensor([[0.5, -3.5], [1.0, 2.0]], dtype=torch.bfloat16)
-    q, scale = quantize_fp8(w)
+    q, scale = quantize_fp8(w, numerics=MODELOPT_CPU)
     assert float(scale) == float(torch.tensor(3.5) / torch.tensor(448.0))
+    assert float(quantize_fp8(w)[1]) == float(torch.tensor(3.5) * (1 / torch.tensor(448.0)))   # ModelOpt on CUDA
     assert float(q[0, 1].float()) == -448.0  # the amax element maps to the e4m3 maximum
     q0, scale0 = quantize_fp8(torch.zeros(3, 5, dtype=torch.bfloat16))
     assert float(scale0) == 1.0 and not q0.float().any()
