@@ -28,6 +28,12 @@ for step in "$@"; do
     issue_nvfp4)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
         --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
+    wp)   # the weight pass alone (ModelOpt's amax as stats), by worker count: GB/s of BF16 read
+      for w in 1 2 4; do
+        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=. python3 -m service.cli quantize /tmp/sbs/issue/src \
+          --recipe nvfp4 --device cuda --calib-stats /tmp/sbs/issue/nvfp4/modelopt_amax_stats.json --out /tmp/wp$w \
+          --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
+      done ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
       PYTHONPATH=. python3 -X importtime -c "import service.commands.quantize as q, exporter.pipeline, exporter.calibration, \
         exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \

@@ -6,9 +6,11 @@ Needs CUDA and ModelOpt 0.47 (see BENCHMARKS.md, "ModelOpt side by side", for th
 
 - `source/`: the checkpoint (config.json + model.safetensors, BF16): a Gemma4ForCausalLM with hidden
   512, one layer, 2 fused experts (`experts.gate_up_proj` [2, 64, 512], `experts.down_proj`
-  [2, 512, 32]), dense MLP 64, vocab 128. Three weights get one planted element (the largest of the
-  tensor) whose amax makes `amax / 2688` and `amax * fl32(1/2688)` differ, so the fixture pins the
-  CUDA rounding of `weight_scale_2` (q_proj, expert 0's gate_up, the dense down_proj).
+  [2, 512, 32]), dense MLP 64, vocab 128. Every matrix is N(0, 0.02^2) from its own seed (so the
+  amaxes differ; transformers' truncated init gives nearly one amax for all). Three weights get one
+  planted element (the largest of the tensor) whose amax makes `amax / d` and `amax * fl32(1/d)`
+  differ for d = 2688 and 448, so the fixture pins the CUDA rounding of `weight_scale_2` and the FP8
+  `weight_scale` (q_proj, expert 0's gate_up, the dense down_proj).
 - `modelopt_<recipe>.safetensors` (recipe nvfp4 / fp8): every tensor ModelOpt exported for a
   quantized module (`weight`, `weight_scale`, `weight_scale_2`, `input_scale`), metadata = versions.
 - `modelopt_<recipe>_calibration.json`: the input amax ModelOpt calibrated, per exported module name,
@@ -46,14 +48,14 @@ PLANTED: dict[str, int | None] = {
 CALIB_BATCHES, CALIB_BATCH, CALIB_SEQ = 1, 8, 64
 RECIPE_CONFIGS: dict[str, str] = {"nvfp4": "NVFP4_DEFAULT_CFG", "fp8": "FP8_DEFAULT_CFG"}
 EXPORTED_SUFFIXES: tuple[str, ...] = ("weight", "weight_scale", "weight_scale_2", "input_scale")
-GLOBAL_AMAX_DIVISOR = 2688.0
+SCALE_DIVISORS: tuple[float, ...] = (2688.0, 448.0)   # NVFP4 weight_scale_2, FP8 weight_scale
+INIT_STD = 0.02
 
 
 def cuda_differs(amax: float) -> bool:
-    """Whether ModelOpt's CUDA global scale (amax * fl32(1/2688)) differs from amax / 2688 (fp32)."""
+    """Whether ModelOpt's CUDA scales (amax * fl32(1/d)) differ from amax / d (fp32) for every d."""
     a = torch.tensor(amax, dtype=torch.float32)
-    recip = torch.tensor(1.0) / torch.tensor(GLOBAL_AMAX_DIVISOR)
-    return bool((a * recip) != (a / torch.tensor(GLOBAL_AMAX_DIVISOR)))
+    return all(bool(a * (torch.tensor(1.0) / torch.tensor(d)) != a / torch.tensor(d)) for d in SCALE_DIVISORS)
 
 
 def planted_amax(above: float) -> float:
@@ -77,6 +79,10 @@ def build_source(out: Path) -> Path:
         torch.manual_seed(0)
         model = cls._from_config(config, dtype=torch.bfloat16).eval()
     state = model.state_dict()
+    for i, name in enumerate(sorted(state)):
+        if state[name].ndim >= 2:   # matrices and stacked experts; norms and scalars keep their init
+            gen = torch.Generator().manual_seed(i)
+            state[name].copy_(torch.randn(state[name].shape, generator=gen) * INIT_STD)
     for name, expert in PLANTED.items():
         w = state[name] if expert is None else state[name][expert]
         value = planted_amax(float(w.abs().max()) * 1.25)
