@@ -33,7 +33,10 @@ for step in "$@"; do
         echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=. python3 -m service.cli quantize /tmp/sbs/issue/src \
           --recipe nvfp4 --device cuda --calib-stats /tmp/sbs/issue/nvfp4/modelopt_amax_stats.json --out /tmp/wp$w \
           --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
-      done ;;
+      done
+      # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
+      (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
+       dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 conv=fdatasync 2>&1 | tail -1; rm -f /tmp/dd.bin) >>$OUT/wp.txt ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
       PYTHONPATH=. python3 -X importtime -c "import service.commands.quantize as q, exporter.pipeline, exporter.calibration, \
         exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \

@@ -306,7 +306,9 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
                 emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
                      index=i + 1, shards=len(shards), nbytes=shard.nbytes)
         finally:
-            writer.close()
+            t_close = time.perf_counter()
+            writer.close()   # waits for the shards' fsyncs (durability before the final rename)
+            sync_wait = time.perf_counter() - t_close
     if len(shards) > 1:
         from exporter.writers.sharding import index_for
 
@@ -317,8 +319,10 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
     seconds = time.perf_counter() - t
     if timings is not None:
         timings["weights"] = seconds
+    if timings is not None:
+        timings["weights_sync_wait"] = sync_wait
     emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
-         seconds=seconds, bytes_read=result.bytes_read,
+         seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
          gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result
 
