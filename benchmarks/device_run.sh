@@ -37,6 +37,17 @@ for step in "$@"; do
       # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
       (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
        dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 conv=fdatasync 2>&1 | tail -1; rm -f /tmp/dd.bin) >>$OUT/wp.txt ;;
+    loadexp)   # from_pretrained of the issue model on one GPU: device_map "auto" vs "cuda" (after imports)
+      PYTHONPATH=. python3 -c "
+import time, torch, transformers
+src = '/tmp/sbs/issue/src'
+for dm in ('auto', 'cuda', 'auto', 'cuda'):
+    t = time.perf_counter()
+    m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map=dm)
+    torch.cuda.synchronize()
+    print(dm, round(time.perf_counter() - t, 3), flush=True)
+    del m; torch.cuda.empty_cache()
+" >>$OUT/loadexp.txt 2>&1 ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
       PYTHONPATH=. python3 -X importtime -c "import service.commands.quantize as q, exporter.pipeline, exporter.calibration, \
         exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \
