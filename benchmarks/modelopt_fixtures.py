@@ -35,9 +35,9 @@ import torch
 
 log = logging.getLogger("modelopt_fixtures")
 
-FIXTURE_MODEL: dict[str, Any] = dict(hidden=512, layers=1, experts=2, top_k_experts=1, moe_intermediate=32,
-                                     intermediate=64, vocab=512, heads=2, kv_heads=1, head_dim=64,
-                                     global_head_dim=64)
+FIXTURE_MODEL: dict[str, Any] = {"hidden": 512, "layers": 1, "experts": 2, "top_k_experts": 1,
+                                 "moe_intermediate": 32, "intermediate": 64, "vocab": 512, "heads": 2,
+                                 "kv_heads": 1, "head_dim": 64, "global_head_dim": 64}
 FIXTURE_VOCAB = 128   # keeps the embedding (copied, never quantized) small in the fixture
 #: Weights that get a planted amax; value: the fused-expert index (None: a 2-D weight).
 PLANTED: dict[str, int | None] = {
@@ -173,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     source = build_source(out / "source")
     meta = versions()
-    for recipe in RECIPE_CONFIGS:
+    for recipe, config in RECIPE_CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             amax = run_modelopt(source, recipe, Path(tmp))
             tensors, module_amax = collect(Path(tmp), amax)
         save_file(tensors, str(out / f"modelopt_{recipe}.safetensors"),
-                  metadata={**meta, "config": RECIPE_CONFIGS[recipe],
+                  metadata={**meta, "config": config,
                             "calibration": f"{CALIB_BATCHES}x{CALIB_BATCH}x{CALIB_SEQ} random ids, seed 0"})
         stats = ActivationStats(amax=module_amax, metadata={"model": "modelopt_cuda fixture", "producer": "modelopt",
                                                             **meta})

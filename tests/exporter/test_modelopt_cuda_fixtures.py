@@ -65,7 +65,7 @@ def test_numerics_option_reproduces_modelopt_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "cpu"
     proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(FIXTURE / "source"), "--recipe",
                            "nvfp4", "--device", "cpu", "--calib-stats", str(stats), "--numerics", "modelopt-cpu",
-                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True)
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     ours, expected = load_file(out / "model.safetensors"), _modelopt("nvfp4")
     moved = {k.rsplit(".", 1)[0] for k in expected if not torch.equal(bits(ours[k]), bits(expected[k]))}
@@ -91,7 +91,7 @@ def test_fixture_pins_the_cuda_global_scale() -> None:
         assert torch.equal(bits(cuda), bits(expected[f"{module}.weight_scale_2"]))
         assert not torch.equal(bits(cpu), bits(cuda))
         if module.endswith("down_proj"):   # no group: the whole quantize call reproduces the export
-            packed, block, ws2 = quantize_nvfp4(w)
+            packed, block, _ = quantize_nvfp4(w)
             assert torch.equal(bits(packed), bits(expected[f"{module}.weight"]))
             assert torch.equal(bits(block), bits(expected[f"{module}.weight_scale"]))
 
