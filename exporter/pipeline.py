@@ -207,8 +207,8 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
     stats.check_covers(plan.quantized())
     stats.save(tmp / STATS_FILE_NAME)
     timings["calibrate"] = time.perf_counter() - t
-    for key, meta in CALIBRATION_TIMINGS.items():   # absent when the stats were read from a file
-        if isinstance(stats.metadata.get(meta), (int, float)):
+    for key, meta in CALIBRATION_TIMINGS.items():   # a reused stats file's times are not this job's
+        if req.calib_stats is None and isinstance(stats.metadata.get(meta), (int, float)):
             timings[key] = float(stats.metadata[meta])
     emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
          warnings=list(stats.warnings), seconds=timings["calibrate"],

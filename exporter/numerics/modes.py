@@ -18,8 +18,10 @@ dtype operations whose result does not depend on the device we run on:
     (torch's CPU kernel reads a 0-d divisor at its original precision).
 
 Everything else (per-block ``/ (6 * weight_scale_2)``, ``W / (block_scale * weight_scale_2)``, the
-E2M1 and E4M3 roundings) is the same on both devices. Reference: reference/lab_modelopt.md §6; ModelOpt 0.47 ``NVFP4QTensor``,
-``export/quant_utils.py`` (``get_weight_scaling_factor_2``, ``to_quantized_weight``).
+E2M1 and E4M3 roundings) is the same on both devices. Reference: reference/lab_modelopt.md §6;
+ModelOpt 0.47 ``NVFP4QTensor``, ``export/quant_utils.py`` (``get_weight_scaling_factor_2``,
+``to_quantized_weight``), ``export/unified_export_hf.py`` (``_export_quantized_weight``); proven
+against ModelOpt run on an H200 by tests/exporter/test_modelopt_cuda_fixtures.py and BENCHMARKS.md.
 """
 
 from __future__ import annotations

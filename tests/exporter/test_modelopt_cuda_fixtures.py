@@ -9,6 +9,7 @@ the same checkpoint, given ModelOpt's calibrated input amax, must equal it byte 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,17 @@ def test_weight_over_scale_rounds_the_scale_to_the_weight_dtype_on_cuda() -> Non
     assert torch.equal(weight_over_scale(w, scale, MODELOPT_CPU), (w.float() / scale).to(torch.bfloat16))
     w32 = w.float()
     assert torch.equal(weight_over_scale(w32, scale), w32 / scale)   # fp32 weights: no rounding either way
+
+
+def test_reused_stats_report_no_calibration_times(tmp_path: Path) -> None:
+    """`--calib-stats` skips calibration, so the load/forward seconds recorded in the file (by the job
+    that calibrated) must not appear as this job's stage times; the other stages are timed."""
+    stats = json.loads((FIXTURE / "modelopt_nvfp4_calibration.json").read_text())
+    stats["metadata"].update(load_seconds=12.5, seconds=1.7)   # what a calibrating job records
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(stats))
+    result = run_quantize(QuantizeRequest(source=str(FIXTURE / "source"), recipe="nvfp4", out=tmp_path / "out",
+                                          device="cpu", calib_stats=path))
+    assert result.ok
+    assert "load_seconds" not in result.timings and "forward_seconds" not in result.timings
+    assert {"plan", "calibrate", "weights", "validate", "finalize", "total"} <= set(result.timings)
