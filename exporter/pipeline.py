@@ -29,6 +29,7 @@ from exporter.auto_options import (
 from exporter.calib_session import ModelSession
 from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
 from exporter.jsonfile import write_json_atomic
+from exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
 from exporter.progress import ProgressCallback, emit
 from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
 from exporter.source import Source, open_source
@@ -76,6 +77,8 @@ class QuantizeRequest:
     method: str = DEFAULT_METHOD
     score_samples: int = DEFAULT_SCORE_SAMPLES
     scores: str | Path | None = None  # scores file: reused when it exists, written otherwise
+    # extension: whose bits the numerics reproduce, ModelOpt 0.47 run on CUDA (default) or on the CPU
+    numerics: str = DEFAULT_NUMERICS
 
 
 @dataclass
@@ -112,6 +115,8 @@ def check_request(req: QuantizeRequest) -> Path:
         raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(DIALECTS)}")
     if req.recipe != AUTO_RECIPE:
         check_dialect(req.recipe, req.dialect)
+    if req.numerics not in NUMERICS_MODES:
+        raise UsageError(f"unknown numerics {req.numerics!r}; choose one of {', '.join(NUMERICS_MODES)}")
     if req.shard_size <= 0:
         raise UsageError(f"shard size must be positive, got {req.shard_size}")
     out = Path(req.out).expanduser().resolve()
@@ -140,9 +145,10 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         plan, auto = plan_for_request(req, source, progress, session=session)
     else:
         plan = make_plan(source.layout, req.recipe, req.exclude, dialect=req.dialect)
-    emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
-         quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings))
     timings["plan"] = time.perf_counter() - t0
+    emit(progress, "plan", 1.0, f"{len(plan.quantized())} modules quantized, {len(plan.excluded())} left BF16",
+         quantized=len(plan.quantized()), excluded=len(plan.excluded()), warnings=list(plan.warnings),
+         seconds=timings["plan"])
     if not plan.quantized():
         raise UsageError(f"recipe {plan.recipe} quantizes no module of this model "
                          f"({source.architecture or 'unknown architecture'}); choose another recipe")
@@ -157,7 +163,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
             session.release()   # the weight pass reads the checkpoint, never the model
         writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
-                                 on_buffer=_writer_hook, dialect=req.dialect)
+                                 on_buffer=_writer_hook, dialect=req.dialect, numerics=req.numerics)
         if auto is not None:
             from exporter.auto.stage import write_auto_files
 
@@ -173,17 +179,21 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
                             max_buffered_bytes=writer.max_buffered_bytes,
                             auto=auto.summary() if auto is not None else None)
     emit(progress, "finalize", 0.0, "finalizing")
+    t_final = time.perf_counter()
     if report.ok:
         _replace_dir(tmp, out)
         result.output = out
         result.stats_path = out / STATS_FILE_NAME if stats is not None else None
-        emit(progress, "finalize", 1.0, f"exported to {out}", output=str(out), ok=True)
     else:
         kept = Path(report.target)   # <out>.failed-validation[.N], chosen (and named) by _validate
         tmp.rename(kept)
         result.temp_output = kept
-        emit(progress, "finalize", 1.0, f"validation failed; output kept at {kept}", output=str(kept), ok=False)
+    timings["finalize"] = time.perf_counter() - t_final
     timings["total"] = time.perf_counter() - t0
+    final = result.output or result.temp_output
+    emit(progress, "finalize", 1.0, f"exported to {final}" if report.ok else
+         f"validation failed; output kept at {final}", output=str(final), ok=report.ok,
+         seconds=timings["finalize"], timings=dict(timings))
     return result
 
 
@@ -204,10 +214,18 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
                           progress=progress, token=req.token, revision=req.revision, session=session)
     stats.check_covers(plan.quantized())
     stats.save(tmp / STATS_FILE_NAME)
-    emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
-         warnings=list(stats.warnings))
     timings["calibrate"] = time.perf_counter() - t
+    for key, meta in CALIBRATION_TIMINGS.items():   # a reused stats file's times are not this job's
+        if req.calib_stats is None and isinstance(stats.metadata.get(meta), (int, float)):
+            timings[key] = float(stats.metadata[meta])
+    emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
+         warnings=list(stats.warnings), seconds=timings["calibrate"],
+         **{key: timings[key] for key in CALIBRATION_TIMINGS if key in timings})
     return stats
+
+
+#: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
+CALIBRATION_TIMINGS: dict[str, str] = {"load_seconds": "load_seconds", "forward_seconds": "seconds"}
 
 
 @dataclass
@@ -219,10 +237,11 @@ class _WriteStats:
 def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
                     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
                     progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
-                    on_buffer: Any = None, dialect: str = "modelopt") -> _WriteStats:
+                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS) -> _WriteStats:
     """The weight pass: write every shard, the index, the configs and the non-weight files.
 
     `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
+    `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
     """
     from exporter.writers.registry import writer_for
 
@@ -251,7 +270,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
             job = unit.job
             if isinstance(job, CopyJob):
                 return {job.name: data}
-            out = dialect_writer.quantize_group(job, source, scales, device, weights=data)
+            out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
             return {name: t.to("cpu") for name, t in out.items()}
 
     def produce(unit) -> dict[str, torch.Tensor]:
@@ -266,7 +285,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
         done += unit.nbytes
         emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
 
-    batching = feed_batching(dialect, device, ordered, source, scales)   # GPU: many groups per pass
+    batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
     with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
                   **batching) as feed:
         try:
@@ -275,7 +294,9 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
                 emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
                      index=i + 1, shards=len(shards), nbytes=shard.nbytes)
         finally:
-            writer.close()
+            t_close = time.perf_counter()
+            writer.close()   # waits for the shards' fsyncs (durability before the final rename)
+            sync_wait = time.perf_counter() - t_close
     if len(shards) > 1:
         from exporter.writers.sharding import index_for
 
@@ -283,8 +304,14 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
     write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
     copy_other_files(source, out_dir)
     result.max_buffered_bytes = writer.max_buffered_bytes
+    seconds = time.perf_counter() - t
     if timings is not None:
-        timings["weights"] = time.perf_counter() - t
+        timings["weights"] = seconds
+    if timings is not None:
+        timings["weights_sync_wait"] = sync_wait
+    emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
+         seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
+         gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result
 
 
@@ -329,9 +356,9 @@ def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[st
         report.target = str(final if report.ok else _unique(final.with_name(final.name + FAILED_SUFFIX)))
     write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
-    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
-         findings=len(report.findings))
     timings["validate"] = time.perf_counter() - t
+    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
+         findings=len(report.findings), seconds=timings["validate"])
     return report
 
 

@@ -3,11 +3,15 @@
 The pipeline reports `ProgressEvent`s through a plain callback. The CLI turns them into a bar on a
 terminal (stderr) or into JSON lines (`--progress json`, what the service's worker relays); the
 library never prints. Stages, in order: plan, calibrate, quantize, write, validate, finalize.
+Each stage's last event carries `seconds` (the calibrate one also `load_seconds` and
+`forward_seconds`, the weight pass `gb_per_s`), and the finalize event all of them as `timings`;
+the CLI adds `import_seconds` (process start to the pipeline imported) to its first event.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +39,19 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere), to time interpreter and
+    import costs that happen before any of our code runs."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22: starttime
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def emit(progress: ProgressCallback | None, stage: str, fraction: float | None, message: str, **data: object) -> None:

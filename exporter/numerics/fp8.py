@@ -1,13 +1,15 @@
 """FP8 E4M3 per-tensor weights and static activation scales, bit-identical to ModelOpt 0.47.
 
 ModelOpt's FP8 export (``reference/lab_modelopt.md`` §6):
-- ``weight_scale = amax / 448`` as fp32 ``[]``; ModelOpt's ``export_amax`` turns a zero amax into
-  the format maximum, so an all-zero weight gets scale 1.0.
+- ``weight_scale = amax / 448`` as fp32 ``[]`` (``torch.tensor(amax / maxbound)`` on the quantizer's
+  0-d amax: on CUDA ``amax * fl32(1/448)``); ModelOpt's ``export_amax`` turns a zero amax into the
+  format maximum, so an all-zero weight gets scale 1.0.
 - ``weight = (W.to(model_dtype) / weight_scale).to(float8_e4m3fn)``. For a BF16 model the quotient
-  is rounded to BF16 before the e4m3 cast (on CPU, torch divides a BF16 tensor by a 0-d fp32
-  tensor in fp32 and rounds the result to BF16). An fp32-only implementation differs from
-  ModelOpt in 53 of the 2048 elements of the shared fixture, so we reproduce the double rounding.
-- ``input_scale = input_amax / 448`` (``activation_scale``).
+  is rounded to BF16 before the e4m3 cast (the division's dtype is the weight's). An fp32-only
+  implementation differs from ModelOpt in 53 of the 2048 elements of the shared fixture, so we
+  reproduce the double rounding. On CUDA the scale itself is rounded to BF16 first
+  (`exporter.numerics.modes.weight_over_scale`).
+- ``input_scale = input_amax / 448`` (``activation_scale``; on CUDA ``amax * fl32(1/448)``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from exporter.numerics.common import (
     check_weight,
     require_finite,
     row_chunks,
-    true_div,
 )
 from exporter.numerics.e2m1 import E2M1_MAX
+from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div, weight_over_scale
 
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -37,32 +39,35 @@ ACTIVATION_AMAX_DIVISORS: dict[str, float] = {
 }
 
 
-def fp8_scale(amax: Tensor) -> Tensor:
-    """Per-tensor FP8 scale: ``amax / 448`` in fp32; a zero amax gives 1.0 (ModelOpt ``export_amax``)."""
+def fp8_scale(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """Per-tensor FP8 scale: ``amax / 448`` in fp32 as ``numerics`` divides; a zero amax gives 1.0
+    (ModelOpt ``export_amax``). amax [] or [...] -> fp32 of the same shape."""
     a = amax.float()
     a = torch.where(a == 0, torch.full_like(a, E4M3_MAX), a)
-    return true_div(a, E4M3_MAX)
+    return scalar_div(a, E4M3_MAX, numerics)
 
 
-def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None,
+                 numerics: str = DEFAULT_NUMERICS) -> tuple[Tensor, Tensor]:
     """Per-tensor FP8 E4M3 quantization.
 
     w [out, in] (bf16/fp16/fp32) -> (q float8_e4m3fn [out, in], weight_scale fp32 []).
     ``weight_scale`` may be passed to share one scale across a fused group (compute it with
     `fp8_scale` on the group's max amax); it must cover this weight (amax <= 448 * scale).
+    ``numerics`` (`exporter.numerics.modes`) picks how the scale and ``W / weight_scale`` are rounded.
     """
     check_weight(w, what="FP8")
     amax = abs_max(w).float()  # []
     require_finite(amax, what="FP8")
     shared = weight_scale is not None
     if weight_scale is None:
-        weight_scale = fp8_scale(amax)
+        weight_scale = fp8_scale(amax, numerics)
     else:
         weight_scale = as_scalar_scale(weight_scale, w.device, what="FP8 weight_scale")
         check_shared_scale(amax, weight_scale, E4M3_MAX, what="FP8", scale_name="weight_scale")
     q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
     for rows in row_chunks(w.shape[0], w.shape[1], w.device):
-        scaled = (w[rows].float() / weight_scale).to(w.dtype)  # rounded in the weight dtype
+        scaled = weight_over_scale(w[rows], weight_scale, numerics)  # rounded in the weight dtype
         if shared:  # only a shared scale can push |scaled| past 448 (e4m3fn has no inf: NaN)
             scaled.clamp_(-E4M3_MAX, E4M3_MAX)
         q[rows] = scaled.to(FP8_DTYPE)
@@ -75,11 +80,17 @@ def dequantize_fp8(q: Tensor, weight_scale: Tensor, dtype: torch.dtype = torch.b
     return (q.float() * scale).to(dtype)
 
 
-def activation_scale(amax: Tensor | float, scheme: str) -> Tensor:
+#: What ModelOpt's ``export_amax`` puts in place of a zero input amax: the quantizer's maxbound.
+ZERO_AMAX_REPLACEMENT: dict[str, float] = {"NVFP4": E2M1_MAX, "FP8": E4M3_MAX}
+
+
+def activation_scale(amax: Tensor | float, scheme: str, numerics: str = DEFAULT_NUMERICS) -> Tensor:
     """Static input scale for ``scheme`` ("NVFP4": amax/2688, "FP8": amax/448), fp32, amax's shape.
 
-    A zero amax (a module that saw only zeros) gives 1.0, as ModelOpt's ``export_amax`` does for
-    FP8; a negative or non-finite amax is a calibration bug and raises `NumericsError`.
+    The division is ModelOpt's ``amax.float() / python_scalar`` as ``numerics`` computes it. A zero
+    amax (a module that saw only zeros) becomes the quantizer's maxbound, as ModelOpt's
+    ``export_amax`` does (6 for NVFP4, so 6/2688; 448 for FP8, so 1.0). A negative or non-finite
+    amax is a calibration bug and raises `NumericsError`.
     """
     divisor = ACTIVATION_AMAX_DIVISORS.get(scheme.upper())
     if divisor is None:
@@ -91,5 +102,5 @@ def activation_scale(amax: Tensor | float, scheme: str) -> Tensor:
     bad = ~torch.isfinite(a) | (a < 0)
     if bool(bad.any()):
         raise NumericsError(f"{scheme}: input amax must be finite and >= 0, got {a.tolist()}")
-    a = torch.where(a == 0, torch.full_like(a, divisor), a)
-    return true_div(a, divisor)
+    a = torch.where(a == 0, torch.full_like(a, ZERO_AMAX_REPLACEMENT[scheme.upper()]), a)
+    return scalar_div(a, divisor, numerics)

@@ -2,7 +2,8 @@
 
 ModelOpt 0.47 (``NVFP4QTensor``, dynamic block path used by ``_export_quantized_weight``; see
 ``reference/lab_modelopt.md`` §6 and ``reference/modelopt.md`` §3), reproduced op for op:
-1. ``weight_scale_2 = amax.float() / 2688`` (fp32 ``[]``), amax = max|W| (or a fused group's max).
+1. ``weight_scale_2 = amax.float() / 2688`` (fp32 ``[]``), amax = max|W| (or a fused group's max);
+   on CUDA ModelOpt computes it as ``amax * fl32(1/2688)`` (`exporter.numerics.modes`).
 2. ``block_scale = block_amax.float() / (6 * weight_scale_2)`` in fp32; a zero quotient becomes
    1.0; then clamped to [2^-9, 448] and cast to float8_e4m3fn (round to nearest even).
 3. ``codes = e2m1(W / (float(block_scale) * weight_scale_2))``: the product of the two scales is
@@ -28,10 +29,10 @@ from exporter.numerics.common import (
     check_weight,
     require_finite,
     row_chunks,
-    true_div,
 )
 from exporter.numerics.e2m1 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
 from exporter.numerics.fp8 import E4M3_MAX, FP8_DTYPE, activation_scale
+from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
 
 BLOCK = 16  # input elements per e4m3 block scale
 BLOCK_SCALE_MIN = 2.0**-9  # smallest positive e4m3fn value (a subnormal)
@@ -39,8 +40,8 @@ BLOCK_SCALE_MAX = E4M3_MAX  # e4m3fn has no inf: anything >= 480 would cast to N
 GLOBAL_AMAX_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688
 
 
-def nvfp4_global_scale(amax: Tensor) -> Tensor:
-    """ModelOpt ``weight_scale_2`` / ``input_scale``: ``amax / 2688`` in fp32, 0-d.
+def nvfp4_global_scale(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """ModelOpt ``weight_scale_2``: ``amax / 2688`` in fp32 as ``numerics`` divides, 0-d.
 
     A zero amax (all-zero weight) gives 1.0: ModelOpt would divide 0/0 into NaN block scales; a
     positive scale keeps the export loadable and dequantizes to exact zeros.
@@ -50,12 +51,12 @@ def nvfp4_global_scale(amax: Tensor) -> Tensor:
     if not (value >= 0.0 and value != float("inf")):
         raise NumericsError(f"NVFP4: amax must be finite and >= 0, got {value}")
     a = torch.where(a == 0, torch.full_like(a, GLOBAL_AMAX_DIVISOR), a)
-    return true_div(a, GLOBAL_AMAX_DIVISOR)
+    return scalar_div(a, GLOBAL_AMAX_DIVISOR, numerics)
 
 
-def nvfp4_input_scale(amax: Tensor | float) -> Tensor:
+def nvfp4_input_scale(amax: Tensor | float, numerics: str = DEFAULT_NUMERICS) -> Tensor:
     """Static NVFP4 activation scale ``input_amax / 2688`` (fp32, amax's shape)."""
-    return activation_scale(amax, "NVFP4")
+    return activation_scale(amax, "NVFP4", numerics)
 
 
 def nvfp4_block_scale(block_amax: Tensor, weight_scale_2: Tensor) -> Tensor:
@@ -70,21 +71,23 @@ def weight_amax(w: Tensor) -> Tensor:
     return abs_max(w).float()
 
 
-def shared_global_scale(weights: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+def shared_global_scale(weights: list[Tensor] | tuple[Tensor, ...], numerics: str = DEFAULT_NUMERICS) -> Tensor:
     """One ``weight_scale_2`` for a fused group (q/k/v, gate/up): from the max amax of its members."""
     if not weights:
         raise NumericsError("NVFP4: a fused group needs at least one weight")
     amax = torch.stack([weight_amax(w).to(weights[0].device) for w in weights]).max()
     require_finite(amax, what="NVFP4 fused group")
-    return nvfp4_global_scale(amax)
+    return nvfp4_global_scale(amax, numerics)
 
 
-def quantize_nvfp4(w: Tensor, weight_scale_2: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_nvfp4(w: Tensor, weight_scale_2: Tensor | None = None,
+                   numerics: str = DEFAULT_NUMERICS) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize one weight to NVFP4.
 
     w [out, in] (bf16/fp16/fp32, in % 16 == 0) ->
     (packed uint8 [out, in/2], block_scale float8_e4m3fn [out, in/16], weight_scale_2 fp32 []).
-    Pass ``weight_scale_2`` (e.g. from `shared_global_scale`) when a fused group shares it.
+    Pass ``weight_scale_2`` (e.g. from `shared_global_scale`) when a fused group shares it;
+    ``numerics`` (`exporter.numerics.modes`) only affects the global scale computed here.
     """
     check_weight(w, what="NVFP4", in_divisor=BLOCK)
     out_f, in_f = w.shape
@@ -92,7 +95,7 @@ def quantize_nvfp4(w: Tensor, weight_scale_2: Tensor | None = None) -> tuple[Ten
     block_amax = abs_max(blocks, last_dim=True).float()  # [out, in/16]
     require_finite(block_amax, what="NVFP4")
     if weight_scale_2 is None:
-        weight_scale_2 = nvfp4_global_scale(block_amax.max())
+        weight_scale_2 = nvfp4_global_scale(block_amax.max(), numerics)
     else:
         weight_scale_2 = as_scalar_scale(weight_scale_2, w.device, what="NVFP4 weight_scale_2")
         check_shared_scale(
@@ -126,7 +129,8 @@ def dequantize_nvfp4(
     return out
 
 
-def quantize_nvfp4_experts(w: Tensor, weight_scale_2: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_nvfp4_experts(w: Tensor, weight_scale_2: Tensor | None = None,
+                           numerics: str = DEFAULT_NUMERICS) -> tuple[Tensor, Tensor, Tensor]:
     """Stacked experts, each with its own global scale (ModelOpt unfuses experts this way).
 
     w [E, out, in] -> (uint8 [E, out, in/2], e4m3 [E, out, in/16], fp32 [E]).
@@ -137,7 +141,7 @@ def quantize_nvfp4_experts(w: Tensor, weight_scale_2: Tensor | None = None) -> t
     if weight_scale_2 is not None and weight_scale_2.numel() != w.shape[0]:
         raise NumericsError(f"NVFP4: got {weight_scale_2.numel()} global scales for {w.shape[0]} experts")
     parts = [
-        quantize_nvfp4(w[e], None if weight_scale_2 is None else weight_scale_2.reshape(-1)[e])
+        quantize_nvfp4(w[e], None if weight_scale_2 is None else weight_scale_2.reshape(-1)[e], numerics)
         for e in range(w.shape[0])
     ]
     packed, scales, globals_ = zip(*parts)

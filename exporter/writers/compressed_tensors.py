@@ -35,6 +35,7 @@ from exporter.jsonfile import write_json_atomic
 from exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
 from exporter.numerics.int4 import quantize_w4a16
 from exporter.numerics.int8 import quantize_w8a8_int8
+from exporter.numerics.modes import DEFAULT_NUMERICS
 from exporter.numerics.nvfp4 import (
     ct_global_scale,
     nvfp4_input_scale,
@@ -251,30 +252,32 @@ def _w8a8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) 
     return out
 
 
-def _nvfp4(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) -> dict[str, torch.Tensor]:
-    shared = shared_global_scale(list(weights.values())) if _shared(job) else None
+def _nvfp4(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales,
+           numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
+    shared = shared_global_scale(list(weights.values()), numerics) if _shared(job) else None
     out = {}
     for m in job.modules:
-        packed, block, weight_scale_2 = quantize_nvfp4(weights[m.name], shared)
+        packed, block, weight_scale_2 = quantize_nvfp4(weights[m.name], shared, numerics)
         out.update({f"{m.name}.weight_packed": packed, f"{m.name}.weight_scale": block,
                     f"{m.name}.weight_global_scale": ct_global_scale(weight_scale_2)})     # f32 [1]
         if job.spec.activation_scales:
             amax = torch.tensor(scales.amax(m.name), dtype=torch.float32)
-            out[f"{m.name}.input_global_scale"] = ct_global_scale(nvfp4_input_scale(amax))
+            out[f"{m.name}.input_global_scale"] = ct_global_scale(nvfp4_input_scale(amax, numerics))
     return out
 
 
-def _fp8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) -> dict[str, torch.Tensor]:
+def _fp8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales,
+         numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
     """Per-tensor FP8 with scales in the weight dtype: the stored (rounded-up) scale is the one used."""
     amax = {name: weight_amax(w) for name, w in weights.items()}
     group_amax = torch.stack(list(amax.values())).max() if _shared(job) else None
     out = {}
     for m in job.modules:
         w = weights[m.name]
-        scale = round_up_to(fp8_scale(amax[m.name] if group_amax is None else group_amax), w.dtype)
-        q, _ = quantize_fp8(w, scale.float())
+        scale = round_up_to(fp8_scale(amax[m.name] if group_amax is None else group_amax, numerics), w.dtype)
+        q, _ = quantize_fp8(w, scale.float(), numerics)
         out.update({f"{m.name}.weight": q, f"{m.name}.weight_scale": scale.reshape(1)})
-        input_scale = activation_scale(torch.tensor(scales.amax(m.name)), "FP8")
+        input_scale = activation_scale(torch.tensor(scales.amax(m.name)), "FP8", numerics)
         out[f"{m.name}.input_scale"] = round_up_to(input_scale, w.dtype).reshape(1)
     return out
 
@@ -282,15 +285,23 @@ def _fp8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) -
 QUANTIZERS: dict[str, Callable[[QuantJob, dict[str, torch.Tensor], InputScales], dict[str, torch.Tensor]]] = {
     "W4A16": _w4a16, "W8A8": _w8a8, "NVFP4A16": _nvfp4, "NVFP4": _nvfp4, "FP8": _fp8,
 }
+#: The quantizers whose scales depend on the numerics mode (they take it as a fourth argument).
+NUMERICS_AWARE: frozenset[Callable] = frozenset({_nvfp4, _fp8})
 
 
 def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: torch.device,
-                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Quantize one fused group (or lone module) into its compressed-tensors tensors."""
+                   weights: dict[str, torch.Tensor] | None = None,
+                   numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
+    """Quantize one fused group (or lone module) into its compressed-tensors tensors.
+
+    `numerics` (exporter.numerics.modes) rounds the NVFP4/FP8 scales the way ModelOpt does on CUDA
+    (default) or on the CPU; the int schemes do not depend on it."""
     quantize = QUANTIZERS.get(_writable(job.spec).name)
     if quantize is None:
         raise QuantgateError(f"no compressed-tensors quantizer for scheme {job.spec.name}")
     weights = dict(weights) if weights is not None else read_group(job, source, device)
+    if quantize in NUMERICS_AWARE:
+        return quantize(job, weights, scales, numerics)
     return quantize(job, weights, scales)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from exporter.excludes import ExcludeSynthesis, synthesize_excludes
+from exporter.numerics.modes import DEFAULT_NUMERICS
 from exporter.recipes import Plan
 from exporter.source import Source
 from exporter.writers.common import (  # noqa: F401 - shared pieces, re-exported for callers
@@ -118,43 +119,48 @@ def _quantizer(spec: SchemeSpec) -> tuple[Quantizer, tuple[str, ...]]:
     raise QuantgateError(f"no quantizer for scheme {spec.name}")
 
 
-def _activation_scale(amax: float, spec: SchemeSpec) -> torch.Tensor:
+def _activation_scale(amax: float, spec: SchemeSpec, numerics: str = DEFAULT_NUMERICS) -> torch.Tensor:
     from exporter.numerics.fp8 import activation_scale
 
-    return activation_scale(torch.tensor(amax, dtype=torch.float32), spec.quant_algo).to(torch.float32).reshape(())
+    scale = activation_scale(torch.tensor(amax, dtype=torch.float32), spec.quant_algo, numerics)
+    return scale.to(torch.float32).reshape(())
 
 
-def group_weight_scale(spec: SchemeSpec, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def group_weight_scale(spec: SchemeSpec, weights: Sequence[torch.Tensor],
+                       numerics: str = DEFAULT_NUMERICS) -> torch.Tensor:
     """The per-tensor weight scale a fused group shares: from the largest member amax."""
     if spec.quant_algo == "NVFP4":
         from exporter.numerics.nvfp4 import shared_global_scale
-        return shared_global_scale(list(weights))
+        return shared_global_scale(list(weights), numerics)
     from exporter.numerics.fp8 import fp8_scale
     from exporter.numerics.nvfp4 import weight_amax
-    return fp8_scale(torch.stack([weight_amax(w) for w in weights]).max())
+    return fp8_scale(torch.stack([weight_amax(w) for w in weights]).max(), numerics)
 
 
 def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: torch.device,
-                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   weights: dict[str, torch.Tensor] | None = None,
+                   numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
     """Quantize one fused group; members share the per-tensor weight scale where the scheme says so.
 
-    `weights` are the group's weights already read (`read_group`, e.g. by a prefetch thread).
+    `weights` are the group's weights already read (`read_group`, e.g. by a prefetch thread);
+    `numerics` says whose bits to reproduce (exporter.numerics.modes).
     """
     quantize, suffixes = _quantizer(job.spec)
     weights = dict(weights) if weights is not None else read_group(job, source, device)
     share = job.modules[0].kind in SHARED_WEIGHT_SCALE_KINDS.get(job.spec.quant_algo, frozenset())
-    shared_scale = group_weight_scale(job.spec, list(weights.values())) if share and len(weights) > 1 else None
+    shared_scale = (group_weight_scale(job.spec, list(weights.values()), numerics)
+                    if share and len(weights) > 1 else None)
     out: dict[str, torch.Tensor] = {}
     for module in job.modules:
         w = weights.pop(module.name)
-        result = quantize(w) if shared_scale is None else quantize(w, shared_scale)
+        result = quantize(w, shared_scale, numerics=numerics)
         specs = {t.suffix: t for t in job.spec.tensors}
         for suffix, tensor in zip(suffixes, result):
             planned = tuple(specs[suffix].shape(module.out_features, module.in_features))
             # shared scales are cloned: each module owns its tensor in the file
             out[f"{module.name}.{suffix}"] = tensor.reshape(()).clone() if planned == () else tensor
         if job.spec.activation_scales:
-            out[f"{module.name}.input_scale"] = _activation_scale(scales.amax(module.name), job.spec)
+            out[f"{module.name}.input_scale"] = _activation_scale(scales.amax(module.name), job.spec, numerics)
     return out
 
 

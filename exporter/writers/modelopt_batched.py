@@ -25,6 +25,7 @@ from torch import Tensor
 
 from exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
 from exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
+from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
 from exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
 from exporter.source import Source
 from exporter.writers.common import InputScales, QuantJob, read_group
@@ -69,7 +70,7 @@ def plan_batches(units: Sequence[Unit], sizes: Sequence[int], *,
 
 
 def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
-                   device: torch.device) -> list[dict[str, Tensor]]:
+                   device: torch.device, numerics: str = DEFAULT_NUMERICS) -> list[dict[str, Tensor]]:
     """Each unit's output tensors (on the CPU), byte-identical to `modelopt.quantize_group`."""
     jobs: list[QuantJob] = [u.job for u in units]
     names: list[str] = []            # one entry per module, in job order
@@ -106,7 +107,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
         group_amax.extend([max(members)] * n if share else members)
         k += n
     scale_amax = torch.tensor(group_amax, dtype=torch.float32).to(device)
-    ws2 = _global_scales(scale_amax)                                        # fp32 [M]
+    ws2 = _global_scales(scale_amax, numerics)                                        # fp32 [M]
 
     # 3. quantize each shape's stack in chunks; one device-to-host copy per output kind and shape
     packed: dict[int, Tensor] = {}
@@ -129,7 +130,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
             tensors[f"{m.name}.weight_scale"] = block[k]
             tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
             if job.spec.activation_scales:
-                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec)
+                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec, numerics)
             k += 1
         out.append(tensors)
     return out
@@ -157,11 +158,10 @@ def _matrix_amax(stack: Tensor) -> Tensor:
     return torch.cat([stack[s:s + step].abs().amax(dim=(1, 2)) for s in range(0, stack.shape[0], step)]).float()
 
 
-def _global_scales(amax: Tensor) -> Tensor:
-    """`nvfp4_global_scale` per entry: amax / 2688 (true division on amax's device), 0 -> 1.0."""
-    divisor = torch.tensor(GLOBAL_AMAX_DIVISOR, dtype=torch.float32, device=amax.device)
-    amax = torch.where(amax == 0, divisor, amax)
-    return amax / divisor
+def _global_scales(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """`nvfp4_global_scale` per entry: amax / 2688 as `numerics` divides, 0 -> 1.0. fp32 [M] -> [M]."""
+    amax = torch.where(amax == 0, torch.full_like(amax, GLOBAL_AMAX_DIVISOR), amax)
+    return scalar_div(amax, GLOBAL_AMAX_DIVISOR, numerics)
 
 
 def _quantize_stack(stack: Tensor, ws2: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,7 +191,7 @@ MAX_BATCH_OUTPUT_BYTES = 64 * 2**20       # ~230 MiB of BF16 read: NVFP4 output 
 
 
 def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], source: Source,
-                  scales: InputScales) -> dict[str, Any]:
+                  scales: InputScales, numerics: str = DEFAULT_NUMERICS) -> dict[str, Any]:
     """`UnitFeed` keyword arguments that batch this weight pass, or {} where it should not."""
     if device.type not in BATCH_DEVICES or dialect not in BATCH_DIALECTS:
         return {}
@@ -199,7 +199,7 @@ def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], sou
 
     def work_batch(members: list[Unit]) -> list[dict[str, Tensor]]:
         with device_stream(device):
-            return quantize_batch(members, source, scales, device)
+            return quantize_batch(members, source, scales, device, numerics)
 
     batches = plan_batches(units, [u.nbytes for u in units], max_bytes=MAX_BATCH_OUTPUT_BYTES)
     log.info("weight pass: %d units in %d batches on %s", len(units), len(batches), device)

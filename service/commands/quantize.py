@@ -14,6 +14,7 @@ RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only"
                                  "w8a8_int8", "nvfp4a16")
 DIALECT_NAMES: tuple[str, ...] = ("modelopt", "compressed-tensors")
 PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "json", "none")
+NUMERICS_MODES: tuple[str, ...] = ("modelopt-cuda", "modelopt-cpu")   # exporter.numerics.modes (not imported: torch)
 SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -74,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep modules matching this fnmatch pattern (HF module names) in BF16; repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--numerics", default="modelopt-cuda", choices=NUMERICS_MODES,
+                   help="whose bits to reproduce, on any device: ModelOpt 0.47 as run on CUDA (default, what "
+                        "nearly every ModelOpt export is) or on the CPU (one ulp away on some global scales, "
+                        "and on about 2%% of FP8 weight bytes)")
     p.add_argument("--shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
                    help="maximum shard size, e.g. 5GB (default), 500MB")
     _register_auto(p)
@@ -186,7 +191,10 @@ class StdoutProgress:
 
 def run(args: argparse.Namespace) -> int:
     from exporter.pipeline import QuantizeRequest, run_quantize
+    from exporter.progress import emit, process_seconds
     from validators.errors import QuantgateError
+
+    import_seconds = process_seconds()   # interpreter start + imports, before the job begins
 
     try:
         auto_fields = _auto_fields(args)
@@ -200,10 +208,13 @@ def run(args: argparse.Namespace) -> int:
         calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_batch_size=args.calib_batch_size, calib_all_experts=args.calib_all_experts,
         calib_stats=args.calib_stats, device=args.device, exclude=tuple(args.exclude),
-        shard_size=args.shard_size, overwrite=args.overwrite, **auto_fields)
+        shard_size=args.shard_size, overwrite=args.overwrite, numerics=args.numerics, **auto_fields)
     sink = _progress_sink(args.progress)
+    emit(sink, "plan", 0.0, "imports done", import_seconds=import_seconds)
     try:
         result = run_quantize(request, sink)
+        if import_seconds is not None:
+            result.timings["import"] = import_seconds
     except QuantgateError as exc:
         _close(sink)
         print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
@@ -266,7 +277,7 @@ def _summarize(result, json_mode: bool) -> int:
             print(json.dumps({"event": "result", "ok": result.ok,
                               "output": str(result.output) if result.output else None,
                               "temp_output": str(result.temp_output) if result.temp_output else None,
-                              "errors": len(errors), "warnings": result.warnings,
+                              "errors": len(errors), "warnings": result.warnings, "timings": result.timings,
                               **({"auto": result.auto} if result.auto else {})}), flush=True)
         except BrokenPipeError:
             _stdout_gone()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"  # copies of shared/fixtures: ModelOpt 0.47 exports
 CUDA = pytest.param(
     "cuda",

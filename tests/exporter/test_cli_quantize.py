@@ -33,8 +33,19 @@ def test_exports_with_json_progress(tiny_model, tmp_path: Path) -> None:
     assert [s for s in dict.fromkeys(e["stage"] for e in progress)] == [
         "plan", "calibrate", "quantize", "write", "validate", "finalize"]
     assert events[-1] == {"event": "result", "ok": True, "output": str(out), "temp_output": None, "errors": 0,
-                          "warnings": events[-1]["warnings"]}
+                          "warnings": events[-1]["warnings"], "timings": events[-1]["timings"]}
     assert (out / "hf_quant_config.json").is_file() and (out / "calibration.json").is_file()
+    # per-stage seconds: in each stage's last event, all of them in the finalize event and the result
+    stages = {"import", "plan", "calibrate", "load_seconds", "forward_seconds", "weights", "validate", "finalize",
+              "total"}
+    timings = events[-1]["timings"]
+    assert stages <= set(timings) and all(timings[k] >= 0 for k in stages)
+    assert progress[0]["data"]["import_seconds"] == timings["import"] > 0
+    finals = {e["stage"]: e["data"] for e in progress if e["fraction"] == 1.0 and "seconds" in e["data"]}
+    assert set(finals) == {"plan", "calibrate", "write", "validate", "finalize"}
+    assert finals["write"]["seconds"] == timings["weights"] and finals["write"]["gb_per_s"] > 0
+    assert finals["calibrate"]["forward_seconds"] == timings["forward_seconds"]
+    assert set(finals["finalize"]["timings"]) == set(timings) - {"import"}
     assert "exported and validated" in proc.stderr
 
 

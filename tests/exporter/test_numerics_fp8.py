@@ -16,6 +16,7 @@ from exporter.numerics.fp8 import (
     fp8_scale,
     quantize_fp8,
 )
+from exporter.numerics.modes import MODELOPT_CPU
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -23,13 +24,13 @@ from exporter.numerics.fp8 import (
 def test_bit_exact_to_modelopt_export(suffix: str, dtype: torch.dtype, device: str) -> None:
     fx = load_file(FIXTURES / f"modelopt_fp8_fixture{suffix}.safetensors")
     w = fx["input_weight"].to(dtype).to(device)
-    q, scale = quantize_fp8(w)
+    q, scale = quantize_fp8(w, numerics=MODELOPT_CPU)  # the fixture is ModelOpt run on the CPU
     assert q.device.type == device and q.dtype == torch.float8_e4m3fn and q.shape == (32, 64)
     assert scale.dtype == torch.float32 and scale.shape == ()
     assert torch.equal(bits(q), bits(fx["weight"]))
     assert torch.equal(bits(scale), bits(fx["weight_scale"]))
     assert torch.equal(
-        bits(activation_scale(fx["calib_input_amax"].to(device), "FP8")), bits(fx["input_scale"])
+        bits(activation_scale(fx["calib_input_amax"].to(device), "FP8", MODELOPT_CPU)), bits(fx["input_scale"])
     )
     assert torch.equal(bits(dequantize_fp8(q, scale, torch.float32)), bits(fx["dequantized"]))
 
@@ -38,7 +39,7 @@ def test_bf16_division_is_rounded_in_bf16_as_modelopt_does() -> None:
     """The lab measured 53 of 2048 elements differ if the quotient is kept in fp32 (lab §6)."""
     fx = load_file(FIXTURES / "modelopt_fp8_fixture.safetensors")
     w = fx["input_weight"].to(torch.bfloat16)
-    q, scale = quantize_fp8(w)
+    q, scale = quantize_fp8(w, numerics=MODELOPT_CPU)
     fp32_only = (w.float() / scale).to(torch.float8_e4m3fn)
     assert int((bits(fp32_only) != bits(q)).sum()) == 53
     assert torch.equal(bits(q), bits(fx["weight"]))
@@ -46,8 +47,9 @@ def test_bf16_division_is_rounded_in_bf16_as_modelopt_does() -> None:
 
 def test_scale_is_amax_over_448_and_zero_amax_gives_one() -> None:
     w = torch.tensor([[0.5, -3.5], [1.0, 2.0]], dtype=torch.bfloat16)
-    q, scale = quantize_fp8(w)
+    q, scale = quantize_fp8(w, numerics=MODELOPT_CPU)
     assert float(scale) == float(torch.tensor(3.5) / torch.tensor(448.0))
+    assert float(quantize_fp8(w)[1]) == float(torch.tensor(3.5) * (1 / torch.tensor(448.0)))   # ModelOpt on CUDA
     assert float(q[0, 1].float()) == -448.0  # the amax element maps to the e4m3 maximum
     q0, scale0 = quantize_fp8(torch.zeros(3, 5, dtype=torch.bfloat16))
     assert float(scale0) == 1.0 and not q0.float().any()
@@ -115,7 +117,7 @@ def test_activation_scales() -> None:
     assert float(activation_scale(0.0, "FP8")) == 1.0  # ModelOpt export_amax: 0 -> maxbound
     per_expert = activation_scale(torch.tensor([1.0, 448.0]), "FP8")
     assert per_expert.shape == (2,) and float(per_expert[1]) == 1.0
-    assert float(activation_scale(torch.tensor(3.953125), "FP8")) == float(
+    assert float(activation_scale(torch.tensor(3.953125), "FP8", MODELOPT_CPU)) == float(
         torch.tensor(3.953125) / torch.tensor(E4M3_MAX)
     )
     with pytest.raises(ValueError, match="known: FP8, NVFP4"):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from exporter.numerics import common
 from exporter.numerics.e2m1 import E2M1_GRID, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from exporter.numerics.modes import MODELOPT_CPU, NUMERICS_MODES
 from exporter.numerics.nvfp4 import (
     BLOCK,
     BLOCK_SCALE_MIN,
@@ -42,14 +43,14 @@ def _modelopt_cast_fp4(x: torch.Tensor) -> torch.Tensor:
 def test_bit_exact_to_modelopt_export(suffix: str, dtype: torch.dtype, device: str) -> None:
     fx = load_file(FIXTURES / f"modelopt_nvfp4_fixture{suffix}.safetensors")
     w = fx["input_weight"].to(dtype).to(device)  # stored as f32, holding bf16-representable values
-    packed, block_scale, scale_2 = quantize_nvfp4(w)
+    packed, block_scale, scale_2 = quantize_nvfp4(w, numerics=MODELOPT_CPU)  # ModelOpt run on the CPU
     assert packed.device.type == device and packed.dtype == torch.uint8 and packed.shape == (32, 32)
     assert block_scale.dtype == torch.float8_e4m3fn and block_scale.shape == (32, 4)
     assert scale_2.dtype == torch.float32 and scale_2.shape == ()
     assert torch.equal(bits(packed), bits(fx["weight"]))
     assert torch.equal(bits(block_scale), bits(fx["weight_scale"]))
     assert torch.equal(bits(scale_2), bits(fx["weight_scale_2"]))
-    input_scale = nvfp4_input_scale(fx["calib_input_amax"].to(device))
+    input_scale = nvfp4_input_scale(fx["calib_input_amax"].to(device), MODELOPT_CPU)
     assert torch.equal(bits(input_scale), bits(fx["input_scale"]))
     deq = dequantize_nvfp4(packed, block_scale, scale_2, dtype=torch.float32)
     assert torch.equal(bits(deq), bits(fx["dequantized"]))
@@ -61,7 +62,7 @@ def test_fixture_numbers_match_the_lab_record(suffix: str, dtype: torch.dtype) -
     record = json.loads((FIXTURES / "modelopt_fixture_results.json").read_text())["results"]
     expected = record["f32" if suffix else "bf16"]["nvfp4"]
     w = load_file(FIXTURES / f"modelopt_nvfp4_fixture{suffix}.safetensors")["input_weight"].to(dtype)
-    packed, block_scale, scale_2 = quantize_nvfp4(w)
+    packed, block_scale, scale_2 = quantize_nvfp4(w, numerics=MODELOPT_CPU)
     assert int(packed[0, 0]) == expected["byte0"]
     assert int(packed[0, 0]) & 0x0F == expected["low_nibble"]
     assert int(packed[0, 0]) >> 4 == expected["high_nibble"]
@@ -279,7 +280,11 @@ def test_compressed_tensors_global_scales_are_reciprocals() -> None:
 
 def test_input_scale() -> None:
     assert float(nvfp4_input_scale(torch.tensor(2688.0))) == 1.0
-    assert float(nvfp4_input_scale(torch.tensor(0.0))) == 1.0  # never-active module: neutral scale
+    # a never-active module: ModelOpt's export_amax puts maxbound (6) in place of a zero amax
+    for numerics in NUMERICS_MODES:
+        zero = nvfp4_input_scale(torch.tensor(0.0), numerics)
+        assert torch.equal(bits(zero), bits(nvfp4_input_scale(torch.tensor(6.0), numerics)))
+        assert float(zero) == pytest.approx(6 / 2688, rel=2**-23)
     with pytest.raises(ValueError, match="finite and >= 0"):
         nvfp4_input_scale(torch.tensor(-1.0))
     with pytest.raises(ValueError, match="finite and >= 0"):

@@ -1,0 +1,57 @@
+#!/bin/bash
+# One device call: ModelOpt fixtures, their tests on CUDA, side-by-side runs. Run from the repo root
+# of a copy that holds .whl/ (ModelOpt 0.47 and its dependencies) and this tree under .gpuwork/.
+# Usage: bash .gpuwork/benchmarks/device_run.sh STEPS...   (steps: fixtures tests small_fp8 issue_nvfp4)
+set -u
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/out}
+LOG=$OUT/run.log
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mo .whl/*.whl >>$LOG 2>&1 || exit 1
+cd .gpuwork
+nvidia-smi -L >>$LOG 2>&1
+for step in "$@"; do
+  echo "=== $step $(date -u +%T)" >>$LOG
+  case $step in
+    fixtures)
+      PYTHONPATH=/tmp/mo:. python3 -m benchmarks.modelopt_fixtures --out tests/exporter/fixtures/modelopt_cuda >>$LOG 2>&1
+      tar -cf $OUT/fx.tar -C tests/exporter/fixtures modelopt_cuda ;;
+    tests)
+      PYTHONPATH=. python3 -m pytest tests/exporter/test_modelopt_cuda_fixtures.py tests/exporter/test_numerics_nvfp4.py \
+        tests/exporter/test_numerics_fp8.py tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest.log 2>&1 ;;
+    small_fp8)
+      python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --small --recipe fp8 \
+        --cpu-check --json $OUT/sbs_small_fp8.json >>$LOG 2>&1 ;;
+    small_nvfp4)
+      python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --small --recipe nvfp4 \
+        --cpu-check --json $OUT/sbs_small_nvfp4.json >>$LOG 2>&1 ;;
+    issue_nvfp4)
+      python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
+        --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
+    wp)   # the weight pass alone (ModelOpt's amax as stats), by worker count: GB/s of BF16 read
+      for w in 1 2 4; do
+        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=. python3 -m service.cli quantize /tmp/sbs/issue/src \
+          --recipe nvfp4 --device cuda --calib-stats /tmp/sbs/issue/nvfp4/modelopt_amax_stats.json --out /tmp/wp$w \
+          --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
+      done
+      # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
+      (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
+       dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 conv=fdatasync 2>&1 | tail -1; rm -f /tmp/dd.bin) >>$OUT/wp.txt ;;
+    loadexp)   # from_pretrained of the issue model on one GPU: device_map "auto" vs "cuda" (after imports)
+      PYTHONPATH=. python3 -c "
+import time, torch, transformers
+src = '/tmp/sbs/issue/src'
+for dm in ('auto', 'cuda', 'auto', 'cuda'):
+    t = time.perf_counter()
+    m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map=dm)
+    torch.cuda.synchronize()
+    print(dm, round(time.perf_counter() - t, 3), flush=True)
+    del m; torch.cuda.empty_cache()
+" >>$OUT/loadexp.txt 2>&1 ;;
+    imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
+      PYTHONPATH=. python3 -X importtime -c "import service.commands.quantize as q, exporter.pipeline, exporter.calibration, \
+        exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \
+        import transformers.models.gemma4.modeling_gemma4" 2>&1 | sort -t'|' -k2 -n -r | head -40 >$OUT/importtime.txt ;;
+  esac
+  echo "=== $step done rc=$? $(date -u +%T)" >>$LOG
+done
