@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -203,8 +203,10 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.message))
 
 
-def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True) -> Report:
-    """Run every rule over an opened checkpoint."""
+def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True,
+                  engine_versions: Mapping[str, str] | None = None) -> Report:
+    """Run every rule over an opened checkpoint. `engine_versions` (engine -> release such as
+    "0.5.10") picks version-dependent semantics; an engine not named gets the newest modelled."""
     from validators.layout import build_layout
     from validators.quant_config import parse_quant_config
     from validators.rules import Context, run_rules
@@ -213,7 +215,8 @@ def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, d
     engines = tuple(e for e in ENGINES if e in engines)
     qc, qc_findings = parse_quant_config(view.config, view.hf_quant_config)
     layout = build_layout(view.tensors, view.config)
-    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings)
+    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings,
+                  engine_versions=dict(engine_versions or {}))
     ctx.analysis = Analysis(ctx)
     findings = sort_findings(run_rules(ctx))
     quantized = ctx.analysis.is_quantized or qc is not None

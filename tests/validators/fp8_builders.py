@@ -153,3 +153,41 @@ def chain(*mutations: Callable[[Fp8Checkpoint], None]) -> Callable[[Fp8Checkpoin
         for m in mutations:
             m(ck)
     return mutate
+
+
+def to_bf16(module: str) -> Callable[[Fp8Checkpoint], None]:
+    """Store `module` as a BF16 weight of its logical shape, without scales (left unquantized)."""
+    def mutate(ck: Fp8Checkpoint) -> None:
+        weight = ck.tensors[f"{module}.weight"]
+        for suffix in ("weight_scale_inv", "weight_scale", "input_scale"):
+            ck.tensors.pop(f"{module}.{suffix}", None)
+        ck.tensors[f"{module}.weight"] = torch.zeros(weight.shape, dtype=torch.bfloat16)
+    return mutate
+
+
+def drop(*fragments: str) -> Callable[[Fp8Checkpoint], None]:
+    def mutate(ck: Fp8Checkpoint) -> None:
+        del ck.tensors[first(ck, *fragments)]
+    return mutate
+
+
+def retype(dtype: torch.dtype, *fragments: str) -> Callable[[Fp8Checkpoint], None]:
+    def mutate(ck: Fp8Checkpoint) -> None:
+        name = first(ck, *fragments)
+        ck.tensors[name] = ck.tensors[name].clamp(0, 255).to(dtype)
+    return mutate
+
+
+def exclude_more(*names: str) -> Callable[[Fp8Checkpoint], None]:
+    """Append entries to the config's exclusion list (whichever key it uses)."""
+    def mutate(ck: Fp8Checkpoint) -> None:
+        key = next((k for k in ("ignored_layers", "modules_to_not_convert") if k in ck.quantization_config),
+                   "modules_to_not_convert")
+        ck.quantization_config[key] = list(ck.quantization_config.get(key, [])) + list(names)
+    return mutate
+
+
+def quantize_lm_head(ck: Fp8Checkpoint) -> None:
+    """Store lm_head as block fp8 (the engines build ParallelLMHead unquantized under fp8)."""
+    q, s = block_quantize(ck.tensors["lm_head.weight"], (128, 128))
+    ck.tensors["lm_head.weight"], ck.tensors["lm_head.weight_scale_inv"] = q, s

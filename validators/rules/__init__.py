@@ -85,6 +85,7 @@ class Context:
     qc_findings: list[Finding] = field(default_factory=list)
     engine: str | None = None
     analysis: "Analysis | None" = None
+    engine_versions: dict[str, str] = field(default_factory=dict)   # engine -> release ("0.5.10"); absent: newest
 
     def for_engine(self, engine: str | None) -> "Context":
         return replace(self, engine=engine)

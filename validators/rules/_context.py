@@ -299,8 +299,7 @@ class Analysis:
     def engine_version(self, engine: str) -> str | None:
         """The engine release the verdicts are for (`Context.engine_versions`, e.g. from
         `--engine-version sglang=0.5.10`); None: the newest semantics modelled."""
-        versions = getattr(self.ctx, "engine_versions", None) or {}
-        return versions.get(engine)
+        return self.ctx.engine_versions.get(engine)
 
     def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:

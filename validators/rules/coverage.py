@@ -159,7 +159,8 @@ def quantized_but_excluded(ctx: Context) -> Iterator[Finding]:
             continue
         if c.forced in ("vision", "unquantized_role"):
             continue
-        if c.hit is not None and c.hit.how == "substring" and _only_substring(ctx, c.unit):
+        if c.hit is not None and c.hit.how == "substring" and ctx.qc is not None and ctx.qc.is_modelopt and \
+                _only_substring(ctx, c.unit):
             continue        # QG206
         st = cls.state
         why = {"not_listed": "absent from quantized_layers", "not_targeted": "targeted by no config group"}.get(
