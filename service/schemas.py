@@ -275,4 +275,4 @@ class ValidationPublic(_FromRecord):
     @computed_field(description="engines whose verdict is `unknown`: a format quantgate does not model")
     @property
     def unknown_engines(self) -> list[str]:
-        return [e for e, v in self.verdicts.items() if isinstance(v, dict) and v.get("status") == "unknown"]
+        return sorted(e for e, v in self.verdicts.items() if isinstance(v, dict) and v.get("status") == "unknown")
