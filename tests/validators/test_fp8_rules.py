@@ -156,3 +156,15 @@ def test_per_expert_entry_excludes_the_moe_only_from_sglang_0_5_11(fp8_export) -
                                                                    "model.layers.1.mlp.experts.0.gate_proj"))
     old = _validate_at(path, sglang="0.5.10")
     assert old.verdicts["sglang"]["status"] == WRONG and old.verdicts["vllm"]["status"] == LOADS
+
+
+def test_kv_scales_load_under_fp8_without_a_kv_scheme(fp8_export) -> None:
+    """vLLM/SGLang `Fp8Config` give every Attention an Fp8KVCacheMethod: stored k/v scales are loaded,
+    not skipped, so no QG306 "no KV-cache scheme declared" warning (it stays for ModelOpt)."""
+    def add_kv(ck: fb.Fp8Checkpoint) -> None:
+        for layer in range(2):
+            for kind in ("k", "v"):
+                ck.tensors[f"model.layers.{layer}.self_attn.{kind}_proj.{kind}_scale"] = torch.tensor(0.02)
+
+    report = validate(str(fp8_export("q3", mutate=add_kv)))
+    assert "QG306" not in {f.code for f in report.findings} and report.ok, _summary(report)
