@@ -46,6 +46,8 @@ CASES: list[tuple[str, str, dict, dict[str, str], dict[str, Severity]]] = [
     # no wildcards in fp8 exclusion lists
     ("qwen3-bf16-experts-wildcard", "q3", {"experts": "bf16", "mutate": fb.exclude_more("model.layers.*.mlp.experts")},
      {"vllm": WRONG, "sglang": WRONG}, {"QG202": ERR}),
+    ("dsv3-one-bf16-expert", "ds", {**DS, "mutate": fb.to_bf16("model.layers.1.mlp.experts.2.down_proj")},
+     {"vllm": WRONG, "sglang": WRONG}, {"QG403": ERR, "QG202": ERR}),
     ("dsv3-bf16-linear", "ds", {**DS, "mutate": fb.to_bf16("model.layers.1.self_attn.o_proj")},
      {"vllm": WRONG, "sglang": WRONG}, {"QG201": ERR}),
     ("dsv3-bf16-linear-excluded", "ds", {"exclusion_key": "ignored_layers", "exclude": ["model.layers.1.self_attn.o_proj"],
