@@ -109,7 +109,8 @@ def fp8_block_linear(module: str, out_f: int, in_f: int, seed: int) -> list[Spec
     """Native fp8 (DeepSeek-V3's own form): F8_E4M3 weight + F32 `weight_scale_inv` per 128x128 block."""
     scale = 2e-4 * (1.0 + (seed % 101) / 101.0)              # block amax / 448, amax ~ 0.09..0.18
     blocks = (math.ceil(out_f / FP8_BLOCK), math.ceil(in_f / FP8_BLOCK))
-    return [Spec(f"{module}.weight", "F8_E4M3", (out_f, in_f)), Spec(f"{module}.weight_scale_inv", "F32", blocks, scale)]
+    return [Spec(f"{module}.weight", "F8_E4M3", (out_f, in_f)),
+            Spec(f"{module}.weight_scale_inv", "F32", blocks, scale)]
 
 
 LINEAR_FORMS = {"nvfp4": nvfp4_linear, "fp8": fp8_block_linear}

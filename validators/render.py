@@ -108,7 +108,8 @@ def render_markdown(report: Report) -> str:
         out.append(f"| {engine} | {label} | {_md_escape(v['reason'])} |")
     if report.unknown_engines:
         out += ["", f"> **unknown** for {', '.join(report.unknown_engines)}: quantgate does not model this "
-                "checkpoint's quantization format, so it neither passes nor fails it (`--strict` treats it as a failure)."]
+                "checkpoint's quantization format, so it neither passes nor fails it (`--strict` treats it "
+                "as a failure)."]
     out += ["", "## Findings", ""]
     if not report.findings:
         out.append("None.")

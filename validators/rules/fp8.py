@@ -20,11 +20,13 @@ ROW_ROLES = frozenset({"o", "down"})         # row-parallel, input dim split
 
 
 def _linear_error(size: int, block: int) -> str:
-    return f"ValueError: Weight output_partition_size = {size} is not divisible by weight quantization block_n = {block}."
+    return (f"ValueError: Weight output_partition_size = {size} is not divisible by weight quantization "
+            f"block_n = {block}.")
 
 
 def _row_error(size: int, block: int) -> str:
-    return f"ValueError: Weight input_size_per_partition = {size} is not divisible by weight quantization block_k = {block}."
+    return (f"ValueError: Weight input_size_per_partition = {size} is not divisible by weight quantization "
+            f"block_k = {block}.")
 
 
 def _moe_error(size: int, block: int) -> str:

@@ -102,7 +102,8 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
             continue
         summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_fmt.items(), key=lambda kv: -len(kv[1])))
         minority = sorted(by_fmt.items(), key=lambda kv: len(kv[1]))[0]
-        effect, error = FAILS, "ValueError: All MoE projections need to have same quantization scheme but found multiple"
+        effect = FAILS
+        error = "ValueError: All MoE projections need to have same quantization scheme but found multiple"
         if ctx.qc is not None and ctx.qc.dialect == "fp8":
             # native fp8 checks no scheme per projection: one Fp8MoEMethod (same shapes) takes the BF16
             # experts by a silent cast; an excluded layer is QG203's (the fp8 experts lose their scales)
