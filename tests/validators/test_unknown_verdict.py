@@ -134,3 +134,11 @@ def test_exporter_post_export_check_reports_unknown(unmodelled) -> None:
     assert done.data["verdicts"] == {"vllm": "unknown", "sglang": "unknown"}
     written = json.loads((path / "quantgate-report.json").read_text())
     assert written["verdicts"]["vllm"]["status"] == "unknown" and report.unknown_engines == ["vllm", "sglang"]
+
+
+def test_job_validation_summary_names_unknown_engines(unmodelled) -> None:
+    from service.worker import validation_summary
+
+    summary = validation_summary(validate(str(unmodelled("fbgemm_fp8"))))
+    assert summary["ok"] is True and summary["unknown_engines"] == ["vllm", "sglang"]
+    assert summary["warnings"] == 1 and summary["verdicts"]["vllm"]["status"] == "unknown"
