@@ -8,10 +8,11 @@ Sources (reference formats_beyond_two.md §2, §7, §8; vllm_sglang.md §7):
   ignore entry that itself contains "experts" (one per-expert entry excludes the whole FusedMoE);
   anything else needs an exact entry. No wildcards.
 - SGLang `layers/quantization/utils.py::is_layer_skipped`: up to v0.5.10 a plain substring test
-  (`any(ignored in prefix ...)`, so `mlp.gate` also excluded `mlp.gate_up_proj`: sglang #23687);
-  from v0.5.11 (PR #23467, `_module_path_match`) dot-boundary matching: equal, a dotted ancestor, or
-  a whole-segment run of the prefix; fused shards (incl. `_FALLBACK_FUSED_SHARDS`) and the experts
-  rule as in vLLM. The newest SGLang MoE path was read from PR write-ups only [unsure].
+  (`any(ignored in prefix ...)`; HF fp8 configs carry no packed mapping, so `mlp.gate` also excluded
+  the fused `mlp.gate_up_proj`: sglang #23687); from v0.5.11 (PR #23467, `_module_path_match`)
+  dot-boundary matching: equal, a dotted ancestor, or a whole-segment run of the prefix, with fused
+  shards (`_FALLBACK_FUSED_SHARDS`). Both keep the experts rule (a FusedMoE prefix inside an entry
+  naming experts). Read from the PR diff and a fork copy; SGLang's FusedMoE dispatch [unsure].
 
 `fp8_exclusion(engine, prefix, patterns, naming, version)` is the matcher; `version` is an engine
 release such as "0.5.10" or (0, 5, 10); None means the newest modelled semantics.
@@ -126,11 +127,7 @@ def _dot_boundary(prefix: str, patterns: tuple[str, ...], naming: ArchNaming) ->
     for p in patterns:
         if _path_match(p, prefix):
             return ExclusionHit(p, "dot_boundary")
-    if "experts" in prefix:
-        for p in patterns:
-            if "experts" in p and prefix in p:
-                return ExclusionHit(p, "expert")
-    return None
+    return _experts_rule(prefix, patterns)
 
 
 def fp8_exclusion(engine: str, prefix: str, patterns: tuple[str, ...], naming: ArchNaming,
@@ -144,8 +141,30 @@ def fp8_exclusion(engine: str, prefix: str, patterns: tuple[str, ...], naming: A
     if matching == EXACT:
         return VllmSemantics._exact(prefix, patterns, naming)
     if matching == SUBSTRING:
-        return next((ExclusionHit(p, "substring") for p in patterns if p and p in prefix), None)
+        return _substring(prefix, patterns)
     return _dot_boundary(prefix, patterns, naming)
+
+
+def _experts_rule(prefix: str, patterns: tuple[str, ...]) -> ExclusionHit | None:
+    """Both engines: a FusedMoE prefix inside an ignore entry that names experts excludes the layer."""
+    if "experts" in prefix:
+        for p in patterns:
+            if "experts" in p and prefix in p:
+                return ExclusionHit(p, "expert")
+    return None
+
+
+def _substring(prefix: str, patterns: tuple[str, ...]) -> ExclusionHit | None:
+    """SGLang up to v0.5.10: HF fp8 configs carry no packed mapping, so a fused prefix is tested as
+    itself with a plain substring test; gate_up_proj also when both shards are listed exactly; the
+    experts rule (PR #23467 changed only the substring line)."""
+    hit = next((p for p in patterns if p and p in prefix), None)
+    if hit is not None:
+        return ExclusionHit(hit, "substring")
+    if "gate_up_proj" in prefix:
+        gate, up = prefix.replace("gate_up_proj", "gate_proj"), prefix.replace("gate_up_proj", "up_proj")
+        return ExclusionHit(gate, "exact") if gate in patterns and up in patterns else None
+    return _experts_rule(prefix, patterns)
 
 
 # ---- what a mismatch does (formats_beyond_two.md §2 "BF16 experts ... loads_wrong", §7) --------------

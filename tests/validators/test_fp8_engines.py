@@ -29,7 +29,10 @@ MATCH_CASES: list[tuple[str, str | None, str, list[str], str | None]] = [
     # SGLang up to v0.5.10: plain substring (sglang #23687)
     ("sglang", "0.5.10", f"{L0}.mlp.gate_up_proj", [f"{L0}.mlp.gate"], f"{L0}.mlp.gate"),
     ("sglang", "0.5.10", f"{L0}.self_attn.o_proj", ["self_attn"], "self_attn"),
-    ("sglang", "0.5.10", f"{L0}.mlp.experts", [f"{L0}.mlp.experts.3.down_proj"], None),
+    ("sglang", "0.5.10", f"{L0}.mlp.experts", [f"{L0}.mlp.experts.3.down_proj"], f"{L0}.mlp.experts.3.down_proj"),
+    ("sglang", "0.5.10", f"{L0}.mlp.gate_up_proj", [f"{L0}.mlp.gate_proj", f"{L0}.mlp.up_proj"], f"{L0}.mlp.gate_proj"),
+    ("sglang", "0.5.10", f"{L0}.mlp.gate_up_proj", [f"{L0}.mlp.gate_proj"], None),   # no shard check: no error
+    ("sglang", "0.5.10", f"{L0}.linear_attn.in_proj_ba", [f"{L0}.linear_attn.in_proj_a"], None),
     ("sglang", "0.4.0", f"{L0}.mlp.experts", [f"{L0}.mlp"], f"{L0}.mlp"),
     # SGLang v0.5.11+ (PR #23467): dot-boundary, fused shards, experts rule
     ("sglang", "0.5.11", f"{L0}.mlp.gate_up_proj", [f"{L0}.mlp.gate"], None),

@@ -153,13 +153,6 @@ def test_sglang_substring_matching_before_0_5_11(fp8_export) -> None:
     assert all(v["status"] == LOADS for v in new.verdicts.values()), _summary(new)
 
 
-def test_per_expert_entry_excludes_the_moe_only_from_sglang_0_5_11(fp8_export) -> None:
-    path = fp8_export("q3", experts="bf16", mutate=fb.exclude_more("model.layers.0.mlp.experts.0.gate_proj",
-                                                                   "model.layers.1.mlp.experts.0.gate_proj"))
-    old = _validate_at(path, sglang="0.5.10")
-    assert old.verdicts["sglang"]["status"] == WRONG and old.verdicts["vllm"]["status"] == LOADS
-
-
 def test_kv_scales_load_under_fp8_without_a_kv_scheme(fp8_export) -> None:
     """vLLM/SGLang `Fp8Config` give every Attention an Fp8KVCacheMethod: stored k/v scales are loaded,
     not skipped, so no QG306 "no KV-cache scheme declared" warning (it stays for ModelOpt)."""
