@@ -167,6 +167,39 @@ def _substring(prefix: str, patterns: tuple[str, ...]) -> ExclusionHit | None:
     return _experts_rule(prefix, patterns)
 
 
+def fp8_stale_entries(engine: str, exclusions: Sequence[str], units: set[str], naming: ArchNaming,
+                      version: str | Sequence[int] | None = None) -> list[str]:
+    """Entries of the exclusion list that exclude no engine layer (`units`: every engine-named layer)
+    under the engine's fp8 matching, e.g. wildcards, which neither engine expands."""
+    names = set(units)
+    for unit in units:      # an exact entry may name one shard of a fused layer
+        names.update(fused_shards(unit, naming) or ())
+        names.update(_sglang_shards(unit, naming) or ())
+    exact = fp8_matching(engine, version).matching == EXACT
+    stale: list[str] = []
+    for entry in dict.fromkeys(exclusions):
+        mapped = fp8_patterns(engine, [entry], naming)
+        if exact:
+            live = mapped[0] in names or _experts_rule_any(mapped[0], units)
+        else:
+            live = any(_hits(engine, unit, mapped, naming, version) for unit in units)
+        if not live:
+            stale.append(entry)
+    return stale
+
+
+def _experts_rule_any(entry: str, units: set[str]) -> bool:
+    return "experts" in entry and any("experts" in unit and unit in entry for unit in units)
+
+
+def _hits(engine: str, unit: str, mapped: tuple[str, ...], naming: ArchNaming,
+          version: str | Sequence[int] | None) -> bool:
+    try:
+        return fp8_exclusion(engine, unit, mapped, naming, version) is not None
+    except FusedShardConflict:      # listing one shard does something (QG207 reports it)
+        return True
+
+
 # ---- what a mismatch does (formats_beyond_two.md §2 "BF16 experts ... loads_wrong", §7) --------------
 def bf16_effect(module: "Module") -> str:
     """Predicted effect text of a BF16 module the engine builds as fp8 (same shape, so no error)."""

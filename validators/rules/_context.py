@@ -340,6 +340,11 @@ class Analysis:
 
     def stale_patterns(self, engine: str) -> list[str]:
         """Exclude entries that exclude no engine layer at all under this engine's matching."""
+        if self.qc is not None and self.qc.dialect == FP8_NATIVE:
+            from validators.fp8_engines import fp8_stale_entries
+
+            return fp8_stale_entries(engine, self.qc.dialect_settings.exclusions, self.engine_units(engine),
+                                     self.naming, self.engine_version(engine))
         if self.qc is None or not self.qc.is_modelopt:
             return []
         sem = ENGINE_SEMANTICS[engine]
