@@ -90,6 +90,7 @@ class Report:
             "engines": list(self.engines),
             "deep": self.deep,
             "verdicts": self.verdicts,
+            "unknown_engines": self.unknown_engines,       # verdict `unknown`: a format not modelled
             "counts": self.counts(),
             "findings": [finding_dict(f) for f in self.findings],
             "summary": self.summary,

@@ -116,6 +116,7 @@ def test_cli_json_and_output_file(unmodelled, tmp_path: Path, capsys) -> None:
     assert main(["validate", str(path), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert {v["status"] for v in doc["verdicts"].values()} == {"unknown"}
+    assert doc["unknown_engines"] == ["vllm", "sglang"]
     assert [f["code"] for f in doc["findings"]] == ["QG190"]
     assert main(["validate", str(path), "--output", str(tmp_path / "r.html"), "--format", "html", "--strict"]) == 1
     assert "verdict unknown for vllm, sglang" in capsys.readouterr().err
