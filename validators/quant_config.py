@@ -45,6 +45,7 @@ class QuantConfig:
     kv_cache_scheme: dict | None = None     # CT / flat modelopt
     producer: dict | None = None
     other: dict[str, Any] = field(default_factory=dict)   # the other file's parse, for comparisons
+    params: Any = None                      # dialect-specific parse (validators/dialects_*.py: gptq, awq, mxfp4)
 
     @property
     def is_modelopt(self) -> bool:
@@ -277,8 +278,20 @@ def _parse_one(data: Any, source: str, findings: list[Finding]) -> QuantConfig |
         return _parse_modelopt_flat(data, source, findings)
     if method == COMPRESSED_TENSORS:
         return _parse_ct(data, source, findings)
+    parser = _method_parsers().get(method)
+    if parser is not None:
+        return parser(data, source, findings)
     return QuantConfig(dialect=method, quant_algo=None, source=source, exclude=[], group_size=None,
                        kv_cache_quant_algo=None, quantized_layers=None, config_groups=None, raw=data)
+
+
+def _method_parsers() -> dict[str, Any]:
+    """quant_method -> parser for the engines' other formats (imported lazily: they build on this module)."""
+    from validators.dialects_mxfp4 import parse_mxfp4
+    from validators.dialects_wna16 import parse_awq, parse_gptq
+
+    return {"mxfp4": parse_mxfp4, "gptq": parse_gptq, "gptq_marlin": parse_gptq,
+            "awq": parse_awq, "awq_marlin": parse_awq}
 
 
 def config_json_quant_section(config: dict | None) -> Any:

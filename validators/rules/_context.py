@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZED, BF16, OTHER = "quantized", "bf16", "other"
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
-WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
+WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed", "qweight", "blocks")
 #: engines that force vision towers unquantized whatever the exclude list says (invariant 12)
 FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 #: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
@@ -90,6 +90,14 @@ class ModClass:
         return [m.name for m in self.members]
 
 
+def per_expert(module: "Module") -> dict:
+    """A module's tensors as one expert sees them: fused 3-D (4-D MXFP4) expert tensors lose their
+    leading expert dim, so the scheme table's per-module shapes apply."""
+    if module.fused is None:
+        return module.tensors
+    return {s: t._replace(shape=t.shape[1:]) for s, t in module.tensors.items() if t.shape}
+
+
 def kind_of(module: "Module") -> str:
     kind = module.kind
     return getattr(kind, "value", str(kind))
@@ -124,11 +132,16 @@ class Analysis:
     @cached_property
     def dialect(self) -> str:
         """The config's dialect, or the one the tensor names suggest when there is no config."""
-        if self.qc is not None and self.qc.dialect in DIALECTS:
+        from validators.schemes import DIALECTS_WITH_SCHEMES, GPTQ, match_scheme
+
+        if self.qc is not None and (self.qc.dialect in DIALECTS or self.qc.dialect in DIALECTS_WITH_SCHEMES):
             return self.qc.dialect
         for m in self.layout.modules.values():
             if "weight_packed" in m.tensors:
                 return COMPRESSED_TENSORS
+            if "qweight" in m.tensors or "blocks" in m.tensors:   # GPTQ / AWQ / MXFP4: the bytes say which
+                spec = match_scheme(None, per_expert(m))
+                return spec.dialect if spec is not None else GPTQ
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
@@ -137,7 +150,7 @@ class Analysis:
         sig = tuple(sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
         if sig not in self._scheme_cache:
             try:
-                self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
+                self._scheme_cache[sig] = match_scheme(self.dialect, per_expert(module))
             except Exception:   # noqa: BLE001 - an odd tensor set is a finding, never a crash
                 log.debug("match_scheme failed for %s", module.name, exc_info=True)
                 self._scheme_cache[sig] = None
@@ -246,7 +259,9 @@ class Analysis:
             from validators.schemes import ct_group_schemes
 
             return ct_group_schemes(group, self.qc.ct_format)
-        return []
+        from validators.dialects import declared_schemes
+
+        return declared_schemes(self.qc, module.name, engine_name)
 
     # ---- engines -------------------------------------------------------------------------------
     def coverage(self, engine: str) -> list[Cov]:

@@ -102,7 +102,7 @@ def wrong_shape(ctx: Context) -> Iterator[Finding]:
         weight = m.tensors.get(spec.weight_suffix)
         if weight is None or len(weight.shape) != 2:
             continue
-        out_f, in_f = weight.shape[0], spec.in_features_from_weight(weight.shape)
+        out_f, in_f = spec.logical_from_weight(weight.shape)
         for suffix, info in m.tensors.items():
             tspec = spec.by_suffix.get(suffix)
             if tspec is None or suffix == spec.weight_suffix:
