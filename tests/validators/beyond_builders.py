@@ -140,14 +140,18 @@ def _f16(value: float, count: int) -> bytes:
 
 
 def qwen3_moe_wna16(method: str, *, layers: int = 2, experts: int = 4, hidden: int = 128,
-                    intermediate: int = 128, bits: int = 4, group: int = 32) -> Spec:
+                    intermediate: int = 128, bits: int = 4, group: int = 32,
+                    layer_bits: dict[int, int] | None = None) -> Spec:
     """Qwen3-30B-A3B-GPTQ-Int4 / -AWQ shaped: every Linear in the layers quantized per expert,
-    routers, norms, embeddings and lm_head BF16."""
+    routers, norms, embeddings and lm_head BF16. `layer_bits` stores some layers at other bit widths
+    (GPTQModel `dynamic` per-layer overrides)."""
     h, i, e = hidden, intermediate, experts
+    base_bits = bits
     heads, kv_heads, head_dim = 4, 2, 32
     t: dict[str, Tensor] = {"model.embed_tokens.weight": ("BF16", (256, h), None)}
     for n in range(layers):
         p = f"model.layers.{n}"
+        bits = (layer_bits or {}).get(n, base_bits)
         t[f"{p}.input_layernorm.weight"] = ("BF16", (h,), None)
         t[f"{p}.post_attention_layernorm.weight"] = ("BF16", (h,), None)
         for proj, out in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
@@ -162,6 +166,7 @@ def qwen3_moe_wna16(method: str, *, layers: int = 2, experts: int = 4, hidden: i
                 _wna16(f"{p}.mlp.experts.{x}.{proj}", method, out, in_, bits, group, t)
     t["model.norm.weight"] = ("BF16", (h,), None)
     t["lm_head.weight"] = ("BF16", (256, h), None)
+    bits = base_bits
     if method == "gptq":
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True,
               "lm_head": False, "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq"}
@@ -219,4 +224,40 @@ def set_bytes(name: str, data: Callable[[int], bytes]) -> Callable[[Spec], None]
 def drop(name: str) -> Callable[[Spec], None]:
     def mutate(spec: Spec) -> None:
         del spec.tensors[name]
+    return mutate
+
+
+# ---- compressed-tensors mxfp4-pack-quantized ---------------------------------------------------------
+def qwen3_moe_ct_mxfp4(*, layers: int = 2, experts: int = 4, hidden: int = 128, intermediate: int = 128) -> Spec:
+    """llm-compressor MXFP4 (W4A16 mxfp4 preset) on Qwen3-MoE: weight_packed U8 [out, in/2] and E8M0
+    weight_scale U8 [out, in/32] per Linear; routers and lm_head in `ignore` by exact name."""
+    spec = qwen3_moe_wna16("gptq", layers=layers, experts=experts, hidden=hidden, intermediate=intermediate)
+    t: dict[str, Tensor] = {}
+    for name, value in spec.tensors.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix == "qweight":
+            out, in_ = value[1][1], value[1][0] * 8
+            t[f"{module}.weight_packed"] = ("U8", (out, in_ // 2), None)
+            t[f"{module}.weight_scale"] = ("U8", (out, in_ // 32), bytes([127]) * (out * in_ // 32))
+        elif suffix not in ("qzeros", "scales", "g_idx"):
+            t[name] = value
+    args = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": 32,
+            "dynamic": False, "actorder": None, "observer": "minmax", "scale_dtype": "torch.uint8"}
+    spec.config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args, "input_activations": None,
+                                      "format": "mxfp4-pack-quantized"}},
+        "ignore": ["lm_head"] + [f"model.layers.{n}.mlp.gate" for n in range(layers)], "kv_cache_scheme": None}
+    spec.tensors = t
+    return spec
+
+
+def ct_bf16_experts(layer: int) -> Callable[[Spec], None]:
+    """CT MXFP4 checkpoint whose `layer` experts stayed BF16 and are not ignored."""
+    def mutate(spec: Spec) -> None:
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for module in sorted({n.rsplit(".", 1)[0] for n in spec.tensors if n.startswith(prefix)}):
+            out, half = spec.tensors[f"{module}.weight_packed"][1]
+            del spec.tensors[f"{module}.weight_packed"], spec.tensors[f"{module}.weight_scale"]
+            spec.tensors[f"{module}.weight"] = ("BF16", (out, half * 2), None)
     return mutate
