@@ -24,7 +24,6 @@ from validators.layout_table import (
     FUSED_EXPERT_FORMATS,
     FUSED_GROUPS,
     FUSED_TENSOR_RE,
-    FUSED_WEIGHTS,
     HIDDEN_KEYS,
     LAYER_RE,
     MAX_FUSED_EXPERTS,
@@ -39,7 +38,9 @@ from validators.layout_table import (
     Kind,
 )
 from validators.safetensors_header import gc_paused
-from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES, match_scheme, scheme
+from validators.layout_schemes import fused_weight as _fused_weight
+from validators.layout_schemes import scheme_logical_shape as _scheme_logical_shape
+from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES, scheme
 
 if TYPE_CHECKING:
     from validators.safetensors_header import TensorInfo
@@ -272,35 +273,6 @@ def _logical_shape(tensors: Mapping[str, TensorInfo]) -> tuple[int | None, int |
     for d in shape[1:]:
         in_features *= d
     return shape[0], in_features
-
-
-def _scheme_logical_shape(tensors: Mapping[str, TensorInfo]) -> tuple[int | None, int | None]:
-    """[out, in] of a module whose weight has another scheme's name (GPTQ/AWQ `qweight`, stored
-    [in/8, out] or [in, out/8]): the scheme table's matching spec knows its orientation."""
-    if WEIGHT_SUFFIXES.isdisjoint(tensors):
-        return None, None
-    key = tuple(sorted((s, t.dtype, t.shape) for s, t in tensors.items()))
-    return _scheme_logical_cached(key)
-
-
-@lru_cache(maxsize=4096)
-def _scheme_logical_cached(key: tuple) -> tuple[int | None, int | None]:
-    from validators.safetensors_header import TensorInfo
-
-    infos = {s: TensorInfo(s, dtype, shape, "", 0, 0) for s, dtype, shape in key}
-    spec = match_scheme(None, infos)
-    if spec is None:
-        return None, None
-    return spec.logical_from_weight(infos[spec.weight_suffix].shape)
-
-
-def _fused_weight(parts: Mapping[str, TensorInfo]) -> tuple[FusedWeight, TensorInfo] | None:
-    """The tensor holding every expert's weight in a fused MoE module, per `FUSED_WEIGHTS`."""
-    for fw in FUSED_WEIGHTS:
-        info = parts.get(fw.suffix)
-        if info is not None and len(info.shape) == fw.ndim and info.shape[0] <= MAX_FUSED_EXPERTS:
-            return fw, info
-    return None
 
 
 def _looks_transposed(proj: str, d1: int, d2: int, hidden: int | None) -> bool:
