@@ -141,17 +141,18 @@ def _f16(value: float, count: int) -> bytes:
 
 def qwen3_moe_wna16(method: str, *, layers: int = 2, experts: int = 4, hidden: int = 128,
                     intermediate: int = 128, bits: int = 4, group: int = 32,
-                    layer_bits: dict[int, int] | None = None) -> Spec:
+                    layer_bits: dict[int, int] | None = None, layer_group: dict[int, int] | None = None) -> Spec:
     """Qwen3-30B-A3B-GPTQ-Int4 / -AWQ shaped: every Linear in the layers quantized per expert,
     routers, norms, embeddings and lm_head BF16. `layer_bits` stores some layers at other bit widths
-    (GPTQModel `dynamic` per-layer overrides)."""
+    and `layer_group` at other group sizes (GPTQModel `dynamic` per-layer overrides)."""
     h, i, e = hidden, intermediate, experts
-    base_bits = bits
+    base_bits, base_group = bits, group
     heads, kv_heads, head_dim = 4, 2, 32
     t: dict[str, Tensor] = {"model.embed_tokens.weight": ("BF16", (256, h), None)}
     for n in range(layers):
         p = f"model.layers.{n}"
         bits = (layer_bits or {}).get(n, base_bits)
+        group = (layer_group or {}).get(n, base_group)
         t[f"{p}.input_layernorm.weight"] = ("BF16", (h,), None)
         t[f"{p}.post_attention_layernorm.weight"] = ("BF16", (h,), None)
         for proj, out in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
@@ -166,7 +167,7 @@ def qwen3_moe_wna16(method: str, *, layers: int = 2, experts: int = 4, hidden: i
                 _wna16(f"{p}.mlp.experts.{x}.{proj}", method, out, in_, bits, group, t)
     t["model.norm.weight"] = ("BF16", (h,), None)
     t["lm_head.weight"] = ("BF16", (256, h), None)
-    bits = base_bits
+    bits, group = base_bits, base_group
     if method == "gptq":
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True,
               "lm_head": False, "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq"}

@@ -6,6 +6,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 
+from validators.dialects import BEYOND_DIALECTS
 from validators.findings import Finding
 from validators.rules import Context, rule
 from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
@@ -102,9 +103,11 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
             continue
         summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_fmt.items(), key=lambda kv: -len(kv[1])))
         minority = sorted(by_fmt.items(), key=lambda kv: len(kv[1]))[0]
+        own = ctx.qc is not None and ctx.qc.dialect in BEYOND_DIALECTS   # QG240 / QG440 give each engine's effect
         yield finding("QG403", ERROR, f"experts of {group} mix formats ({summary})", modules=minority[1],
-                      fix="Store every expert of the layer in one format.", effect=FAILS,
-                      error="ValueError: All MoE projections need to have same quantization scheme but found multiple")
+                      fix="Store every expert of the layer in one format.", effect=None if own else FAILS,
+                      error="" if own else
+                      "ValueError: All MoE projections need to have same quantization scheme but found multiple")
 
 
 @rule("QG404", "gate-up-global-scale-mismatch", ERROR, per_engine=False, deep=True)
