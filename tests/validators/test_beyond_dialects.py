@@ -100,6 +100,10 @@ CASES: list[tuple[str, Callable[[], bb.Spec], list, list[str], dict[str, str] | 
      [bb.set_qc(desc_act=True), bb.drop("model.layers.0.self_attn.q_proj.g_idx")], ["QG341"], {"vllm": W, "sglang": W}),
     ("gptq-dead-expert-zero-scales", lambda: bb.qwen3_moe_wna16("gptq"),
      [bb.set_bytes("model.layers.0.mlp.experts.2.down_proj.scales", bytes)], ["QG541"], {"vllm": W, "sglang": W}),
+    ("gptq-lm-head-flag-bf16-lm-head", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(lm_head=True)], ["QG242"],
+     {"vllm": L, "sglang": W}),      # vLLM: derived list lacks lm_head -> UnquantizedEmbeddingMethod
+    ("gptq-config-dropped", lambda: bb.qwen3_moe_wna16("gptq"), [lambda s: s.config.pop("quantization_config")],
+     ["QG101"], {"vllm": S, "sglang": S}),                            # quantize_config.json only: engines build BF16
     ("gptq-unsupported-bits", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(bits=5)], ["QG141"],
      {"vllm": S, "sglang": S}),
     ("gptq-bad-dynamic-regex", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(dynamic={"-:(": {}})], ["QG103"],

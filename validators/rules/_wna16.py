@@ -104,9 +104,8 @@ class _Planner:
                     cls.kind == "router" and self.engine in ROUTER_ALWAYS_BF16):
                 out.append(Build(ename, ename, False, "built without a quant config", "unquantized"))
                 continue
-            if cls.kind == "lm_head":
-                out.append(Build(ename, ename, self.p.lm_head, f"lm_head: {self.p.lm_head}",
-                                 self.p.engine_method() if self.p.lm_head else "unquantized"))
+            if cls.kind == "lm_head" and not self.p.lm_head:   # ParallelLMHead is quantized only with `lm_head: true`
+                out.append(Build(ename, ename, False, "lm_head: false", "unquantized"))
                 continue
             moe = cls.kind == "expert" and cls.moe_group is not None
             unit = self.sem.engine_name(cls.moe_group, self.arch) if moe else engine_unit(ename, self.naming)
