@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from validators.schemes import AWQ, GPTQ, MXFP4
 
 if TYPE_CHECKING:
+    from validators.layout import Module
     from validators.quant_config import QuantConfig
     from validators.schemes import SchemeSpec
 
@@ -29,9 +30,9 @@ def _declared_fn(dialect: str) -> Callable | None:
     return None
 
 
-def declared_schemes(qc: "QuantConfig", module_name: str, engine_name: str) -> "list[SchemeSpec]":
-    """Specs `qc` promises for `module_name` ([] when the dialect is not one of these or declares none)."""
+def declared_schemes(qc: "QuantConfig", module: "Module", engine_name: str) -> "list[SchemeSpec]":
+    """Specs `qc` promises for `module` ([] when the dialect is not one of these or declares none)."""
     fn = _declared_fn(qc.dialect)
     if fn is None or qc.params is None:
         return []
-    return fn(qc, module_name, engine_name)
+    return fn(qc, module, engine_name)

@@ -15,10 +15,14 @@ On disk, per MoE layer, six fused tensors (`<moe>.experts.` + name):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from validators.findings import Finding
 from validators.quant_config import QuantConfig, _as_str_list
 from validators.schemes import MXFP4
+
+if TYPE_CHECKING:
+    from validators.layout import Module
 
 #: E8M0 exponent byte that encodes NaN (OCP MX spec; every other byte is 2**(b - 127))
 E8M0_NAN = 0xFF
@@ -60,10 +64,10 @@ def parse_mxfp4(data: dict, source: str, findings: list[Finding]) -> QuantConfig
                        form=MXFP4, params=params)
 
 
-def declared(qc: QuantConfig, module_name: str, engine_name: str) -> list:
+def declared(qc: QuantConfig, module: "Module", engine_name: str) -> list:
     """MXFP4 is only ever declared for routed experts (every FusedMoE); Linear stays BF16."""
     from validators.schemes import SCHEMES
 
-    if ".experts." not in f".{module_name}.":
+    if getattr(module.kind, "value", module.kind) != "expert":
         return []
     return [s for s in SCHEMES if s.dialect == MXFP4]

@@ -230,7 +230,7 @@ def _config(dialect: str, params: WNA16Params, data: dict, source: str) -> Quant
                        config_groups=None, raw=data, form=dialect, params=params)
 
 
-def declared(qc: QuantConfig, module_name: str, engine_name: str) -> list:
+def declared(qc: QuantConfig, module: Any, engine_name: str) -> list:
     """The scheme specs the config promises for a module the engine quantizes (per-module `bits`
     overrides from `dynamic` `+:` rules, matched on the engine prefix like vLLM)."""
     from validators.schemes import SCHEMES

@@ -261,7 +261,7 @@ class Analysis:
             return ct_group_schemes(group, self.qc.ct_format)
         from validators.dialects import declared_schemes
 
-        return declared_schemes(self.qc, module.name, engine_name)
+        return declared_schemes(self.qc, module, engine_name)
 
     # ---- engines -------------------------------------------------------------------------------
     def coverage(self, engine: str) -> list[Cov]:
