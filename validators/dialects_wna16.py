@@ -128,6 +128,28 @@ def substring_hit(prefix: str, entries: Iterable[str]) -> str | None:
     return next((e for e in entries if e and e in prefix), None)
 
 
+class SubstringIndex:
+    """`substring_hit` for long lists (the header-derived list names every quantized module: 45k in a
+    DeepSeek-V3-sized GPTQ export): every window of the prefix is looked up by length, so a query
+    costs O(len(prefix)^2) set lookups instead of O(len(entries)) scans."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.entries = [e for e in entries if e]
+        self.by_length: dict[int, set[str]] = {}
+        for e in self.entries:
+            self.by_length.setdefault(len(e), set()).add(e)
+
+    def hit(self, prefix: str) -> str | None:
+        for length in sorted(self.by_length):
+            if length > len(prefix):
+                break
+            bucket = self.by_length[length]
+            for i in range(len(prefix) - length + 1):
+                if prefix[i:i + length] in bucket:
+                    return prefix[i:i + length]
+        return None
+
+
 def derived_quantized(tensors: Mapping[str, Any]) -> list[str]:
     """GPTQ `maybe_update_config`: modules with any non-float tensor (checkpoint names)."""
     return sorted({n.rpartition(".")[0] for n, t in tensors.items() if t.dtype not in FLOAT_DTYPES})

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from validators.dialects_wna16 import (
+    GPTQ_DEFAULT_QUANTIZED,
+    SubstringIndex,
     WNA16Params,
     derived_not_convert,
     derived_quantized,
     marlin_moe_supported,
-    substring_hit,
-    GPTQ_DEFAULT_QUANTIZED,
 )
 from validators.engines import ENGINE_SEMANTICS, _apply_prefix_map, engine_unit, fused_shards
 from validators.schemes import AWQ, GPTQ
@@ -67,29 +67,41 @@ class _Planner:
         self.naming = self.a.naming
         self.hidden = _hidden(ctx)
         self._units: dict[tuple[str, bool], tuple[bool, str, str, tuple[str, ...]]] = {}
+        self._lists: dict[str, tuple[SubstringIndex, str]] = {}
 
     def mapped(self, entries: list[str]) -> list[str]:
         """`apply_vllm_mapper` maps the lists through the model's prefix map."""
         return [_apply_prefix_map(e, self.naming.prefix_map) for e in entries]
 
-    # the lists each engine consults ------------------------------------------------------------
-    def gptq_quantized_list(self) -> tuple[list[str], str]:
-        given = self.p.modules_in_block_to_quantize
-        if given:
-            return self.mapped(given), "modules_in_block_to_quantize"
-        derived = derived_quantized(self.ctx.view.tensors)
-        if derived:
-            return self.mapped(derived), "modules_in_block_to_quantize derived from the header"
-        return list(GPTQ_DEFAULT_QUANTIZED), "vLLM's default (attention only)"
+    # the lists each engine consults (built once per validation) ----------------------------------
+    def _list(self, key: str) -> tuple[SubstringIndex, str]:
+        if key not in self._lists:
+            entries, what = self._build_list(key)
+            self._lists[key] = SubstringIndex(entries), what
+        return self._lists[key]
 
-    def awq_not_convert(self, *, derive: bool) -> tuple[list[str], str]:
+    def _build_list(self, key: str) -> tuple[list[str], str]:
+        if key == "gptq":
+            given = self.p.modules_in_block_to_quantize
+            if given:
+                return self.mapped(given), "modules_in_block_to_quantize"
+            derived = derived_quantized(self.ctx.view.tensors)
+            if derived:
+                return self.mapped(derived), "modules_in_block_to_quantize derived from the header"
+            return list(GPTQ_DEFAULT_QUANTIZED), "vLLM's default (attention only)"
         given = self.p.modules_to_not_convert
         if given:
             return self.mapped(given), "modules_to_not_convert"
-        if derive:
+        if key == "awq_derived":
             return self.mapped(derived_not_convert(self.ctx.view.tensors)), \
                 "modules_to_not_convert derived from the header (all-float modules)"
         return [], "modules_to_not_convert (absent)"
+
+    def gptq_quantized_list(self) -> tuple[SubstringIndex, str]:
+        return self._list("gptq")
+
+    def awq_not_convert(self, *, derive: bool) -> tuple[SubstringIndex, str]:
+        return self._list("awq_derived" if derive else "awq_config")
 
     # decisions -------------------------------------------------------------------------------------
     def run(self) -> list[Build]:
@@ -138,12 +150,12 @@ class _Planner:
         return (False, f"{what} entry {hit!r} is a substring of its name", "unquantized", ()) if hit else \
             (True, f"no {what} entry is a substring of its name", method, ())
 
-    def _substring(self, unit: str, entries: list[str]) -> tuple[str | None, tuple[str, ...]]:
-        """First entry hitting the unit (per shard for fused layers); shards that disagree -> conflict."""
+    def _substring(self, unit: str, entries: SubstringIndex) -> tuple[str | None, tuple[str, ...]]:
+        """An entry hitting the unit (per shard for fused layers); shards that disagree -> conflict."""
         shards = fused_shards(unit, self.naming)
         if not shards:
-            return substring_hit(unit, entries), ()
-        hits = [substring_hit(s, entries) for s in shards]
+            return entries.hit(unit), ()
+        hits = [entries.hit(s) for s in shards]
         if any(hits) and not all(hits):
             return None, tuple(s for s, h in zip(shards, hits) if h)
         return hits[0], ()
@@ -157,9 +169,9 @@ class _Planner:
         ok, why = marlin_moe_supported(self.hidden, inter, self.p.group_size)
         if not self.p.marlin_compatible or not ok:
             reason = why or f"{self.p.engine_method()} has no MoE kernel"
-            entries, what = ([], "dynamic (ignored)") if self.p.method == GPTQ else \
+            entries, what = (SubstringIndex(()), "dynamic (ignored)") if self.p.method == GPTQ else \
                 self.awq_not_convert(derive=False)
-            hit = substring_hit(unit, entries)
+            hit = entries.hit(unit)
             if hit:
                 return False, f"moe_wna16 fallback ({reason}): {what} entry {hit!r}", "unquantized", ()
             return True, f"moe_wna16 fallback ({reason}) ignores `dynamic` and derived lists", "moe_wna16", ()
@@ -172,7 +184,7 @@ class _Planner:
             return True, "only a dynamic `-:` rule matching the FusedMoE prefix excludes it" + note, \
                 "gptq_marlin", ()
         entries, what = self.awq_not_convert(derive=True)
-        hit = substring_hit(unit, entries)
+        hit = entries.hit(unit)
         if hit:
             return False, f"{what} entry {hit!r} is a substring of the FusedMoE prefix", "unquantized", ()
         return True, f"no {what} entry is a substring of the FusedMoE prefix", "awq_marlin", ()
