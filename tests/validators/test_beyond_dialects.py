@@ -127,6 +127,9 @@ CASES: list[tuple[str, Callable[[], bb.Spec], list, list[str], dict[str, str] | 
     ("awq-bf16-o-proj-explicit-list", lambda: bb.qwen3_moe_wna16("awq"),
      [bb.bf16_linear("model.layers.0.self_attn.o_proj"), bb.set_qc(modules_to_not_convert=["mlp.gate"])],
      ["QG242"], {"vllm": S, "sglang": W}),
+    ("awq-partial-qkv-listed", lambda: bb.qwen3_moe_wna16("awq"),
+     [bb.bf16_linear("model.layers.0.self_attn.q_proj"), bb.set_qc(modules_to_not_convert=["self_attn.q_proj", "mlp.gate"])],
+     ["QG244"], {"vllm": S, "sglang": W}),
     ("awq-nan-scales", lambda: bb.qwen3_moe_wna16("awq"),
      [bb.set_bytes("model.layers.0.mlp.experts.2.down_proj.scales", lambda n: b"\x00\x7e" * (n // 2))],
      ["QG540"], {"vllm": W, "sglang": W}),
@@ -193,3 +196,18 @@ def test_header_only_never_imports_torch(root: Path) -> None:
             "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', rcs, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert "NOTORCH [1, 0]" in proc.stderr, proc.stderr
+
+
+def test_substring_index_agrees_with_vllms_any_in() -> None:
+    """The indexed test is vLLM's `any(entry in prefix for entry in entries)`, only faster."""
+    import random
+
+    from validators.dialects_wna16 import SubstringIndex, substring_hit
+
+    rng = random.Random(0)
+    parts = ["model", "layers", "1", "10", "mlp", "experts", "gate", "gate_proj", "self_attn", "q_proj", "."]
+    entries = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    index = SubstringIndex(entries)
+    for _ in range(500):
+        prefix = ".".join(rng.choice(parts) for _ in range(rng.randint(1, 7)))
+        assert (index.hit(prefix) is not None) == (substring_hit(prefix, entries) is not None), prefix

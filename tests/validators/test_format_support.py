@@ -53,17 +53,3 @@ def test_not_modelled_hook(section: dict, gap: str | None) -> None:
     found = not_modelled(qc)
     assert (found.name if found else None) == gap
 
-
-def test_substring_index_agrees_with_vllms_any_in() -> None:
-    """The indexed test is vLLM's `any(entry in prefix for entry in entries)`, only faster."""
-    import random
-
-    from validators.dialects_wna16 import SubstringIndex, substring_hit
-
-    rng = random.Random(0)
-    parts = ["model", "layers", "1", "10", "mlp", "experts", "gate", "gate_proj", "self_attn", "q_proj", "."]
-    entries = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 4))) for _ in range(300)]
-    index = SubstringIndex(entries)
-    for _ in range(500):
-        prefix = ".".join(rng.choice(parts) for _ in range(rng.randint(1, 7)))
-        assert (index.hit(prefix) is not None) == (substring_hit(prefix, entries) is not None), prefix

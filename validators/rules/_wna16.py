@@ -151,8 +151,9 @@ class _Planner:
             (True, f"no {what} entry is a substring of its name", method, ())
 
     def _substring(self, unit: str, entries: SubstringIndex) -> tuple[str | None, tuple[str, ...]]:
-        """An entry hitting the unit (per shard for fused layers); shards that disagree -> conflict."""
-        shards = fused_shards(unit, self.naming)
+        """An entry hitting the unit; vLLM tests fused layers per shard (shards that disagree -> conflict),
+        SGLang's `is_layer_skipped_awq` tests the fused prefix itself (`...qkv_proj`)."""
+        shards = fused_shards(unit, self.naming) if self.engine == "vllm" else None
         if not shards:
             return entries.hit(unit), ()
         hits = [entries.hit(s) for s in shards]
