@@ -122,8 +122,8 @@ CASES: list[tuple[str, Callable[[], bb.Spec], list, list[str], dict[str, str] | 
      [*_bf16_layer(1), bb.set_qc(modules_to_not_convert=["model.layers.1", "mlp.gate"])], ["QG241", "QG243"],
      {"vllm": S, "sglang": S}),
     ("awq-bf16-layer-listed-moe-wna16", lambda: bb.qwen3_moe_wna16("awq", hidden=64),
-     [*_bf16_layer(1), bb.set_qc(modules_to_not_convert=["model.layers.1.", "mlp.gate"])], ["QG240"],
-     {"vllm": L, "sglang": S}),                                       # moe_wna16 reads the config's list
+     [*_bf16_layer(1), bb.set_qc(modules_to_not_convert=["model.layers.1.", "mlp.gate"])], ["!QG240"],
+     {"vllm": L, "sglang": L}),                                       # moe_wna16 reads the config's list
     ("awq-bf16-o-proj-explicit-list", lambda: bb.qwen3_moe_wna16("awq"),
      [bb.bf16_linear("model.layers.0.self_attn.o_proj"), bb.set_qc(modules_to_not_convert=["mlp.gate"])],
      ["QG242"], {"vllm": S, "sglang": W}),

@@ -162,13 +162,12 @@ class _Planner:
         return hits[0], ()
 
     def _moe(self, unit: str, cls: "ModClass") -> tuple[bool, str, str, tuple[str, ...]]:
-        if self.engine != "vllm":    # SGLang gptq.py / awq.py: FusedMoE is always the quantized method
-            return True, "SGLang builds every FusedMoE quantized (no exclusion for MoE layers)", \
-                f"{self.p.method}_moe", ()
         rep = cls.rep
         inter = rep.in_features if rep.role == "down" else rep.out_features
         ok, why = marlin_moe_supported(self.hidden, inter, self.p.group_size)
         if not self.p.marlin_compatible or not ok:
+            # both engines fall back to MoeWNA16Config.from_config(full_config): gptq -> no exclusions,
+            # awq -> the config's modules_to_not_convert (substring), never the derived list
             reason = why or f"{self.p.engine_method()} has no MoE kernel"
             entries, what = (SubstringIndex(()), "dynamic (ignored)") if self.p.method == GPTQ else \
                 self.awq_not_convert(derive=False)
@@ -176,6 +175,9 @@ class _Planner:
             if hit:
                 return False, f"moe_wna16 fallback ({reason}): {what} entry {hit!r}", "unquantized", ()
             return True, f"moe_wna16 fallback ({reason}) ignores `dynamic` and derived lists", "moe_wna16", ()
+        if self.engine != "vllm":    # SGLang gptq.py / awq.py: the Marlin FusedMoE method, no exclusion
+            return True, "SGLang builds every Marlin FusedMoE quantized (no exclusion for MoE layers)", \
+                f"{self.p.method}_marlin", ()
         if self.p.method == GPTQ:
             rule = self.p.skipped_by_dynamic(unit)
             if rule is not None:

@@ -74,7 +74,10 @@ def bf16_experts(ctx: Context) -> Iterator[Finding]:
     GPTQModel #1455, #2221, vllm #28274). GPTQ: only a `dynamic` `-:` rule matching the FusedMoE prefix
     (`model.layers.N.mlp.experts`) excludes it, and the moe_wna16 fallback ignores even that. AWQ: an
     entry must be a substring of that prefix; the list vLLM derives from the header names single experts,
-    which never is. SGLang gptq: names silently skipped (garbage); SGLang awq: KeyError (sglang PR #20439).
+    which never is. SGLang gptq: names silently skipped (garbage); SGLang awq: KeyError (sglang PR #20439;
+    `awq.py` 0149944f builds every Marlin FusedMoE quantized - later write-ups show a
+    modules_to_not_convert check there, version boundary not pinned). Both engines' moe_wna16
+    fallback (Marlin-unsupported shapes) reads only the config's own AWQ list.
 
     Fix: quantize those experts, or exclude the layer by its engine prefix: GPTQ
     `"dynamic": {"-:model\\.layers\\.N\\.mlp\\.experts": {}}`, AWQ `modules_to_not_convert: ["model.layers.N."]`.
