@@ -112,6 +112,13 @@ def not_modelled(qc: "QuantConfig | None") -> FormatSupport | None:
         return FormatSupport(qc.dialect, False, None, "not registered by vLLM", "unknown quant_method")
     if not is_modelled_method(qc.dialect):
         return entry
+    bits = getattr(qc.params, "bits", None)
+    if isinstance(bits, int):       # GPTQ/AWQ: only the bit widths with a tensor set are modelled
+        from validators.schemes import SCHEMES
+
+        if not any(s.dialect == qc.dialect and s.weight_bits == bits for s in SCHEMES):
+            return FormatSupport(f"{qc.dialect} {bits}-bit", False, None, entry.source,
+                                 f"no {bits}-bit {qc.dialect} tensor set in validators/schemes_beyond.py")
     if qc.is_ct:
         formats = {qc.ct_format} | {g.get("format") for g in (qc.config_groups or {}).values()}
         for fmt in sorted(f for f in formats if isinstance(f, str)):

@@ -106,6 +106,8 @@ CASES: list[tuple[str, Callable[[], bb.Spec], list, list[str], dict[str, str] | 
      ["QG101"], {"vllm": S, "sglang": S}),                            # quantize_config.json only: engines build BF16
     ("gptq-unsupported-bits", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(bits=5)], ["QG141"],
      {"vllm": S, "sglang": S}),
+    ("gptq-3bit-not-modelled", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(bits=3)], ["QG104"],
+     None),          # vLLM's plain gptq takes 3 bits; no tensor set here -> `unknown` via format_support
     ("gptq-bad-dynamic-regex", lambda: bb.qwen3_moe_wna16("gptq"), [bb.set_qc(dynamic={"-:(": {}})], ["QG103"],
      {"vllm": S, "sglang": S}),
     # ---- AWQ (Qwen3-30B-A3B-AWQ shapes) ----

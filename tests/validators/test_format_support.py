@@ -46,6 +46,7 @@ def test_modelled_dialects_have_specs_in_this_build() -> None:
     ({"quant_method": "compressed-tensors", "format": "marlin-24",
       "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4}}}}, "marlin-24"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}, None),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": False, "sym": True}, "gptq 3-bit"),
     ({"quant_method": "mxfp4"}, None),
 ])
 def test_not_modelled_hook(section: dict, gap: str | None) -> None:

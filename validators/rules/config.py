@@ -94,16 +94,17 @@ def unsupported_algo(ctx: Context) -> Iterator[Finding]:
     qc = ctx.qc
     if qc is None:
         return
-    if qc.dialect not in DIALECTS:
-        if not is_modelled_method(qc.dialect):
-            yield finding("QG104", WARNING, f"quant_method {qc.dialect!r} is not a dialect quantgate validates "
-                          "(modelopt, compressed-tensors); coverage rules were skipped.",
-                          fix="Validate with the tool of that quantization method.")
+    if qc.dialect not in DIALECTS and not is_modelled_method(qc.dialect):
+        yield finding("QG104", WARNING, f"quant_method {qc.dialect!r} is not a dialect quantgate validates "
+                      "(modelopt, compressed-tensors); coverage rules were skipped.",
+                      fix="Validate with the tool of that quantization method.")
         return
     gap = not_modelled(qc)
     if gap is not None:   # a format vLLM loads that quantgate has no tensor set for (format_support.py)
-        yield finding("QG104", WARNING, f"compressed-tensors format {gap.name!r} is not modelled ({gap.note}); "
-                      "the verdicts do not cover it.", fix="Validate with the tool of that format.")
+        yield finding("QG104", WARNING, f"format {gap.name!r} is not modelled ({gap.note}); the verdicts do not "
+                      "cover it.", fix="Validate with the tool of that format.")
+    if qc.dialect not in DIALECTS:
+        return
     if qc.is_ct:
         if qc.ct_format and qc.ct_format not in CT_FORMATS:
             yield finding("QG104", ERROR, f"compressed-tensors format {qc.ct_format!r} is not supported",
