@@ -106,7 +106,7 @@ def _block_size(data: dict, scheme: str | None, source: str, findings: list[Find
 
 
 def parse(data: dict[str, Any], source: str, findings: list[Finding]) -> QuantConfig:
-    """`quantization_config` with quant_method "fp8" -> QuantConfig(dialect="fp8", dialect_settings=Fp8Settings)."""
+    """`quantization_config` with quant_method "fp8" -> QuantConfig(dialect="fp8", params=Fp8Settings)."""
     scheme = _activation_scheme(data, source, findings)
     block = _block_size(data, scheme, source, findings)
     ignored = _as_str_list(data.get("ignored_layers"), "ignored_layers", source, findings)
@@ -114,4 +114,10 @@ def parse(data: dict[str, Any], source: str, findings: list[Finding]) -> QuantCo
     settings = Fp8Settings(scheme, block, tuple(ignored), tuple(not_convert))
     return QuantConfig(dialect=FP8_NATIVE, quant_algo=None, source=source, exclude=list(settings.exclusions),
                        group_size=block[1] if block else None, kv_cache_quant_algo=None, quantized_layers=None,
-                       config_groups=None, raw=data, form="fp8", dialect_settings=settings)
+                       config_groups=None, raw=data, form="fp8", params=settings)
+
+
+def declared(qc: QuantConfig, module: Any, engine_name: str) -> list[SchemeSpec]:
+    """Registry hook (validators/dialects.py): native fp8 promises the same scheme for every module
+    the engine quantizes; exclusions are matched by the engines' own rules (fp8_engines.py)."""
+    return qc.params.declared() if isinstance(qc.params, Fp8Settings) else []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # validators/ must import fast; TensorInfo is only needed for type hints
@@ -24,6 +23,10 @@ MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
 FP8_NATIVE = "fp8"  # Hugging Face native fp8 (config.json quant_method "fp8": DeepSeek-V3, Qwen3-*-FP8)
 DIALECTS: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)
+# the engines' other formats (specs in schemes_beyond.py, part of this table)
+MXFP4 = "mxfp4"
+GPTQ = "gptq"
+AWQ = "awq"
 
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the input dim
 FP4_PER_BYTE = 2  # two E2M1 codes per uint8, element 2k in the low nibble
@@ -83,14 +86,6 @@ def _fp8_block_2d(out: int, in_: int) -> tuple[int, ...]:
 
 def _fp8_block_4d(out: int, in_: int) -> tuple[int, ...]:
     return (_cdiv(out, FP8_BLOCK), 1, _cdiv(in_, FP8_BLOCK), 1)  # vLLM's FP8_PB_WO param layout
-
-
-def _fp8_block_inv(b0: int, b1: int) -> ShapeFn:
-    def shape(out: int, in_: int) -> tuple[int, ...]:
-        return (_cdiv(out, b0), _cdiv(in_, b1))  # weight_scale_inv [ceil(out/b0), ceil(in/b1)]
-
-    shape.__name__ = f"fp8_block_inv_{b0}x{b1}"
-    return shape
 
 
 def _int4_packed(out: int, in_: int) -> tuple[int, ...]:
@@ -156,6 +151,9 @@ class SchemeSpec:
     scale_overhead_bits: float = 0.0  # storage bits per weight spent on group/block scales
     description: str = ""
     weight_block: tuple[int, int] | None = None  # native fp8 `weight_block_size` [b0 (out), b1 (in)]
+    # stored weight shape -> logical (out, in), for weights not stored [out, in/pack] (GPTQ [in/8, out])
+    logical_shape: Callable[[tuple[int, ...]], tuple[int, int]] | None = None
+    weight_ndim: int = 2  # dims of the stored weight of one module (MXFP4 blocks [out, in/32, 16]: 3)
     by_suffix: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -183,9 +181,19 @@ class SchemeSpec:
     def suffixes(self) -> frozenset[str]:
         return frozenset(self.by_suffix)
 
+    def logical_from_weight(self, stored_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Logical (out_features, in_features) from the stored weight shape (U8 NVFP4 [out, in/2] ->
+        (out, in); GPTQ qweight [in/8, out] -> (out, in) through `logical_shape`)."""
+        if self.logical_shape is not None:
+            return self.logical_shape(tuple(stored_shape))
+        inner = 1
+        for d in stored_shape[1:]:
+            inner *= d
+        return stored_shape[0], inner * self.in_pack
+
     def in_features_from_weight(self, stored_shape: tuple[int, ...]) -> int:
         """Logical in_features from the stored weight shape (U8 NVFP4 [out, in/2] -> in)."""
-        return stored_shape[-1] * self.in_pack
+        return self.logical_from_weight(stored_shape)[1]
 
     def write_dtype(self, suffix: str) -> str:
         """The dtype the writer uses for `suffix`."""
@@ -229,35 +237,6 @@ def _fp8(name: str, dialect: str, quant_algo: str | None, weight_scale: TensorSp
         tensors.append(TensorSpec("input_scale", scale_dtypes, scalar, alt_shapes=(alt,)))
     ct_format = None if dialect == MODELOPT else "float-quantized"
     return SchemeSpec(name, dialect, quant_algo, tuple(tensors), weight_bits=8, ct_format=ct_format, **kwargs)
-
-
-#: scale dtypes of the native fp8 dialect (vLLM's parameters are float32; copy_ converts floats by value)
-FP8_NATIVE_SCALE_DTYPES = ("F32", "BF16", "F16")
-
-
-def fp8_native_spec(block: tuple[int, int] | None, static: bool = False) -> SchemeSpec:
-    """The native fp8 spec for a `weight_block_size` (None: per-tensor) and activation scheme.
-
-    Block form: `weight` F8_E4M3 [out, in] + `weight_scale_inv` [ceil(out/b0), ceil(in/b1)] (vLLM
-    `Fp8LinearMethod.create_weights`, "The weight_scale_inv name is intentional for deepseekv3");
-    per-tensor: `weight_scale` (+ `input_scale` when static). formats_beyond_two.md §2. The 128x128
-    and per-tensor specs are entries of SCHEMES (`scheme("fp8", ...)` returns those same objects).
-    """
-    weight = TensorSpec("weight", ("F8_E4M3",), _full)
-    if block is None:
-        tensors = [weight, TensorSpec("weight_scale", FP8_NATIVE_SCALE_DTYPES, _scalar, alt_shapes=(_one,))]
-        if static:
-            tensors.append(TensorSpec("input_scale", FP8_NATIVE_SCALE_DTYPES, _scalar, alt_shapes=(_one,)))
-        return SchemeSpec("FP8_TENSOR_STATIC" if static else "FP8_TENSOR", FP8_NATIVE, None, tuple(tensors),
-                          weight_bits=8, activation_scales=static,
-                          description=f"native fp8, per-tensor weight scale, {'static' if static else 'dynamic'} "
-                                      "activations")
-    b0, b1 = block
-    name = "FP8_BLOCK" if block == (FP8_BLOCK, FP8_BLOCK) else f"FP8_BLOCK_{b0}x{b1}"
-    return SchemeSpec(name, FP8_NATIVE, None,
-                      (weight, TensorSpec("weight_scale_inv", FP8_NATIVE_SCALE_DTYPES, _fp8_block_inv(b0, b1))),
-                      weight_bits=8, group_size=b1, scale_overhead_bits=32 / (b0 * b1), weight_block=(b0, b1),
-                      description=f"native fp8, {b0}x{b1} weight blocks (weight_scale_inv), dynamic activations")
 
 
 SCHEMES: tuple[SchemeSpec, ...] = (
@@ -309,11 +288,15 @@ SCHEMES: tuple[SchemeSpec, ...] = (
         weight_bits=8, ct_format="int-quantized",
         description="int-quantized int8 per-channel weights, dynamic per-token int8 activations",
     ),
-    # ---- Hugging Face native fp8 (config.json quant_method "fp8"; formats_beyond_two.md §2) ----
-    fp8_native_spec((FP8_BLOCK, FP8_BLOCK)),
-    fp8_native_spec(None, static=False),
-    fp8_native_spec(None, static=True),
 )
+
+# The engines' other formats (formats_beyond_two.md), entries of this one table kept in their own files:
+# Hugging Face native fp8 (§2); MXFP4 (GPT-OSS), GPTQ, AWQ, CT mxfp4/mxfp8 (§1, §3-5).
+from validators.schemes_fp8 import FP8_NATIVE_SCHEMES, fp8_native_for, fp8_native_spec  # noqa: E402,F401
+from validators.schemes_beyond import BEYOND_SCHEMES  # noqa: E402 - needs the classes above
+
+SCHEMES = SCHEMES + FP8_NATIVE_SCHEMES + BEYOND_SCHEMES
+DIALECTS_WITH_SCHEMES: frozenset[str] = frozenset(s.dialect for s in SCHEMES)
 
 _BY_KEY: dict[tuple[str, str], SchemeSpec] = {(s.dialect, s.name.upper()): s for s in SCHEMES}
 
@@ -339,7 +322,7 @@ MIXED_PRECISION_ALGOS: tuple[str, ...] = ("FP8", "NVFP4", "W4A16_NVFP4")
 
 # Every tensor suffix any scheme writes, and the other per-linear quantization tensors engines know.
 SCHEME_SUFFIXES: frozenset[str] = frozenset(t.suffix for s in SCHEMES for t in s.tensors)
-WEIGHT_SUFFIXES: frozenset[str] = frozenset({"weight", "weight_packed"})
+WEIGHT_SUFFIXES: frozenset[str] = frozenset({"weight", "weight_packed"} | {s.weight_suffix for s in SCHEMES})
 EXTRA_QUANT_SUFFIXES: frozenset[str] = frozenset(
     {"pre_quant_scale", "input_zero_point", "weight_scale_inv", "k_scale", "v_scale", "q_scale"}
 )
@@ -359,22 +342,6 @@ def scheme(dialect: str, name: str) -> SchemeSpec:
         known = ", ".join(s.name for s in SCHEMES if s.dialect == dialect)
         raise KeyError(f"unknown {dialect!r} scheme {name!r}; known: {known or 'none (unknown dialect)'}")
     return spec
-
-
-@lru_cache(maxsize=32)
-def fp8_native_for(block: tuple[int, int] | None, static: bool = False) -> SchemeSpec:
-    """The spec a native fp8 config declares: the SCHEMES entry (same object) for the usual forms,
-    one built alike for an unusual block size. Block quantization is dynamic-only in the engines
-    (a static claim is a config error, QG103), so `static` is ignored for blocks."""
-    key = (tuple(block), False) if block is not None else (None, static)
-    for spec in SCHEMES:
-        if spec.dialect == FP8_NATIVE and _native_form(spec) == key:
-            return spec
-    return fp8_native_spec(key[0], key[1])
-
-
-def _native_form(spec: SchemeSpec) -> tuple[tuple[int, int] | None, bool]:
-    return (spec.weight_block, False) if spec.weight_block else (None, spec.activation_scales)
 
 
 def scheme_for_quant_algo(quant_algo: str) -> SchemeSpec | None:
@@ -413,9 +380,9 @@ def _matches(spec: SchemeSpec, tensors: Mapping[str, TensorInfo], present: froze
     if not spec.required_suffixes <= present or not present <= spec.suffixes:
         return False
     weight = tensors[spec.weight_suffix]
-    if len(weight.shape) != 2:
+    if len(weight.shape) != spec.weight_ndim:
         return False
-    out_features, in_features = weight.shape[0], spec.in_features_from_weight(weight.shape)
+    out_features, in_features = spec.logical_from_weight(weight.shape)
     for suffix in present:
         tspec = spec.by_suffix[suffix]
         info = tensors[suffix]

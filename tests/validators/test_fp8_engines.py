@@ -7,7 +7,8 @@ import pytest
 
 from validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
 from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns, parse_version
-from validators.quant_config import is_modelled, parse_quant_config
+from validators.format_support import is_modelled
+from validators.quant_config import parse_quant_config
 from validators.schemes import fp8_native_for, match_scheme, scheme
 
 L0 = "model.layers.0"
@@ -89,15 +90,15 @@ def test_config_parse_and_schemes() -> None:
     qc, findings = parse_quant_config({"quantization_config": {
         "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
         "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate"]}}, None)
-    assert not findings and qc.dialect == "fp8" and is_modelled(qc.dialect)
-    s = qc.dialect_settings
+    assert not findings and qc.dialect == "fp8" and is_modelled(qc)
+    s = qc.params
     assert s.exclusions == ("lm_head", "model.layers.0.mlp.gate") and s.exclusion_key == "modules_to_not_convert"
     assert s.declared() == [scheme("fp8", "FP8_BLOCK")] and s.label == "fp8 block 128x128"
     # ignored_layers wins over modules_to_not_convert (vLLM Fp8Config.from_config)
     qc, _ = parse_quant_config({"quantization_config": {
         "quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["a"], "modules_to_not_convert": ["b"]}},
         None)
-    assert qc.exclude == ["a"] and qc.dialect_settings.declared() == [scheme("fp8", "FP8_TENSOR_STATIC")]
+    assert qc.exclude == ["a"] and qc.params.declared() == [scheme("fp8", "FP8_TENSOR_STATIC")]
     odd = fp8_native_for((64, 128))
     assert odd.name == "FP8_BLOCK_64x128" and odd.by_suffix["weight_scale_inv"].shape(300, 200) == (5, 2)
 

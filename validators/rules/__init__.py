@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
-                                  "dialects", "fp8")
+                                  "dialects", "fp8", "wna16", "wna16_tensors", "mxfp4", "block_scales")
 #: rules about files rather than a quantization format: they also run for a quant_method not modelled
 FORMAT_INDEPENDENT: frozenset[str] = frozenset({"QG190", "QG601", "QG602", "QG603", "QG604", "QG605", "QG606"})
 
@@ -110,10 +110,10 @@ def run_rules(ctx: Context, *, codes: Iterable[str] | None = None) -> list[Findi
     load_rules()
     if ctx.analysis is None:
         ctx.analysis = Analysis(ctx)
-    from validators.quant_config import is_modelled
+    from validators.format_support import is_modelled
 
     selected = [RULES[c] for c in sorted(RULES) if codes is None or c in set(codes)]
-    if ctx.qc is not None and not is_modelled(ctx.qc.dialect):
+    if not is_modelled(ctx.qc):
         selected = [r for r in selected if r.code in FORMAT_INDEPENDENT]
     raw: list[Finding] = []
     for r in selected:

@@ -28,7 +28,8 @@ from validators.engines import (
     is_vision,
     naming_for,
 )
-from validators.quant_config import COMPRESSED_TENSORS, MODELOPT, is_modelled
+from validators.format_support import is_modelled
+from validators.quant_config import COMPRESSED_TENSORS, MODELOPT
 from validators.schemes import FP8_NATIVE
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZED, BF16, OTHER = "quantized", "bf16", "other"
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
-WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
+WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed", "qweight", "blocks")
 #: engines that force vision towers unquantized whatever the exclude list says (invariant 12)
 FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 #: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
@@ -94,6 +95,14 @@ class ModClass:
         return [m.name for m in self.members]
 
 
+def per_expert(module: "Module") -> dict:
+    """A module's tensors as one expert sees them: fused 3-D (4-D MXFP4) expert tensors lose their
+    leading expert dim, so the scheme table's per-module shapes apply."""
+    if module.fused is None:
+        return module.tensors
+    return {s: t._replace(shape=t.shape[1:]) for s, t in module.tensors.items() if t.shape}
+
+
 def kind_of(module: "Module") -> str:
     kind = module.kind
     return getattr(kind, "value", str(kind))
@@ -128,11 +137,16 @@ class Analysis:
     @cached_property
     def dialect(self) -> str:
         """The config's dialect, or the one the tensor names suggest when there is no config."""
-        if self.qc is not None:
+        from validators.schemes import GPTQ, match_scheme
+
+        if self.qc is not None:     # a dialect not modelled runs only format-independent rules (QG190)
             return self.qc.dialect
         for m in self.layout.modules.values():
             if "weight_packed" in m.tensors:
                 return COMPRESSED_TENSORS
+            if "qweight" in m.tensors or "blocks" in m.tensors:   # GPTQ / AWQ / MXFP4: the bytes say which
+                spec = match_scheme(None, per_expert(m))
+                return spec.dialect if spec is not None else GPTQ
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
@@ -141,7 +155,7 @@ class Analysis:
         sig = tuple(sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
         if sig not in self._scheme_cache:
             try:
-                self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
+                self._scheme_cache[sig] = match_scheme(self.dialect, per_expert(module))
             except Exception:   # noqa: BLE001 - an odd tensor set is a finding, never a crash
                 log.debug("match_scheme failed for %s", module.name, exc_info=True)
                 self._scheme_cache[sig] = None
@@ -194,8 +208,12 @@ class Analysis:
     # ---- config --------------------------------------------------------------------------------
     @cached_property
     def active(self) -> bool:
-        """Coverage rules apply: the config's dialect is one quantgate models."""
-        return self.qc is not None and is_modelled(self.qc.dialect)
+        """Coverage rules (QG2xx over exclusion lists) apply: the config is modelled and its dialect
+        excludes through a list matched here (modelopt, compressed-tensors, fp8). gptq / awq / mxfp4
+        decide per layer in their own rules (rules/_wna16.py, rules/mxfp4.py)."""
+        from validators.dialects import BEYOND_DIALECTS
+
+        return self.qc is not None and is_modelled(self.qc) and self.qc.dialect not in BEYOND_DIALECTS
 
     def mixed_algo(self, module: "Module", engine_name: str) -> str | None:
         """MIXED_PRECISION: the algo `quantized_layers` gives this module (vLLM `_resolve_quant_algo`)."""
@@ -250,9 +268,9 @@ class Analysis:
             from validators.schemes import ct_group_schemes
 
             return ct_group_schemes(group, self.qc.ct_format)
-        if self.qc.dialect == FP8_NATIVE:
-            return self.qc.dialect_settings.declared()
-        return []
+        from validators.dialects import declared_schemes
+
+        return declared_schemes(self.qc, module, engine_name)
 
     # ---- engines -------------------------------------------------------------------------------
     def coverage(self, engine: str) -> list[Cov]:
@@ -293,7 +311,7 @@ class Analysis:
         if engine not in cache:
             from validators.fp8_engines import fp8_patterns
 
-            cache[engine] = fp8_patterns(engine, self.qc.dialect_settings.exclusions, self.naming)
+            cache[engine] = fp8_patterns(engine, self.qc.params.exclusions, self.naming)
         return cache[engine]
 
     def engine_version(self, engine: str) -> str | None:
@@ -343,7 +361,7 @@ class Analysis:
         if self.qc is not None and self.qc.dialect == FP8_NATIVE:
             from validators.fp8_engines import fp8_stale_entries
 
-            return fp8_stale_entries(engine, self.qc.dialect_settings.exclusions, self.engine_units(engine),
+            return fp8_stale_entries(engine, self.qc.params.exclusions, self.engine_units(engine),
                                      self.naming, self.engine_version(engine))
         if self.qc is None or not self.qc.is_modelopt:
             return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from validators.findings import Finding
+from validators.format_support import CT_FORMATS as CT_FORMAT_SUPPORT
 from validators.quant_config import DIALECTS, NVFP4_GROUP_SIZE
 from validators.rules import Context, rule
 from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
@@ -16,10 +17,8 @@ VLLM_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"
 VLLM_LEGACY_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"})
 #: SGLang `ModelOptFp4Config` / `ModelOptFp8Config` / mixed.
 SGLANG_ALGOS = frozenset({"FP8", "NVFP4", "MIXED_PRECISION", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO"})
-#: compressed-tensors formats vLLM and SGLang load.
-CT_FORMATS = frozenset({"nvfp4-pack-quantized", "float-quantized", "pack-quantized", "int-quantized",
-                        "naive-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "mixed-precision",
-                        "dense"})
+#: compressed-tensors formats (CT `CompressionFormat`; modelled or not: validators/format_support.py).
+CT_FORMATS = frozenset(CT_FORMAT_SUPPORT)
 KV_ALGOS = frozenset({"FP8", "NVFP4"})
 
 

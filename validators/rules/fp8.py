@@ -72,7 +72,7 @@ def fp8_block_alignment(ctx: Context) -> Iterator[Finding]:
     (expert parallelism keeps each expert whole).
     """
     qc = ctx.qc
-    block = getattr(qc.dialect_settings, "weight_block_size", None) if qc and qc.dialect == FP8_NATIVE else None
+    block = getattr(qc.params, "weight_block_size", None) if qc and qc.dialect == FP8_NATIVE else None
     if not block:
         return
     b0, b1 = block

@@ -102,7 +102,7 @@ def wrong_shape(ctx: Context) -> Iterator[Finding]:
         weight = m.tensors.get(spec.weight_suffix)
         if weight is None or len(weight.shape) != 2:
             continue
-        out_f, in_f = weight.shape[0], spec.in_features_from_weight(weight.shape)
+        out_f, in_f = spec.logical_from_weight(weight.shape)
         for suffix, info in m.tensors.items():
             tspec = spec.by_suffix.get(suffix)
             if tspec is None or suffix == spec.weight_suffix:
@@ -211,6 +211,14 @@ def kv_scales(ctx: Context) -> Iterator[Finding]:
                       error="ValueError: Only support per-tensor scaling factor for fp8 KV cache")
 
 
+def _built_unquantized_beyond(ctx: Context, cls: "ModClass") -> bool:
+    """The engines' other formats declare nothing for this module (mxfp4 Linear layers): the engine
+    builds it BF16, and the dialect's own rule (QG442) says what its quantized tensors do."""
+    from validators.dialects import BEYOND_DIALECTS
+
+    return ctx.qc is not None and ctx.qc.dialect in BEYOND_DIALECTS and not ctx.a.declared(cls.rep, cls.rep.name)
+
+
 @rule("QG307", "unrecognised-format", ERROR, per_engine=False)
 def unrecognised(ctx: Context) -> Iterator[Finding]:
     """A module carries quantization tensors that match no scheme of the dialect (after the checks above).
@@ -222,7 +230,7 @@ def unrecognised(ctx: Context) -> Iterator[Finding]:
     """
     names = [n for cls in ctx.a.quantized_classes
              if cls.rep.fused is None and cls.kind != "router" and expected_scheme(ctx, cls) is None
-             for n in cls.names]
+             and not _built_unquantized_beyond(ctx, cls) for n in cls.names]
     if names and ctx.qc is not None:
         yield finding("QG307", ERROR, f"{len(names)} module(s) hold a tensor set no {ctx.a.dialect} scheme defines",
                       modules=names, fix="Re-export these modules with one scheme.", effect=FAILS,
