@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity")
+RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
+                                 "lm_head")
 
 
 @dataclass(frozen=True)
