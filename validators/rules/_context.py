@@ -26,6 +26,7 @@ from validators.engines import (
     ct_match,
     engine_unit,
     is_vision,
+    map_prefixes,
     naming_for,
 )
 from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
@@ -44,6 +45,10 @@ WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
 FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 #: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
 NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
+#: roles every engine builds with `quant_config=None`, whatever the architecture: the gated-delta /
+#: Mamba `conv1d` (vLLM qwen3_next.py, mamba_mixer2.py: ColumnParallelLinear without a quant config;
+#: SGLang passes quant_config=None). Producers never list it (it is an nn.Conv1d in transformers).
+NEVER_QUANTIZED_ROLES = frozenset({"conv"})
 KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
 KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
@@ -281,12 +286,19 @@ class Analysis:
             out.append(Cov(ename, unit, bool(hit) or forced is not None, hit, forced, conflict))
         return out
 
+    @cached_property
+    def ct_ignore(self) -> tuple[str, ...]:
+        """CT `ignore` in the engine's name space: vLLM maps the list with the model's hf_to_vllm_mapper
+        (`CompressedTensorsConfig.apply_vllm_mapper`), as it maps the module names; without it a
+        multimodal wrapper's `model.language_model.*` entries would match nothing."""
+        return map_prefixes(self.qc.exclude, self.naming) if self.qc is not None else ()
+
     def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
         try:
             if self.qc is not None and self.qc.is_ct:
                 probe = f"{unit}.0.gate_proj" if unit.endswith("experts") else unit
-                ignored = ct_is_ignored(probe, self.qc.exclude, self.naming)
+                ignored = ct_is_ignored(probe, self.ct_ignore, self.naming)
                 return (ExclusionHit("ignore", "exact") if ignored else None), None
             return sem.match(unit, patterns, self.architecture), None
         except FusedShardConflict as conflict:
@@ -297,7 +309,7 @@ class Analysis:
             return "vision"
         if module.role in self.naming.unquantized_roles:
             return "unquantized_role"
-        if kind_of(module) in NEVER_QUANTIZED_KINDS:
+        if kind_of(module) in NEVER_QUANTIZED_KINDS or module.role in NEVER_QUANTIZED_ROLES:
             return "never_quantized"
         if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
             if self.mixed_algo(module, ename) is None:

@@ -202,6 +202,20 @@ MODELOPT_CT_CASES: list[Case] = [
         published="RedHatAI/Qwen3-30B-A3B-NVFP4",
     ),
     Case(
+        "ct-nvfp4-qwen3_5moe-gdn-conv1d-unlisted",
+        "llm-compressor NVFP4 Qwen3.5-MoE: linear_attn ignored by name, GDN conv1d (nn.Conv1d) never listed",
+        "vllm-project/llm-compressor#2568",
+        "the maintainers point to the RedHatAI/Qwen3.5 releases as loading in vLLM; vLLM (qwen3_next.py) and "
+        "SGLang build `linear_attn.conv1d` without a quant config, so it needs no ignore entry",
+        "qwen3_5_moe",
+        {"attn": "ct_nvfp4", "expert": "ct_nvfp4", "shared": "ct_nvfp4"},
+        lambda m: qf.compressed_tensors(
+            "nvfp4-pack-quantized", ["lm_head", *routers(m), *m.names("linear_attn")]
+        ),
+        {"vllm": LOADS, "sglang": LOADS},
+        arch_kwargs={"hidden": 128, "hd": 32, "k_dim": 32},
+    ),
+    Case(
         "ct-nvfp4-missing-expert-global-scale",
         "CT NVFP4 MoE with experts lacking weight_global_scale",
         "vllm-project/vllm#54444",

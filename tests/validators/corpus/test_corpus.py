@@ -230,3 +230,26 @@ def test_packed_ct_lm_head_fails_in_sglang_only(tmp_path: Path) -> None:
 def test_readme_lists_every_case() -> None:
     text = (Path(__file__).parent / "README.md").read_text()
     assert [c.id for c in CASES if f"`{c.id}`" not in text] == []
+
+
+def test_gdn_conv1d_needs_no_exclusion(tmp_path: Path) -> None:
+    """ModelOpt NVFP4 Qwen3.5-MoE with linear_attn quantized: the BF16 `conv1d` is never listed by producers
+    and both engines build it without a quant config, so no QG201 for it."""
+    import corpus_configs as qf
+    from corpus_spec import routers
+
+    nv = "modelopt_nvfp4"
+    case = Case(
+        "modelopt-nvfp4-qwen3_5moe-gdn",
+        "",
+        "x#0",
+        "",
+        "qwen3_5_moe",
+        {"attn": nv, "linear_attn": nv, "expert": nv, "shared": nv},
+        lambda m: qf.modelopt("NVFP4", ["lm_head", *routers(m)]),
+        {"vllm": "loads", "sglang": "loads"},
+        arch_kwargs={"hidden": 128, "hd": 32, "k_dim": 32},
+    )
+    report = validate(str(materialize(case, tmp_path / case.id)))
+    assert _statuses(report.verdicts, case.expect) == case.expect, _explain(report.to_dict())
+    assert not [f for f in report.findings if any("conv1d" in m for m in f.modules)]
