@@ -48,10 +48,11 @@ def qwen3_moe(
     inter: int = 32,
     vocab: int = 96,
     hd: int = 16,
+    kv: int = 2,
     arch: str = "Qwen3MoeForCausalLM",
 ) -> Model:
     """Qwen3-30B-A3B: every layer MoE, router `mlp.gate` [E, H], per-expert 2-D experts, q/k norms."""
-    heads, kv = 4, 2
+    heads = 4
     cfg = {
         "architectures": [arch],
         "model_type": "qwen3_moe",

@@ -93,9 +93,9 @@ MORE_CASES: list[Case] = [
         published="Qwen/Qwen3.6-27B-FP8",
     ),
     Case(
-        "fp8-block-moe-intermediate-not-divisible-at-tp2",
-        "fp8 block MoE, moe_intermediate 384 served at TP=2",
-        "vllm-project/vllm#54178",
+        "fp8-block-moe-intermediate-not-divisible-at-tp4",
+        "Qwen3-30B-A3B-FP8 dims (moe_intermediate 768) served at TP=4: 192 per rank",
+        "vllm-project/vllm#17569",
         "ValueError: The output_size of gate's and up's weight = 192 is not divisible by weight quantization "
         "block_n = 128",
         "qwen3_moe",
@@ -103,8 +103,8 @@ MORE_CASES: list[Case] = [
         lambda m: qf.hf_fp8(ignore_key="modules_to_not_convert", ignore=["lm_head", *routers(m)]),
         {"vllm": FAILS},
         needs=("fp8", "tp"),
-        arch_kwargs={"hidden": 128, "inter": 384, "hd": 128},
-        cli=("--tensor-parallel-size", "2"),
+        arch_kwargs={"hidden": 128, "inter": 768, "hd": 128, "kv": 4},
+        cli=("--tensor-parallel-size", "4"),
     ),
     # ---- mxfp4 (GPT-OSS) ---------------------------------------------------------------------------
     Case(
@@ -181,8 +181,9 @@ MORE_CASES: list[Case] = [
         "gptq-dynamic-bf16-moe-layer-per-expert-rule",
         "GPTQModel dynamic: a BF16 MoE layer skipped by per-expert rules",
         "ModelCloud/GPTQModel#1455",
-        "DeepSeek-V2-Lite dynamic export: vLLM KeyError 'model.layers.21.mlp.experts.w2_weight' (rules never "
-        "match the fused MoE prefix)",
+        "DeepSeek-V2-Lite int8 `dynamic` export with layer-21 experts BF16: vLLM built w2_qweight, KeyError "
+        "'model.layers.21.mlp.experts.w2_weight'; since vllm PR #19395 only a `-:` rule matching the fused "
+        "`...mlp.experts` prefix keeps a MoE BF16, which per-expert rules never do",
         "deepseek_v3",
         {"expert": "gptq_int4", "shared": "gptq_int4"},
         lambda m: qf.gptq(
