@@ -22,6 +22,7 @@ from corpus_cases import CASES
 from corpus_formats import materialize
 from corpus_spec import Case
 
+from validators.findings import VerdictStatus
 from validators.report import validate
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -61,7 +62,7 @@ FEATURES: dict[str, Callable[[], bool]] = {
     # HF fp8 dialect: a block-FP8 linear (weight F8 + weight_scale_inv) is a known scheme
     "fp8": lambda: _matches({"weight": ("F8_E4M3", (256, 256)), "weight_scale_inv": ("F32", (2, 2))}),
     # honest uncertainty: the `unknown` verdict exists
-    "unknown": lambda: hasattr(__import__("validators.findings", fromlist=["x"]).VerdictStatus, "UNKNOWN"),
+    "unknown": lambda: hasattr(VerdictStatus, "UNKNOWN"),
     # gptq / awq / CT mxfp4-pack-quantized tensor sets are known schemes
     "gq": lambda: _matches(
         {
