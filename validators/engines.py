@@ -100,6 +100,11 @@ def _apply_prefix_map(name: str, prefix_map: tuple[tuple[str, str], ...]) -> str
     return name
 
 
+def map_prefixes(names: Sequence[str], naming: ArchNaming) -> tuple[str, ...]:
+    """Names (or exact-name / `re:` lists) through the model's prefix map, as `WeightsMapper.apply_list` does."""
+    return tuple(_apply_prefix_map(n, naming.prefix_map) for n in names)
+
+
 @lru_cache(maxsize=None)
 def _compiled_internal(internal: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern[str], str], ...]:
     return tuple((re.compile(pat), rep) for pat, rep in internal)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
-                                  "dialects", "fp8", "wna16", "wna16_tensors", "mxfp4", "block_scales")
+                                  "dialects", "fp8", "wna16", "wna16_tensors", "mxfp4", "block_scales", "lm_head")
 #: rules about files rather than a quantization format: they also run for a quant_method not modelled
 FORMAT_INDEPENDENT: frozenset[str] = frozenset({"QG190", "QG601", "QG602", "QG603", "QG604", "QG605", "QG606"})
 

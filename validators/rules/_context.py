@@ -26,6 +26,7 @@ from validators.engines import (
     ct_match,
     engine_unit,
     is_vision,
+    map_prefixes,
     naming_for,
 )
 from validators.format_support import is_modelled
@@ -49,6 +50,10 @@ NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
 #: per dialect, kinds the engine never quantizes: native fp8 quantizes LinearBase and FusedMoE only, and
 #: ParallelLMHead is neither (vLLM/SGLang `Fp8Config.get_quant_method`)
 DIALECT_UNQUANTIZED_KINDS: dict[str, frozenset[str]] = {FP8_NATIVE: frozenset({"lm_head"})}
+#: roles every engine builds with `quant_config=None`, whatever the architecture: the gated-delta /
+#: Mamba `conv1d` (vLLM qwen3_next.py, mamba_mixer2.py: ColumnParallelLinear without a quant config;
+#: SGLang passes quant_config=None). Producers never list it (it is an nn.Conv1d in transformers).
+NEVER_QUANTIZED_ROLES = frozenset({"conv"})
 KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
 KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
@@ -319,6 +324,13 @@ class Analysis:
         `--engine-version sglang=0.5.10`); None: the newest semantics modelled."""
         return self.ctx.engine_versions.get(engine)
 
+    @cached_property
+    def ct_ignore(self) -> tuple[str, ...]:
+        """CT `ignore` in the engine's name space: vLLM maps the list with the model's hf_to_vllm_mapper
+        (`CompressedTensorsConfig.apply_vllm_mapper`), as it maps the module names; without it a
+        multimodal wrapper's `model.language_model.*` entries would match nothing."""
+        return map_prefixes(self.qc.exclude, self.naming) if self.qc is not None else ()
+
     def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
         try:
@@ -329,7 +341,7 @@ class Analysis:
                                      self.engine_version(sem.name)), None
             if self.qc is not None and self.qc.is_ct:
                 probe = f"{unit}.0.gate_proj" if unit.endswith("experts") else unit
-                ignored = ct_is_ignored(probe, self.qc.exclude, self.naming)
+                ignored = ct_is_ignored(probe, self.ct_ignore, self.naming)
                 return (ExclusionHit("ignore", "exact") if ignored else None), None
             return sem.match(unit, patterns, self.architecture), None
         except FusedShardConflict as conflict:
@@ -340,8 +352,8 @@ class Analysis:
             return "vision"
         if module.role in self.naming.unquantized_roles:
             return "unquantized_role"
-        if kind_of(module) in NEVER_QUANTIZED_KINDS or kind_of(module) in DIALECT_UNQUANTIZED_KINDS.get(
-                self.dialect, ()):
+        if kind_of(module) in NEVER_QUANTIZED_KINDS or module.role in NEVER_QUANTIZED_ROLES or \
+                kind_of(module) in DIALECT_UNQUANTIZED_KINDS.get(self.dialect, ()):
             return "never_quantized"
         if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
             if self.mixed_algo(module, ename) is None:
