@@ -35,8 +35,8 @@ class ArchNaming:
 
     `prefix_map`: the model's `hf_to_vllm_mapper` `orig_to_new_prefix`, applied to module names and,
     in vLLM, to exclude patterns. `internal`: regex renames applied by the model's weight iterator to
-    names only, never to patterns. `packed`: fused module -> shard names. `unquantized_roles`:
-    layout roles the model builds with `quant_config=None` (never quantized, never excluded).
+    names only, never to patterns. `packed`: fused module -> shard names. Modules a model builds with
+    `quant_config=None` differ per engine and release: `engine_facts.UNQUANTIZED_ROLES`.
     `sglang_maps_patterns`: whether SGLang's `apply_weight_name_mapper` rewrites the patterns too
     (False reproduces models whose mapper missed nested `model.language_model.`, sglang PR #38781).
     """
@@ -44,7 +44,6 @@ class ArchNaming:
     prefix_map: tuple[tuple[str, str], ...] = ()
     internal: tuple[tuple[str, str], ...] = ()
     packed: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PACKED))
-    unquantized_roles: frozenset[str] = frozenset()
     sglang_maps_patterns: bool = True
     note: str = ""
 
@@ -58,11 +57,10 @@ _DEEPSEEK_PACKED = {**DEFAULT_PACKED, "fused_qkv_a_proj": ("q_a_proj", "kv_a_pro
 
 ARCH_NAMING: dict[str, ArchNaming] = {
     "Gemma4ForCausalLM": ArchNaming(
-        internal=_GEMMA4_INTERNAL, unquantized_roles=frozenset({"router"}),
-        note="gemma4.py _weight_iterator renames experts -> moe.experts; router.proj is a GateLinear "
-             "built without quant_config (§4.5)"),
+        internal=_GEMMA4_INTERNAL,
+        note="gemma4.py _weight_iterator renames experts -> moe.experts (§4.5)"),
     "Gemma4ForConditionalGeneration": ArchNaming(
-        prefix_map=_GEMMA_MM_PREFIX, internal=_GEMMA4_INTERNAL, unquantized_roles=frozenset({"router"}),
+        prefix_map=_GEMMA_MM_PREFIX, internal=_GEMMA4_INTERNAL,
         note="multimodal wrapper: model.language_model. -> language_model.model. (names and patterns)"),
     "DeepseekV3ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
     "DeepseekV2ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),

@@ -58,7 +58,12 @@ def render_text(report: Report, color: bool = False) -> str:
     out.append(paint("Verdict", "bold"))
     for engine, v in report.verdicts.items():
         status = v["status"]
-        out.append(f"  {engine:<7} {paint(status.upper().ljust(11), STATUS_COLOR[status])} {v['reason']}")
+        label = f"{engine} {v.get('engine_version') or ''}".strip()
+        out.append(f"  {label:<14} {paint(status.upper().ljust(11), STATUS_COLOR[status])} {v['reason']}")
+    if report.deployment:
+        d = report.deployment
+        out.append(f"  at tensor-parallel size {d['tensor_parallel_size']}"
+                   f"{' with expert parallelism' if d['expert_parallel'] else ''}")
     counts = report.counts()
     out.append("")
     out.append(paint(f"Findings ({counts['error']} error, {counts['warning']} warning, {counts['info']} info)", "bold"))
@@ -96,9 +101,9 @@ def render_markdown(report: Report) -> str:
     out = [f"# quantgate validate `{report.target}`", "",
            f"{report.dialect or 'unquantized'} {report.scheme or ''} — {s['modules']:,} modules, "
            f"{s['tensors']:,} tensors, {s['files']} file(s)", "", "## Verdict", "",
-           "| engine | status | reason |", "|---|---|---|"]
+           "| engine | version | status | reason |", "|---|---|---|---|"]
     for engine, v in report.verdicts.items():
-        out.append(f"| {engine} | **{v['status']}** | {_md_escape(v['reason'])} |")
+        out.append(f"| {engine} | {v.get('engine_version') or ''} | **{v['status']}** | {_md_escape(v['reason'])} |")
     out += ["", "## Findings", ""]
     if not report.findings:
         out.append("None.")

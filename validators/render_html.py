@@ -153,7 +153,8 @@ def render_html(report: Report) -> str:
            f"{s['modules']:,} modules &middot; {s['tensors']:,} tensors &middot; {s['files']} file(s) &middot; "
            f"deep scale checks {'on' if report.deep else 'off'}</div>", '<div class="verdicts">']
     for engine, v in report.verdicts.items():
-        out.append(f'<div class="verdict" style="background:{STATUS_COLORS[v["status"]]}"><b>{_e(engine)}</b>'
+        out.append(f'<div class="verdict" style="background:{STATUS_COLORS[v["status"]]}"><b>{_e(engine)}'
+                   f'{_e(" " + v["engine_version"]) if v.get("engine_version") else ""}</b>'
                    f'{_e(v["status"])}<div>{_e(v["reason"])}</div></div>')
     out.append("</div><h2>Where quantization is</h2>")
     out.append(_legend(report.modules))

@@ -7,7 +7,8 @@ show it). Codes are stable and never reused. Per-engine rules run once per reque
 `ctx.engine` set; engine-agnostic ones (`per_engine=False`) run once.
 
 Themes: config.py QG1xx, coverage.py QG2xx (mixed.py QG21x: MIXED_PRECISION maps), tensors.py QG3xx,
-moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx.
+moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx, namespace.py QG701 (tensor names in the model's
+name space), deployment.py QG71x (tensor / expert parallel shapes).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from validators.findings import ENGINES, Finding, Severity
 
 if TYPE_CHECKING:
     from validators.checkpoint import CheckpointView
+    from validators.deployment import Deployment
     from validators.layout import Layout
     from validators.quant_config import QuantConfig
     from validators.rules._context import Analysis
 
 log = logging.getLogger(__name__)
 
-RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity")
+RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
+                                  "namespace", "deployment")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,13 @@ class Context:
     qc_findings: list[Finding] = field(default_factory=list)
     engine: str | None = None
     analysis: "Analysis | None" = None
+    engine_versions: dict[str, str] = field(default_factory=dict)   # engine -> release (engine_facts.NEWEST)
+    deployment: "Deployment | None" = None                          # --tensor-parallel-size / --expert-parallel
+
+    @property
+    def engine_version(self) -> str | None:
+        """The release of `engine` the facts are looked up for (None: engine_facts' newest)."""
+        return self.engine_versions.get(self.engine) if self.engine else None
 
     def for_engine(self, engine: str | None) -> "Context":
         return replace(self, engine=engine)

@@ -28,6 +28,8 @@ from validators.engines import (
     is_vision,
     naming_for,
 )
+from validators import engine_facts
+from validators.layout_table import MTP_ROLE
 from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
 
 if TYPE_CHECKING:
@@ -65,7 +67,8 @@ class Cov:
     unit: str                           # the engine layer (FusedMoE prefix, fused linear, or itself)
     excluded: bool                      # the engine builds it unquantized
     hit: ExclusionHit | None            # the pattern and test that excluded it
-    forced: str | None                  # "vision" | "unquantized_role" | "never_quantized" | "not_listed" | ...
+    forced: str | None                  # "vision" | "unquantized_role" | "spec_layer_skipped" | "never_quantized"
+                                        # | "not_listed" | ...
     conflict: FusedShardConflict | None
 
 
@@ -295,8 +298,10 @@ class Analysis:
     def _forced(self, engine: str, module: "Module", unit: str, ename: str) -> str | None:
         if engine in FORCES_VISION_UNQUANTIZED and self.dialect == MODELOPT and is_vision(unit):
             return "vision"
-        if module.role in self.naming.unquantized_roles:
+        if module.role in self.unquantized_roles(engine):
             return "unquantized_role"
+        if module.role == MTP_ROLE and self.skips_spec_layers(engine):
+            return "spec_layer_skipped"
         if kind_of(module) in NEVER_QUANTIZED_KINDS:
             return "never_quantized"
         if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
@@ -305,6 +310,18 @@ class Analysis:
         if self.qc is not None and self.qc.is_ct and self.ct_group(module, ename) is None:
             return "not_targeted"
         return None
+
+    # ---- engine facts (validators/engine_facts.py), at the requested engine release ----------------
+    def engine_fact(self, engine: str, key: str, default=None):
+        return engine_facts.fact(engine, key, self.architecture, self.ctx.engine_versions.get(engine), default)
+
+    def unquantized_roles(self, engine: str) -> frozenset[str]:
+        """Roles the engine's model builds without a quant config (routers, shared-expert gates)."""
+        return self.engine_fact(engine, engine_facts.UNQUANTIZED_ROLES, frozenset())
+
+    def skips_spec_layers(self, engine: str) -> bool:
+        """The main model drops MTP / nextn layers (loaded only by a speculative-decoding draft)."""
+        return bool(self.engine_fact(engine, engine_facts.SKIPS_SPEC_LAYERS, False))
 
     def engine_units(self, engine: str) -> set[str]:
         """Every engine layer name, plus the tied `lm_head` every causal LM has in the engine."""

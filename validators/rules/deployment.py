@@ -1,0 +1,76 @@
+"""QG711-QG712: does the checkpoint load at the serving shape (tensor / expert parallel)?"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from validators import engine_facts as ef
+from validators.deployment import PROBE_SIZES, ShapeProblem, shape_problems
+from validators.findings import Finding
+from validators.rules import Context, rule
+from validators.rules._common import ERROR, FAILS, INFO, finding
+
+
+def _problems(ctx: Context, tp: int, ep: bool) -> list[ShapeProblem]:
+    needs = {e: bool(ctx.a.engine_fact(e, ef.EP_NEEDS_DIVISIBLE_EXPERTS, False)) for e in ctx.engines}
+    return shape_problems(ctx.a, ctx.view.config, tp, ep, needs)
+
+
+@rule("QG711", "parallel-shape", ERROR, per_engine=False)
+def parallel_shape(ctx: Context) -> Iterator[Finding]:
+    """At the requested `--tensor-parallel-size` (and `--expert-parallel`), a dimension does not split
+    evenly over the ranks or a rank's shard cuts a quantization scale block.
+
+    Why: the engines shard each linear by the TP size and check it while building the model: vLLM
+    "Total number of attention heads (H) must be divisible by tensor parallel size (N)."
+    (config/model.py), `divide` "X is not divisible by N" (distributed/utils.py), FP8 blocks "Weight
+    input_size_per_partition = X is not divisible by weight quantization block_k = 128."
+    (quantization/utils/fp8_utils.py), NVFP4 groups of 16 per shard (vllm#49949); SGLang asserts the
+    same and needs num_experts % ep_size == 0 under expert parallelism (fused_moe_triton/layer.py).
+
+    Fix: serve at a size that divides the model (see QG712), enable expert parallelism so experts are
+    not split along their intermediate dim, or keep the misaligned modules BF16.
+    """
+    dep = ctx.deployment
+    if dep is None or dep.tensor_parallel_size is None:
+        return
+    for p in _problems(ctx, dep.tensor_parallel_size, dep.expert_parallel):
+        yield Finding(code="QG711", severity=ERROR, message=f"{dep.label()}: {p.message}",
+                      modules=tuple(sorted(set(p.modules))), engines=p.engines,
+                      fix="Choose a tensor-parallel size that divides the model, enable expert parallelism, "
+                          "or keep these modules BF16.", effect=FAILS, predicted_error=p.error)
+
+
+@rule("QG712", "parallel-limits", INFO, per_engine=False)
+def parallel_limits(ctx: Context) -> Iterator[Finding]:
+    """Without `--tensor-parallel-size`: the tensor-parallel sizes (with and without expert parallelism)
+    at which the checkpoint stops loading, and why.
+
+    Why: engine errors at a given shape are the same as QG711's (vLLM config/model.py head check,
+    fp8_utils block checks, vllm#49949 NVFP4 MoE groups at TP8); knowing the limit before deploying
+    saves a failed multi-GPU start.
+
+    Fix: deploy below the first failing size, or with expert parallelism when only experts limit it.
+    """
+    dep = ctx.deployment
+    if dep is not None and dep.tensor_parallel_size is not None:
+        return
+    modes = (True,) if dep is not None and dep.expert_parallel else (False, True)
+    if not ctx.a.layout.num_experts:
+        modes = (False,)
+    seen: set[tuple[int, str]] = set()
+    for ep in modes:
+        for size in PROBE_SIZES:
+            problems = _problems(ctx, size, ep)
+            if problems:
+                p = problems[0]
+                if (size, p.error) in seen:     # expert parallelism changes nothing here
+                    break
+                seen.add((size, p.error))
+                label = "with expert parallelism" if ep else "tensor parallel"
+                yield finding("QG712", INFO, f"{label}: loads up to size {size // 2 if size > 2 else 1}; stops at "
+                              f"{size}: {p.message}", modules=[m for q in problems for m in q.modules],
+                              fix=f"Serve at tensor-parallel size < {size}" + (
+                                  "" if ep or not ctx.a.layout.num_experts else " or enable expert parallelism"),
+                              error=p.error, size=size, expert_parallel=ep)
+                break

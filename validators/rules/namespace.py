@@ -1,0 +1,101 @@
+"""QG701: every tensor name must land in the model's own parameter name space after the engine's mapper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from validators import engine_facts as ef
+from validators.engines import ENGINE_SEMANTICS
+from validators.findings import Finding
+from validators.rules import Context, rule
+from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
+
+#: components that wrap a decoder stack; one never directly contains another of them
+WRAPPER_WORDS = frozenset({"model", "language_model", "text_model", "base_model"})
+#: leading components that decide where a tensor lands (the mapper rewrites at most the first three)
+HEAD_PARTS = 4
+
+
+def _head(name: str) -> str:
+    return ".".join(name.split(".", HEAD_PARTS)[:HEAD_PARTS])
+
+
+def _doubled_wrapper(name: str) -> str | None:
+    """`model.language_model.language_model.layers` -> `model.language_model.language_model`."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] in WRAPPER_WORDS and parts[i] == parts[i - 1]:
+            return ".".join(parts[:i + 1])
+    return None
+
+
+def _misplaced(ename: str, roots: ef.NameRoots) -> str | None:
+    """The offending prefix of an engine-side name, or None when it is one of the model's own names."""
+    for root in roots.other:
+        if ename == root or ename.startswith(root + "."):
+            return None
+    for root in roots.text:
+        if ename.startswith(root + "."):
+            child = ename[len(root) + 1:].split(".", 1)[0]
+            return f"{root}.{child}" if child in WRAPPER_WORDS else None
+    return ename.split(".", 1)[0]
+
+
+def _engine_head(ctx: Context, engine: str, head: str) -> str | None:
+    mapper = ctx.a.engine_fact(engine, ef.NAME_MAPPER)
+    if mapper is not None:
+        return mapper.map(head)
+    return ENGINE_SEMANTICS[engine].engine_name(head, ctx.a.architecture)
+
+
+@rule("QG701", "outside-model-name-space", ERROR)
+def outside_name_space(ctx: Context) -> Iterator[Finding]:
+    """A tensor name does not map into the model's own parameter names after the engine's name mapper
+    (a doubled wrapper such as `model.language_model.language_model.`, a wrapper the architecture does
+    not have, an unknown top-level module).
+
+    Why: the engine looks every checkpoint name up among its parameters after the model's
+    `hf_to_vllm_mapper`. vLLM's AutoWeightsLoader raises "ValueError: There is no module or parameter
+    named 'X' in <Model>" (vllm/model_executor/models/utils.py), hand-written loaders raise
+    `KeyError` (deepseek_v2.py `params_dict[name]`); SGLang's loaders skip unknown names (`if name not
+    in params_dict: continue`), so the parameter keeps its initial values: garbage output
+    (llm-compressor #2568 wrote `language_model.language_model.` prefixes).
+
+    Fix: rename the tensors to the architecture's own prefixes (re-save with the transformers version
+    the engine expects), or fix `architectures` in config.json.
+    """
+    engine = ctx.engine or "vllm"
+    roots: ef.NameRoots | None = ctx.a.engine_fact(engine, ef.NAME_ROOTS)
+    bad: dict[str, list[str]] = {}
+    examples: dict[str, str] = {}
+    heads: dict[str, str] = {}
+    for name in ctx.view.tensors:
+        heads.setdefault(_head(name), name)
+    for head, example in heads.items():
+        offending = _doubled_wrapper(head)
+        ename = _engine_head(ctx, engine, head)
+        if ename is None:
+            continue                            # dropped by the mapper (mtp., other towers)
+        if offending is None and roots is not None:
+            offending = _misplaced(ename, roots)
+        if offending is not None:
+            bad.setdefault(offending, []).append(head)
+            examples.setdefault(offending, _engine_head(ctx, engine, example) or example)
+    if not bad:
+        return
+    bad_heads = {h for hs in bad.values() for h in hs}
+    names = [n for n in ctx.view.tensors if _head(n) in bad_heads]
+    first = sorted(bad)[0]
+    behaviour = ctx.a.engine_fact(engine, ef.UNKNOWN_NAME, "raises")
+    arch = ctx.a.architecture or "the model"
+    if behaviour == "skips":
+        effect, error = LOADS_WRONG, (f"silent: '{examples[first]}' matches no parameter; the loader skips it and "
+                                      "the parameter keeps its initial values")
+    elif behaviour == "keyerror":
+        effect, error = FAILS, f"KeyError: '{examples[first]}'"
+    else:
+        effect, error = FAILS, f"ValueError: There is no module or parameter named '{first}' in {arch}"
+    yield finding("QG701", ERROR, f"{len(names)} tensor(s) lie outside {arch}'s parameter names after the "
+                  f"engine's name mapper ({', '.join(sorted(bad)[:3])})", modules=names,
+                  fix="Rename the tensors to the architecture's own prefixes (no doubled wrapper), or fix "
+                  "`architectures` in config.json.", effect=effect, error=error, prefixes=sorted(bad))
