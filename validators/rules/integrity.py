@@ -111,11 +111,13 @@ def index_names_absent_tensor(ctx: Context) -> Iterator[Finding]:
 
     Fix: re-upload the shard that lost the tensor, or re-export the checkpoint.
     """
-    modules = ctx.a.layout.modules
+    from validators.layout import SCALE_SUFFIXES
+
+    params = frozenset(SCALE_SUFFIXES) | {"weight", "weight_packed", "bias"}
     for p in ctx.view.problems:
         if p.code != "QG607":
             continue
-        known = any(n.rpartition(".")[0] in modules for n in p.files)
+        known = any(n.rpartition(".")[2] in params for n in p.files)     # a parameter the index promised
         strict = ctx.engine == "vllm" and not ctx.a.is_quantized
         effect = (FAILS if strict else LOADS_WRONG) if known else None
         error = ("ValueError: Following weights were not initialized from checkpoint: {" + repr(p.files[0]) + "}"

@@ -72,12 +72,11 @@ def outside_name_space(ctx: Context) -> Iterator[Finding]:
     for name in ctx.view.tensors:
         heads.setdefault(_head(name), name)
     for head, example in heads.items():
-        offending = _doubled_wrapper(head)
         ename = _engine_head(ctx, engine, head)
         if ename is None:
             continue                            # dropped by the mapper (mtp., other towers)
-        if offending is None and roots is not None:
-            offending = _misplaced(ename, roots)
+        offending = (_misplaced(ename, roots) if roots is not None else None) or _doubled_wrapper(ename) \
+            or _doubled_wrapper(head)
         if offending is not None:
             bad.setdefault(offending, []).append(head)
             examples.setdefault(offending, _engine_head(ctx, engine, example) or example)
