@@ -101,9 +101,9 @@ def render_markdown(report: Report) -> str:
     out = [f"# quantgate validate `{report.target}`", "",
            f"{report.dialect or 'unquantized'} {report.scheme or ''} — {s['modules']:,} modules, "
            f"{s['tensors']:,} tensors, {s['files']} file(s)", "", "## Verdict", "",
-           "| engine | version | status | reason |", "|---|---|---|---|"]
+           "| engine | status | reason | release |", "|---|---|---|---|"]
     for engine, v in report.verdicts.items():
-        out.append(f"| {engine} | {v.get('engine_version') or ''} | **{v['status']}** | {_md_escape(v['reason'])} |")
+        out.append(f"| {engine} | **{v['status']}** | {_md_escape(v['reason'])} | {v.get('engine_version') or ''} |")
     out += ["", "## Findings", ""]
     if not report.findings:
         out.append("None.")

@@ -44,7 +44,7 @@ def parallel_shape(ctx: Context) -> Iterator[Finding]:
 @rule("QG712", "parallel-limits", INFO, per_engine=False)
 def parallel_limits(ctx: Context) -> Iterator[Finding]:
     """Without `--tensor-parallel-size`: the tensor-parallel sizes (with and without expert parallelism)
-    at which the checkpoint stops loading, and why.
+    at which a quantized checkpoint stops loading, and why.
 
     Why: engine errors at a given shape are the same as QG711's (vLLM config/model.py head check,
     fp8_utils block checks, vllm#49949 NVFP4 MoE groups at TP8); knowing the limit before deploying
@@ -53,7 +53,7 @@ def parallel_limits(ctx: Context) -> Iterator[Finding]:
     Fix: deploy below the first failing size, or with expert parallelism when only experts limit it.
     """
     dep = ctx.deployment
-    if dep is not None and dep.tensor_parallel_size is not None:
+    if (dep is not None and dep.tensor_parallel_size is not None) or not ctx.a.is_quantized:
         return
     modes = (True,) if dep is not None and dep.expert_parallel else (False, True)
     if not ctx.a.layout.num_experts:
