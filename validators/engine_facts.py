@@ -67,10 +67,12 @@ class NameRoots:
 class NameMapper:
     """A model's checkpoint-name mapper as vLLM's `WeightsMapper` applies it (models/utils.py
     `_map_name_with_shard`): every `substr` rule in order (first occurrence replaced; None drops the
-    tensor), then every `prefix` rule in order, each seeing the result of the previous ones."""
+    tensor), then every `prefix` rule, then every `suffix` rule (last occurrence), each seeing the result
+    of the previous ones."""
 
     prefix: tuple[tuple[str, str | None], ...] = ()
     substr: tuple[tuple[str, str | None], ...] = ()
+    suffix: tuple[tuple[str, str | None], ...] = ()
 
     def map(self, name: str) -> str | None:
         for old, new in self.substr:
@@ -83,6 +85,11 @@ class NameMapper:
                 if new is None:
                     return None
                 name = name.replace(old, new, 1)
+        for old, new in self.suffix:
+            if name.endswith(old):
+                if new is None:
+                    return None
+                name = new.join(name.rsplit(old, 1))
         return name
 
 
@@ -223,6 +230,16 @@ FACTS: list[Fact] = [
         ("model.language_model.", "language_model.model."), ("mtp.", None))),
          _V + "qwen3_vl.py Qwen3VLForConditionalGeneration.hf_to_vllm_mapper | qwen3_5.py {'mtp.': None}",
          _archs("Qwen3_5MoeForConditionalGeneration")),
+    Fact("vllm", NAME_MAPPER, NameMapper(substr=((".self_attn.", ".attn."),), suffix=(
+        (".embed_tokens.weight", ".embedding.weight"), (".gate_up_proj_blocks", ".w13_weight"),
+        (".down_proj_blocks", ".w2_weight"), (".gate_up_proj_scales", ".w13_weight_scale"),
+        (".down_proj_scales", ".w2_weight_scale"), (".gate_up_proj", ".w13_weight"), (".down_proj", ".w2_weight"),
+        (".gate_up_proj_bias", ".w13_bias"), (".down_proj_bias", ".w2_bias"),
+        (".gate_up_proj.weight", ".w13_weight"), (".gate_up_proj.weight_scale", ".w13_weight_scale"),
+        (".gate_up_proj.bias", ".w13_bias"), (".gate_up_proj.input_scale", ".w13_input_scale"),
+        (".down_proj.weight", ".w2_weight"), (".down_proj.weight_scale", ".w2_weight_scale"),
+        (".down_proj.bias", ".w2_bias"), (".down_proj.input_scale", ".w2_input_scale"))),
+         _V + "gpt_oss.py GptOssForCausalLM.hf_to_vllm_mapper", _archs("GptOssForCausalLM")),
     Fact("vllm", NAME_MAPPER, NameMapper(prefix=(("mtp.", None),)), _V + "qwen3_next.py "
          "Qwen3NextForCausalLM.hf_to_vllm_mapper {'mtp.': None}", _archs("Qwen3NextForCausalLM")),
     # ---- expert parallelism -------------------------------------------------------------------------------
