@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from validators.errors import UsageError
@@ -113,6 +114,7 @@ class Fact:
         return f"{ENGINE_LABELS.get(self.engine, self.engine)}{span}: {self.source}"
 
 
+@lru_cache(maxsize=1024)
 def parse_version(text: str) -> Version:
     """'0.5.11' -> (0, 5, 11); 'v0.10' -> (0, 10, 0); post/dev/rc suffixes are ignored."""
     m = _VERSION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
@@ -264,10 +266,13 @@ def register(*facts: Fact) -> None:
                 parse_version(bound)
         if f not in FACTS:
             FACTS.append(f)
+    lookup.cache_clear()
 
 
+@lru_cache(maxsize=4096)
 def lookup(engine: str, key: str, architecture: str | None, version: str | None = None) -> Fact | None:
-    """The row for `engine` / `key` that holds for `architecture` at `version` (default: newest)."""
+    """The row for `engine` / `key` that holds for `architecture` at `version` (default: newest).
+    Cached; `register` clears the cache (edit FACTS only through it)."""
     v = parse_version(version or NEWEST[engine])
     arch = canonical_architecture(architecture)
     best: tuple[tuple[int, Version], Fact] | None = None

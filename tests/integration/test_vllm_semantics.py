@@ -62,7 +62,16 @@ def _ours_mapped(arch: str, name: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cases(tiny_model, tmp_path_factory) -> dict[str, list]:
+def python() -> str:
+    found = vllm_python()
+    if found is None:
+        pytest.skip("vLLM is not importable here and QUANTGATE_VLLM_PYTHON is not set "
+                    "(QUANTGATE_VLLM_PYTHON=/work/vllm-venv/bin/python)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def cases(python, tiny_model, tmp_path_factory) -> dict[str, list]:
     exclusion: list[tuple[str | None, str, list[str]]] = []
     for engine, module, patterns, arch, _ in ENGINE_CASES:
         if engine == "vllm":
@@ -95,11 +104,7 @@ def cases(tiny_model, tmp_path_factory) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def answers(cases) -> dict:
-    python = vllm_python()
-    if python is None:
-        pytest.skip("vLLM is not importable here and QUANTGATE_VLLM_PYTHON is not set "
-                    "(QUANTGATE_VLLM_PYTHON=/work/vllm-venv/bin/python)")
+def answers(python: str, cases) -> dict:
     naming_packed = {a: {k: list(v) for k, v in naming_for(a).packed.items()} for a, _, _ in cases["exclusion"]}
     request = {"map": [list(c) for c in cases["names"]],
                "excluded": [list(c) for c in cases["exclusion"]],

@@ -90,6 +90,7 @@ def test_register_adds_a_version_boundary() -> None:
             ef.register(ef.Fact("trt", key, 1, "x"))
     finally:
         ef.FACTS[:] = [f for f in ef.FACTS if f.key != key]
+        ef.lookup.cache_clear()
 
 
 # ---- the rules consult the facts: real tiny NVFP4 exports -------------------------------------------

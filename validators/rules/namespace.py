@@ -20,6 +20,25 @@ def _head(name: str) -> str:
     return ".".join(name.split(".", HEAD_PARTS)[:HEAD_PARTS])
 
 
+def _key(name: str) -> str:
+    """What decides where a name lands: the part up to `.layers` for decoder layers, else the head."""
+    pre, sep, _ = name.partition(".layers.")
+    return pre + ".layers" if sep else _head(name)
+
+
+def name_keys(ctx: Context) -> dict[str, str]:
+    """Distinct `_key`s of every module and loose tensor (46k modules of DeepSeek-V3 -> a few keys),
+    computed once per validation for both engines."""
+    cache = ctx.a.__dict__.get("_name_keys")
+    if cache is None:
+        layout = ctx.a.layout
+        cache = {}
+        for name in (*layout.modules, *layout.unassigned):
+            cache.setdefault(_key(name), name)
+        ctx.a.__dict__["_name_keys"] = cache
+    return cache
+
+
 def _doubled_wrapper(name: str) -> str | None:
     """`model.language_model.language_model.layers` -> `model.language_model.language_model`."""
     parts = name.split(".")
@@ -68,10 +87,7 @@ def outside_name_space(ctx: Context) -> Iterator[Finding]:
     roots: ef.NameRoots | None = ctx.a.engine_fact(engine, ef.NAME_ROOTS)
     bad: dict[str, list[str]] = {}
     examples: dict[str, str] = {}
-    heads: dict[str, str] = {}
-    for name in ctx.view.tensors:
-        heads.setdefault(_head(name), name)
-    for head, example in heads.items():
+    for head, example in name_keys(ctx).items():
         ename = _engine_head(ctx, engine, head)
         if ename is None:
             continue                            # dropped by the mapper (mtp., other towers)
@@ -83,7 +99,7 @@ def outside_name_space(ctx: Context) -> Iterator[Finding]:
     if not bad:
         return
     bad_heads = {h for hs in bad.values() for h in hs}
-    names = [n for n in ctx.view.tensors if _head(n) in bad_heads]
+    names = [n for n in ctx.view.tensors if _key(n) in bad_heads]
     first = sorted(bad)[0]
     behaviour = ctx.a.engine_fact(engine, ef.UNKNOWN_NAME, "raises")
     arch = ctx.a.architecture or "the model"
