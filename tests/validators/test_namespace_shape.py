@@ -175,3 +175,15 @@ def test_index_entry_absent_from_shard_is_an_error(export, tiny_model, tmp_path:
 def _load(path: Path) -> dict:
     with safe_open(str(path), "pt") as fh:
         return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def test_dense_row_parallel_group_split(export) -> None:
+    """vllm#49949's arithmetic on a dense NVFP4 model: intermediate 1856 / 8 = 232, not a multiple of 16."""
+    tiny = dict(heads=16, kv_heads=4, intermediate=1856)
+    report = validate(str(export("llama", tiny=tiny)), deployment=Deployment(8))
+    hit = next(f for f in report.findings if f.code == "QG711")
+    assert hit.predicted_error == "ValueError: Unsupported model when in features size is not multiple of 16"
+    assert all(m.endswith("mlp.down_proj") for m in hit.modules)
+    assert validate(str(export("llama", tiny=tiny)), deployment=Deployment(4)).ok
+    limits = [f for f in validate(str(export("llama", tiny=tiny))).findings if f.code == "QG712"]
+    assert len(limits) == 1 and limits[0].details["size"] == 8 and "232" in limits[0].message
