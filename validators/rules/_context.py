@@ -270,12 +270,13 @@ class Analysis:
         sem = ENGINE_SEMANTICS[engine]
         arch = self.architecture
         patterns = sem.engine_patterns(self.qc.exclude if self.qc else [], arch)
+        internal = self.internal_renames(engine)
         per_unit: dict[str, tuple[ExclusionHit | None, FusedShardConflict | None]] = {}
         out: list[Cov] = []
         for cls in self.classes:
             module = cls.rep
-            ename = sem.engine_name(module.name, arch)
-            unit = sem.engine_name(cls.moe_group, arch) if cls.kind == "expert" and cls.moe_group \
+            ename = sem.engine_name(module.name, arch, internal)
+            unit = sem.engine_name(cls.moe_group, arch, internal) if cls.kind == "expert" and cls.moe_group \
                 else engine_unit(ename, self.naming)
             if unit not in per_unit:
                 per_unit[unit] = self._unit_exclusion(sem, unit, patterns)
@@ -319,6 +320,10 @@ class Analysis:
         """Roles the engine's model builds without a quant config (routers, shared-expert gates)."""
         return self.engine_fact(engine, engine_facts.UNQUANTIZED_ROLES, frozenset())
 
+    def internal_renames(self, engine: str) -> tuple[tuple[str, str], ...] | None:
+        """The model loader's own renames at this release (None: engines.ARCH_NAMING's)."""
+        return self.engine_fact(engine, engine_facts.INTERNAL_RENAMES, None)
+
     def skips_spec_layers(self, engine: str) -> bool:
         """The main model drops MTP / nextn layers (loaded only by a speculative-decoding draft)."""
         return bool(self.engine_fact(engine, engine_facts.SKIPS_SPEC_LAYERS, False))
@@ -326,7 +331,7 @@ class Analysis:
     def engine_units(self, engine: str) -> set[str]:
         """Every engine layer name, plus the tied `lm_head` every causal LM has in the engine."""
         units = {c.unit for c in self.coverage(engine)}
-        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture))
+        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture, self.internal_renames(engine)))
         return units
 
     def stale_patterns(self, engine: str) -> list[str]:

@@ -39,11 +39,12 @@ def name_keys(ctx: Context) -> dict[str, str]:
     return cache
 
 
-def _doubled_wrapper(name: str) -> str | None:
-    """`model.language_model.language_model.layers` -> `model.language_model.language_model`."""
+def _doubled_wrapper(name: str, words: frozenset[str] | None = WRAPPER_WORDS) -> str | None:
+    """`model.language_model.language_model.layers` -> `model.language_model.language_model`; with
+    `words=None` any repeated non-numeric component (`layers.0.moe.moe.experts`) counts."""
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if parts[i] in WRAPPER_WORDS and parts[i] == parts[i - 1]:
+        if parts[i] == parts[i - 1] and (parts[i] in words if words is not None else not parts[i].isdigit()):
             return ".".join(parts[:i + 1])
     return None
 
@@ -96,10 +97,17 @@ def outside_name_space(ctx: Context) -> Iterator[Finding]:
         if offending is not None:
             bad.setdefault(offending, []).append(head)
             examples.setdefault(offending, _engine_head(ctx, engine, example) or example)
+    renamed: list[str] = []         # the model loader's own renames doubled a component (vLLM < 0.25 Gemma4)
+    for cls, cov in zip(ctx.a.classes, ctx.a.coverage(engine)):
+        offending = _doubled_wrapper(cov.engine_name, None)
+        if offending is not None and _doubled_wrapper(cls.rep.name, None) is None:
+            bad.setdefault(offending, [])
+            examples.setdefault(offending, cov.engine_name)
+            renamed.extend(t.name for m in cls.members for t in m.tensors.values())
     if not bad:
         return
     bad_heads = {h for hs in bad.values() for h in hs}
-    names = [n for n in ctx.view.tensors if _key(n) in bad_heads]
+    names = [n for n in ctx.view.tensors if _key(n) in bad_heads] + renamed
     first = sorted(bad)[0]
     behaviour = ctx.a.engine_fact(engine, ef.UNKNOWN_NAME, "raises")
     arch = ctx.a.architecture or "the model"
