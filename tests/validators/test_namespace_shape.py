@@ -127,7 +127,10 @@ def test_limits_reported_without_a_shape(export) -> None:
     info = {(f.details["size"], f.details["expert_parallel"]): f for f in report.findings if f.code == "QG712"}
     assert info[(4, False)].severity is Severity.INFO and "scale group" in info[(4, False)].predicted_error
     assert (16, True) in info and "storage_ep_size" in info[(16, True)].predicted_error
+    assert "enable expert parallelism" in info[(4, False)].fix            # EP goes further (16)
     assert report.ok and report.to_dict()["deployment"] is None
+    heads_only = [f for f in validate(str(export("qwen3_moe"))).findings if f.code == "QG712"]
+    assert len(heads_only) == 1 and "expert parallelism" not in heads_only[0].fix   # EP cannot split heads
 
 
 @pytest.mark.parametrize("bad", [0, -2, True, 1 << 20])

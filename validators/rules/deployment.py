@@ -58,19 +58,21 @@ def parallel_limits(ctx: Context) -> Iterator[Finding]:
     modes = (True,) if dep is not None and dep.expert_parallel else (False, True)
     if not ctx.a.layout.num_experts:
         modes = (False,)
-    seen: set[tuple[int, str]] = set()
+    first: dict[bool, tuple[int, list[ShapeProblem]] | None] = {}
     for ep in modes:
-        for size in PROBE_SIZES:
-            problems = _problems(ctx, size, ep)
-            if problems:
-                p = problems[0]
-                if (size, p.error) in seen:     # expert parallelism changes nothing here
-                    break
-                seen.add((size, p.error))
-                label = "with expert parallelism" if ep else "tensor parallel"
-                yield finding("QG712", INFO, f"{label}: loads up to size {size // 2 if size > 2 else 1}; stops at "
-                              f"{size}: {p.message}", modules=[m for q in problems for m in q.modules],
-                              fix=f"Serve at tensor-parallel size < {size}" + (
-                                  "" if ep or not ctx.a.layout.num_experts else " or enable expert parallelism"),
-                              error=p.error, size=size, expert_parallel=ep)
-                break
+        first[ep] = next(((size, probs) for size in PROBE_SIZES if (probs := _problems(ctx, size, ep))), None)
+    tp_hit = first.get(False)
+    for ep, hit in first.items():
+        if hit is None:
+            continue
+        size, problems = hit
+        p = problems[0]
+        if ep and tp_hit is not None and tp_hit[0] == size and tp_hit[1][0].error == p.error:
+            continue                    # expert parallelism changes nothing here
+        ep_hit = first.get(True, hit)
+        helps = not ep and True in first and (ep_hit is None or ep_hit[0] > size)
+        label = "with expert parallelism" if ep else "tensor parallel"
+        yield finding("QG712", INFO, f"{label}: loads up to size {size // 2 if size > 2 else 1}; stops at "
+                      f"{size}: {p.message}", modules=[m for q in problems for m in q.modules],
+                      fix=f"Serve at tensor-parallel size < {size}" + (" or enable expert parallelism" if helps else ""),
+                      error=p.error, size=size, expert_parallel=ep)
