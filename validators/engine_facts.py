@@ -46,13 +46,15 @@ NAME_ROOTS = "name_roots"
 #: tuple of (regex, replacement): renames the model's own weight loader applies to names (never to
 #: exclude patterns), e.g. Gemma4 `experts` -> `moe.experts`; overrides engines.ARCH_NAMING's `internal`
 INTERNAL_RENAMES = "internal_renames"
+#: str: where the routed experts live inside a decoder layer in the engine's model ("mlp.experts")
+EXPERTS_AT = "experts_at"
 #: `NameMapper`: the model's `hf_to_vllm_mapper` (substring then prefix rules, vLLM `WeightsMapper` order)
 NAME_MAPPER = "name_mapper"
 #: bool: expert parallelism needs num_experts % ep_size == 0 (else experts are spread unevenly)
 EP_NEEDS_DIVISIBLE_EXPERTS = "ep_needs_divisible_experts"
 
 FACT_KEYS: frozenset[str] = frozenset({UNQUANTIZED_ROLES, SKIPS_SPEC_LAYERS, UNKNOWN_NAME, NAME_ROOTS,
-                                       NAME_MAPPER, INTERNAL_RENAMES, EP_NEEDS_DIVISIBLE_EXPERTS})
+                                       NAME_MAPPER, INTERNAL_RENAMES, EXPERTS_AT, EP_NEEDS_DIVISIBLE_EXPERTS})
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,27 @@ FACTS: list[Fact] = [
          "FusedMoEFactory(prefix=f'{prefix}.experts'): the HF name is the engine name", _GEMMA4, since="0.31.0"),
     Fact("sglang", INTERNAL_RENAMES, GEMMA4_INTERNAL, _S + "gemma4_causal.py load_weights: '.experts.' -> "
          "'.moe.experts.' unless already there; Gemma4MoE at prefix 'moe'", _GEMMA4),
+    # ---- where the routed experts live in a decoder layer --------------------------------------------------
+    Fact("vllm", EXPERTS_AT, "mlp.experts", _V + "qwen3_moe.py / deepseek_v2.py / gpt_oss.py: the MoE block at "
+         "`mlp`, FusedMoE at f'{prefix}.experts'",
+         _archs("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "GptOssForCausalLM", *_DEEPSEEK)),
+    Fact("vllm", EXPERTS_AT, "block_sparse_moe.experts", _V + "mixtral.py MixtralDecoderLayer: "
+         "self.block_sparse_moe = MixtralMoE(prefix=f'{prefix}.block_sparse_moe')", _archs("MixtralForCausalLM")),
+    Fact("vllm", EXPERTS_AT, "feed_forward.experts", _V + "llama4.py Llama4DecoderLayer: self.feed_forward = "
+         "Llama4MoE(prefix=f'{prefix}.feed_forward')", _archs("Llama4ForCausalLM")),
+    Fact("vllm", EXPERTS_AT, "moe.experts", _V + "gemma4.py (0.19.1-0.30.0): self.moe = Gemma4MoE(...)",
+         _GEMMA4, until="0.31.0"),
+    Fact("vllm", EXPERTS_AT, "experts", _V + "gemma4.py (0.31.0, 0.32.0) Gemma4DecoderLayer: self.experts = "
+         "FusedMoEFactory(prefix=f'{prefix}.experts')", _GEMMA4, since="0.31.0"),
+    Fact("sglang", EXPERTS_AT, "mlp.experts", _S + "qwen3_moe.py / deepseek_v2.py / gpt_oss.py: self.mlp = "
+         "<MoE block>(prefix=add_prefix('mlp', prefix)), experts at add_prefix('experts', prefix)",
+         _archs("Qwen3MoeForCausalLM", "GptOssForCausalLM", *_DEEPSEEK)),
+    Fact("sglang", EXPERTS_AT, "block_sparse_moe.experts", _S + "mixtral.py: self.block_sparse_moe = MixtralMoE("
+         "prefix=add_prefix('block_sparse_moe', prefix))", _archs("MixtralForCausalLM")),
+    Fact("sglang", EXPERTS_AT, "feed_forward.experts", _S + "llama4.py: self.feed_forward = Llama4MoE(...)",
+         _archs("Llama4ForCausalLM")),
+    Fact("sglang", EXPERTS_AT, "moe.experts", _S + "gemma4_causal.py: self.moe = Gemma4MoE(prefix="
+         "add_prefix('moe', prefix))", _GEMMA4),
     # ---- expert parallelism -------------------------------------------------------------------------------
     Fact("vllm", EP_NEEDS_DIVISIBLE_EXPERTS, False, "vllm/model_executor/layers/fused_moe/expert_map_manager.py "
          "determine_expert_map: base = E // ep_size, the remainder goes to the first ranks"),

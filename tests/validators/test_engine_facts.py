@@ -181,17 +181,34 @@ def _experts_under_moe(qc: qb.QCheckpoint) -> None:
         qc.tensors[name.replace(".experts.", ".moe.experts.")] = qc.tensors.pop(name)
 
 
-@pytest.mark.parametrize("version,doubled", [("0.24.0", True), ("0.25.0", False), ("0.30.0", False)])
-def test_gemma4_experts_rename_by_vllm_release(export, version: str, doubled: bool) -> None:
+@pytest.mark.parametrize("version,problem", [("0.24.0", "moe.moe"), ("0.25.0", None), ("0.30.0", None),
+                                             ("0.31.0", "'model.layers.0.moe'"), (None, "'model.layers.0.moe'")])
+def test_gemma4_experts_rename_by_vllm_release(export, version: str | None, problem: str | None) -> None:
     """vLLM < 0.25 renamed `.experts.{e}.` to `.moe.experts.{e}.` unguarded: names already under
-    `.moe.experts` became `.moe.moe.experts` (no such parameter); 0.25.0 added the guard (bisected)."""
-    report = validate(str(export("gemma4", _experts_under_moe)), engine_versions={"vllm": version})
+    `.moe.experts` became `.moe.moe.experts` (no such parameter); 0.25.0 added the guard; 0.31.0 builds
+    the experts at `layers.N.experts`, so `.moe.experts` names have no module (all bisected)."""
+    report = validate(str(export("gemma4", _experts_under_moe)),
+                      engine_versions={"vllm": version} if version else None)
     hits = [f for f in report.findings if f.code == "QG701" and "vllm" in f.engines]
-    assert bool(hits) is doubled, [f.message for f in report.findings]
-    if doubled:
-        assert "moe.moe" in hits[0].message and report.verdicts["vllm"]["status"] == "fails"
+    assert bool(hits) is bool(problem), [f.message for f in report.findings]
+    if problem:
+        assert problem in hits[0].message + hits[0].predicted_error, (hits[0].message, hits[0].predicted_error)
+        assert report.verdicts["vllm"]["status"] == "fails"
+    version = version or ef.NEWEST["vllm"]
     assert report.verdicts["vllm"]["engine_version"] == version
     assert not [f for f in report.findings if f.code == "QG701" and "sglang" in f.engines]   # SGLang guards it
+
+
+def test_experts_under_another_block(export) -> None:
+    """Mixtral experts written under Qwen's `mlp.experts`: both engines build `block_sparse_moe.experts`."""
+    def move(qc: qb.QCheckpoint) -> None:
+        for name in [n for n in qc.tensors if ".block_sparse_moe.experts." in n]:
+            qc.tensors[name.replace(".block_sparse_moe.experts.", ".mlp.experts.")] = qc.tensors.pop(name)
+
+    report = validate(str(export("mixtral", move)))
+    hits = {e: f for f in report.findings if f.code == "QG701" for e in f.engines}
+    assert "'model.layers.0.mlp'" in hits["vllm"].predicted_error and report.verdicts["vllm"]["status"] == "fails"
+    assert report.verdicts["sglang"]["status"] in ("fails", "loads_wrong") and "sglang" in hits
 
 
 def test_gemma4_expert_layer_name_by_release() -> None:

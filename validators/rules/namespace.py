@@ -61,6 +61,17 @@ def _misplaced(ename: str, roots: ef.NameRoots) -> str | None:
     return ename.split(".", 1)[0]
 
 
+def _misplaced_experts(unit: str, experts_at: str) -> str | None:
+    """`model.layers.0.moe.experts` where the engine builds `layers.N.experts` -> `model.layers.0.moe`."""
+    base, sep, rest = unit.partition(".layers.")
+    layer, _, inner = rest.partition(".")
+    if not sep or not layer.isdigit() or inner == experts_at:
+        return None
+    want, got = experts_at.split("."), inner.split(".")
+    i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    return ".".join([base, "layers", layer, *got[:i + 1]])
+
+
 def _engine_head(ctx: Context, engine: str, head: str) -> str | None:
     mapper = ctx.a.engine_fact(engine, ef.NAME_MAPPER)
     if mapper is not None:
@@ -72,7 +83,9 @@ def _engine_head(ctx: Context, engine: str, head: str) -> str | None:
 def outside_name_space(ctx: Context) -> Iterator[Finding]:
     """A tensor name does not map into the model's own parameter names after the engine's name mapper
     (a doubled wrapper such as `model.language_model.language_model.`, a wrapper the architecture does
-    not have, an unknown top-level module).
+    not have, an unknown top-level module), or routed experts sit under another block than the engine
+    builds at that release (engine_facts EXPERTS_AT, e.g. Gemma4 `moe.experts` vs vLLM 0.31's `experts`),
+    or the model loader's own rename doubles a component (vLLM < 0.25 Gemma4 `moe.moe.experts`).
 
     Why: the engine looks every checkpoint name up among its parameters after the model's
     `hf_to_vllm_mapper`. vLLM's AutoWeightsLoader raises "ValueError: There is no module or parameter
@@ -97,10 +110,15 @@ def outside_name_space(ctx: Context) -> Iterator[Finding]:
         if offending is not None:
             bad.setdefault(offending, []).append(head)
             examples.setdefault(offending, _engine_head(ctx, engine, example) or example)
-    renamed: list[str] = []         # the model loader's own renames doubled a component (vLLM < 0.25 Gemma4)
+    renamed: list[str] = []         # misplaced after the model loader's own renames
+    experts_at = ctx.a.engine_fact(engine, ef.EXPERTS_AT)
     for cls, cov in zip(ctx.a.classes, ctx.a.coverage(engine)):
-        offending = _doubled_wrapper(cov.engine_name, None)
-        if offending is not None and _doubled_wrapper(cls.rep.name, None) is None:
+        offending = _doubled_wrapper(cov.engine_name, None)         # vLLM < 0.25 Gemma4: moe.moe.experts
+        if offending is not None and _doubled_wrapper(cls.rep.name, None) is not None:
+            offending = None                                        # already doubled on disk: reported above
+        if offending is None and experts_at and cls.kind == "expert":
+            offending = _misplaced_experts(cov.unit, experts_at)
+        if offending is not None:
             bad.setdefault(offending, [])
             examples.setdefault(offending, cov.engine_name)
             renamed.extend(t.name for m in cls.members for t in m.tensors.values())
