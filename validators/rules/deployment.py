@@ -1,4 +1,4 @@
-"""QG711-QG712: does the checkpoint load at the serving shape (tensor / expert parallel)?"""
+"""QG711-QG713: does the checkpoint load at the serving shape (tensor / expert parallel, MTP draft)?"""
 
 from __future__ import annotations
 
@@ -76,3 +76,26 @@ def parallel_limits(ctx: Context) -> Iterator[Finding]:
                       f"{size}: {p.message}", modules=[m for q in problems for m in q.modules],
                       fix=f"Serve at tensor-parallel size < {size}" + (" or enable expert parallelism" if helps else ""),
                       error=p.error, size=size, expert_parallel=ep)
+
+
+@rule("QG713", "draft-layers-not-excluded", INFO)
+def draft_layers_not_excluded(ctx: Context) -> Iterator[Finding]:
+    """MTP / nextn layers are stored BF16 and not excluded. The main model skips them (engine_facts
+    SKIPS_SPEC_LAYERS), so serving loads; with speculative decoding (`--speculative-config` MTP) the
+    draft model is built with the target's quant config and these layers fail or load wrong.
+
+    Why: both engines build the draft with the target's quantization (vllm #44087 Step-3.5 NVFP4,
+    vllm PR #52649, sglang PR #36158): BF16 MTP experts hit the NVFP4 size mismatch, FP8 casts silently.
+
+    Fix: list the MTP layers in exclude_modules / ignore (`model.layers.{num_hidden_layers}*`, `mtp.*`), or
+    quantize them with the rest.
+    """
+    if not ctx.a.active:
+        return
+    names = [n for cls, c in zip(ctx.a.classes, ctx.a.coverage(ctx.engine or "vllm"))
+             if c.forced == "spec_layer_skipped" and c.hit is None and cls.state.state == "bf16" for n in cls.names]
+    if names:
+        yield finding("QG713", INFO, f"{len(names)} BF16 MTP / nextn module(s) are not excluded: fine without "
+                      "speculative decoding (the main model skips them), but an MTP draft builds them quantized",
+                      modules=names, fix="Exclude the MTP layers (e.g. `model.layers.N*` for N >= num_hidden_layers, "
+                      "`mtp.*`) before enabling speculative decoding.")
