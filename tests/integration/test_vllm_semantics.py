@@ -9,7 +9,9 @@ Runs where vLLM's CPU build is importable (here, or the Python named by QUANTGAT
   of tests/validators/test_engines.py and on every engine layer x exclude list of our tiny NVFP4 exports;
 * `quant_utils.is_layer_skipped` vs `VllmSemantics._exact` on the same cases;
 * the model's `hf_to_vllm_mapper.map_name` vs `engine_facts.NAME_MAPPER` (or the engines.py prefix map)
-  on the leading components of every tensor name of every tiny model, plus doubled-wrapper variants.
+  on the leading components of every tensor name of every tiny model, plus doubled-wrapper variants;
+* ModelOpt config parsing (`_normalize_quantization_config` for hf_quant_config.json-only checkpoints,
+  `override_quantization_method` + `from_config`) vs QG104's accepted quant_algo tables.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from exporter.tiny_models import TINY_ARCHS
 from validators import engine_facts as ef
 from validators.engines import ENGINE_SEMANTICS, FusedShardConflict, engine_unit, naming_for
 from validators.layout import build_layout
+from validators.rules.config import VLLM_ALGOS, VLLM_LEGACY_ALGOS
 from validators.rules.namespace import _head
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validators"))
@@ -34,6 +37,9 @@ from test_vllm_cpu import vllm_python  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 DRIVER = Path(__file__).with_name("vllm_semantics_driver.py")
+ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "fp8_pb_wo", "NVFP4", "nvfp4", "W4A16_NVFP4", "MXFP8",
+         "MIXED_PRECISION", "NVFP4_AWQ", "W4A8_AWQ", "INT8_SQ", "INT4_AWQ", "FP8_BLOCK")
+CONFIG_CASES = [(form, algo) for form in ("flat", "legacy") for algo in ALGOS]
 SEM = ENGINE_SEMANTICS["vllm"]
 
 
@@ -108,7 +114,8 @@ def answers(python: str, cases) -> dict:
     naming_packed = {a: {k: list(v) for k, v in naming_for(a).packed.items()} for a, _, _ in cases["exclusion"]}
     request = {"map": [list(c) for c in cases["names"]],
                "excluded": [list(c) for c in cases["exclusion"]],
-               "skipped": [[u, p, naming_packed[a]] for a, u, p in cases["exclusion"]]}
+               "skipped": [[u, p, naming_packed[a]] for a, u, p in cases["exclusion"]],
+               "config": [list(c) for c in CONFIG_CASES]}
     proc = subprocess.run([python, str(DRIVER)], input=json.dumps(request), capture_output=True, text=True,
                           timeout=600, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("QUANTGATE_ANSWER ")), None)
@@ -135,3 +142,9 @@ def test_name_mapper_matches_vllm(cases, answers) -> None:
              if theirs != "unresolved" and (ours := _ours_mapped(a, n)) != theirs]
     assert len(cases["names"]) > 100
     assert diffs == [], f"vLLM {answers['vllm']} maps {len(diffs)} name(s) differently: {diffs[:6]}"
+
+
+def test_modelopt_algos_match_vllm(answers) -> None:
+    ours = [algo.upper() in (VLLM_LEGACY_ALGOS if form == "legacy" else VLLM_ALGOS) for form, algo in CONFIG_CASES]
+    diffs = [(c, o, t) for c, o, t in zip(CONFIG_CASES, ours, answers["config"]) if o != t]
+    assert diffs == [], f"vLLM {answers['vllm']} accepts differently: {diffs}"

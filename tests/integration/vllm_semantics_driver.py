@@ -5,6 +5,7 @@ Reads one JSON object on stdin and prints one JSON object (a line starting with 
   {"excluded": [[arch, prefix, patterns]]}    -> ModelOptNvFp4Config.is_layer_excluded(prefix) after
                                                  apply_vllm_mapper(model mapper); "conflict" on ValueError
   {"skipped": [[prefix, patterns, packed]]}   -> quant_utils.is_layer_skipped(prefix, patterns, packed)
+  {"config": [[form, quant_algo]]}           -> does vLLM accept a ModelOpt config declaring it (`_accepts`)
 Needs nothing from quantgate. Model classes whose module cannot be imported on this machine (e.g. the
 multimodal ones need torchvision) have their mapper and packed mapping read from the class body in
 the installed source with `ast` (literal dicts only) and fed to vLLM's own WeightsMapper.
@@ -78,6 +79,40 @@ def model(arch: str | None):
     return _MODELS[arch]
 
 
+def _accepts(form: str, algo: str) -> bool:
+    """Does vLLM accept a ModelOpt checkpoint declaring `algo`? `form` "flat": config.json
+    quantization_config (quant_method modelopt); "legacy": hf_quant_config.json only (nested), which
+    goes through ModelArchConfigConvertorBase._normalize_quantization_config first. The config class
+    is the first whose override_quantization_method claims it (else ModelOptFp8Config, quant_method
+    "modelopt"), then its from_config must not raise."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.quantization import modelopt as mo
+    from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+    body = {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": []}
+    if algo.upper() == "MIXED_PRECISION":
+        body["quantized_layers"] = {"model.layers.0.mlp.down_proj": {"quant_algo": "NVFP4", "group_size": 16}}
+    if form == "legacy":
+        cfg = {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": body}
+        try:
+            ModelArchConfigConvertorBase._normalize_quantization_config(None, SimpleNamespace(quantization_config=cfg))
+        except ValueError:
+            return False
+    else:
+        cfg = {"quant_method": "modelopt", "quant_algo": algo, "ignore": [], "group_size": 16,
+               "kv_cache_scheme": None, **({"quantized_layers": body["quantized_layers"]}
+                                           if "quantized_layers" in body else {})}
+    classes = [c for c in vars(mo).values() if isinstance(c, type) and issubclass(c, mo.ModelOptQuantConfigBase)
+               and c is not mo.ModelOptQuantConfigBase and "override_quantization_method" in vars(c)]
+    owner = next((c for c in classes if c.override_quantization_method(cfg, None)), mo.ModelOptFp8Config)
+    try:
+        owner.from_config(cfg)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4Config
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
@@ -110,6 +145,7 @@ def main() -> None:
             answer["skipped"].append(is_layer_skipped(prefix, list(patterns), packed))
         except ValueError:
             answer["skipped"].append("conflict")
+    answer["config"] = [_accepts(form, algo) for form, algo in request.get("config", [])]
     import vllm
 
     answer["vllm"] = vllm.__version__
