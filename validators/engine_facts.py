@@ -204,6 +204,12 @@ FACTS: list[Fact] = [
          "module or parameter named ...\"; hand-written loaders index params_dict[name] (KeyError)"),
     Fact("vllm", UNKNOWN_NAME, "keyerror", _V + "deepseek_v2.py DeepseekV2ForCausalLM.load_weights: "
          "param = params_dict[name]", _DEEPSEEK),
+    Fact("vllm", UNKNOWN_NAME, "keyerror", _V + "gemma4.py (0.19.1-0.23.0) Gemma4Model.load_weights: "
+         "param = params_dict[name]", _GEMMA4, until="0.24.0"),
+    Fact("vllm", UNKNOWN_NAME, "skips", _V + "gemma4.py (0.24.0-0.30.0) Gemma4Model.load_weights: "
+         "`if name not in params_dict: continue`", _GEMMA4, since="0.24.0", until="0.31.0"),
+    Fact("vllm", UNKNOWN_NAME, "raises", _V + "gemma4.py (0.31.0, 0.32.0) Gemma4Model.load_weights: "
+         "AutoWeightsLoader(self)", _GEMMA4, since="0.31.0"),
     Fact("vllm", UNKNOWN_NAME, "skips", _V + "gpt_oss.py _load_weights_*: `if name not in params_dict: continue`",
          _archs("GptOssForCausalLM")),
     Fact("sglang", UNKNOWN_NAME, "skips", _S + "qwen3_moe.py load_weights: `if name not in params_dict: continue`;"
