@@ -121,9 +121,13 @@ def _head_problems(config: Mapping[str, Any] | None, tp: int) -> list[ShapeProbl
         return []
     out: list[ShapeProblem] = []
     if heads % tp:
-        out.append(ShapeProblem("heads", f"{heads} attention heads do not split over {tp} ranks",
-                                f"ValueError: Total number of attention heads ({heads}) must be divisible by tensor "
-                                f"parallel size ({tp}).", ("config.json:num_attention_heads",)))
+        message = f"{heads} attention heads do not split over {tp} ranks"
+        out.append(ShapeProblem("heads", message, f"ValueError: Total number of attention heads ({heads}) must be "
+                                f"divisible by tensor parallel size ({tp}).", ("config.json:num_attention_heads",),
+                                ("vllm",)))
+        out.append(ShapeProblem("heads", message, "AssertionError (sglang/srt/models/*.py attention: assert "
+                                "self.total_num_heads % tp_size == 0)", ("config.json:num_attention_heads",),
+                                ("sglang",)))
     mla = _config_int(config, "kv_lora_rank") is not None
     kv = _config_int(config, "num_key_value_heads", "num_kv_heads")
     if kv is not None and not mla:

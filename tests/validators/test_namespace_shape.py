@@ -93,14 +93,14 @@ WIDE = dict(heads=16, kv_heads=4, moe_intermediate=96)      # heads split to 16;
 SHAPE_CASES = [
     # (tiny overrides, deployment, expected QG711 errors: what substring -> engines)
     (None, Deployment(8), {"Total number of attention heads (4) must be divisible by tensor parallel size (8).":
-                           {"vllm", "sglang"}}),
+                           {"vllm"}, "assert self.total_num_heads % tp_size == 0": {"sglang"}}),
     (None, Deployment(2), {}),
-    (None, Deployment(3), {"Total number of attention heads (4)": {"vllm", "sglang"}}),
+    (None, Deployment(3), {"Total number of attention heads (4)": {"vllm"}}),
     (WIDE, Deployment(2), {}),
     (WIDE, Deployment(4), {"splits a 16-element scale group": {"vllm", "sglang"}}),
     (WIDE, Deployment(4, expert_parallel=True), {}),             # whole experts per rank: no split
     (WIDE, Deployment(16, expert_parallel=True), {"_num_global_routed % storage_ep_size": {"sglang"}}),
-    (WIDE, Deployment(5), {"Total number of attention heads (16)": {"vllm", "sglang"},
+    (WIDE, Deployment(5), {"Total number of attention heads (16)": {"vllm"},
                            "AssertionError: 96 is not divisible by 5": {"vllm", "sglang"}}),
 ]
 
