@@ -17,6 +17,7 @@ from functools import cached_property
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
+from validators import engine_facts
 from validators.engines import (
     ENGINE_SEMANTICS,
     ArchNaming,
@@ -28,7 +29,6 @@ from validators.engines import (
     is_vision,
     naming_for,
 )
-from validators import engine_facts
 from validators.layout_table import MTP_ROLE
 from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
 
