@@ -285,8 +285,25 @@ class ValidationCreate(_Strict):
     strict: bool = Field(
         False, description="ok only without warnings and with a verdict for every engine (no `unknown`)"
     )
+    engine_versions: dict[Literal["vllm", "sglang"], str] | None = Field(
+        None, description='engine releases to predict, e.g. {"vllm": "0.10.2"}; default: the newest modelled')
+    tensor_parallel_size: int | None = Field(None, ge=1, le=4096, description="check at this tensor-parallel size")
+    expert_parallel: bool = Field(False, description="experts distributed over the ranks (EP size = TP size)")
 
     _paths_have_no_nul = field_validator("path", "hub_repo", "revision")(no_nul)
+
+    @field_validator("engine_versions")
+    @classmethod
+    def _releases(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from validators.engine_facts import parse_version
+        from validators.errors import UsageError
+
+        for engine, version in (value or {}).items():
+            try:
+                parse_version(version)
+            except UsageError as exc:
+                raise ValueError(f"{engine}: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> ValidationCreate:

@@ -15,16 +15,17 @@ Sources (reference formats_beyond_two.md §2, §7, §8; vllm_sglang.md §7):
   naming experts). Read from the PR diff and a fork copy; SGLang's FusedMoE dispatch [unsure].
 
 `fp8_exclusion(engine, prefix, patterns, naming, version)` is the matcher; `version` is an engine
-release such as "0.5.10" or (0, 5, 10); None means the newest modelled semantics.
+release such as "0.5.10" or (0, 5, 10); None means the newest. The per-release matching is a row of
+the engine facts table (`FP8_SKIP_MATCHING`, validators/engine_facts.py), picked by `--engine-version`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from validators import engine_facts
+from validators.engine_facts import FP8_SKIP_MATCHING, Fact
 from validators.engines import (
     ArchNaming,
     ExclusionHit,
@@ -37,7 +38,6 @@ from validators.engines import (
 if TYPE_CHECKING:
     from validators.layout import Module
 
-Version = tuple[int, ...]
 EXACT, SUBSTRING, DOT_BOUNDARY = "exact", "substring", "dot_boundary"
 #: SGLang's `_FALLBACK_FUSED_SHARDS` beyond the model's packed mapping (PR #23467)
 SGLANG_FALLBACK_FUSED: dict[str, tuple[str, ...]] = {
@@ -46,51 +46,24 @@ SGLANG_FALLBACK_FUSED: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Fp8Matching:
-    """One engine's fp8 exclusion semantics from release `since` on (None: the oldest modelled)."""
-
-    engine: str
-    since: Version | None
-    matching: str           # EXACT | SUBSTRING | DOT_BOUNDARY
-    source: str
+#: how each engine matches fp8 exclusion entries, per release: rows of the engine facts table
+#: (validators/engine_facts.py, key FP8_SKIP_MATCHING, values EXACT / SUBSTRING / DOT_BOUNDARY)
 
 
-#: The versioned table: per engine, rows in release order; the newest row whose `since` <= version applies.
-FP8_MATCHING: tuple[Fp8Matching, ...] = (
-    Fp8Matching("vllm", None, EXACT,
-                "vllm quantization/fp8.py Fp8Config.get_quant_method + utils/quant_utils.py is_layer_skipped "
-                "(1436674b): exact per shard, experts substring rule; ignored_layers else modules_to_not_convert"),
-    Fp8Matching("sglang", None, SUBSTRING,
-                "sglang layers/quantization/utils.py is_layer_skipped up to v0.5.10: plain substring "
-                "(sglang #23687: mlp.gate excluded mlp.gate_up_proj)"),
-    Fp8Matching("sglang", (0, 5, 11), DOT_BOUNDARY,
-                "sglang PR #23467 (v0.5.11) _module_path_match: dot-boundary, fused shards, experts rule"),
-)
+def _release(version: str | Sequence[int] | None) -> str | None:
+    return version if version is None or isinstance(version, str) else ".".join(map(str, version))
 
 
-def parse_version(version: str | Sequence[int] | None) -> Version | None:
-    """"0.5.11" / "v0.5.11rc1" / (0, 5, 11) -> (0, 5, 11); None stays None (newest)."""
-    if version is None:
-        return None
-    if isinstance(version, str):
-        parts = re.findall(r"\d+", version.split("+", 1)[0])[:3]
-        if not parts:
-            raise ValueError(f"not an engine version: {version!r} (expected X.Y or X.Y.Z)")
-        return tuple(int(p) for p in parts)
-    return tuple(int(p) for p in version)
-
-
-def fp8_matching(engine: str, version: str | Sequence[int] | None = None) -> Fp8Matching:
-    """The row of FP8_MATCHING in force for `engine` at `version` (None: the newest)."""
-    rows = [r for r in FP8_MATCHING if r.engine == engine]
-    if not rows:
+def fp8_matching(engine: str, version: str | Sequence[int] | None = None) -> Fact:
+    """The engine-facts row in force for `engine` at `version` (None: the newest); `.value` is
+    EXACT | SUBSTRING | DOT_BOUNDARY, `.source` where it was read. The release comes from
+    `--engine-version` like every other engine fact."""
+    if engine not in engine_facts.NEWEST:
         raise KeyError(f"no fp8 exclusion semantics for engine {engine!r}")
-    wanted = parse_version(version)
-    if wanted is None:
-        return rows[-1]
-    applicable = [r for r in rows if r.since is None or r.since <= wanted]
-    return applicable[-1] if applicable else rows[0]
+    row = engine_facts.lookup(engine, FP8_SKIP_MATCHING, None, _release(version))
+    if row is None:
+        raise KeyError(f"no fp8 exclusion semantics for {engine} {version}")
+    return row
 
 
 def fp8_patterns(engine: str, exclusions: Sequence[str], naming: ArchNaming) -> tuple[str, ...]:
@@ -137,7 +110,7 @@ def fp8_exclusion(engine: str, prefix: str, patterns: tuple[str, ...], naming: A
 
     Raises FusedShardConflict where the engine raises "Detected some but not all shards ...".
     """
-    matching = fp8_matching(engine, version).matching
+    matching = fp8_matching(engine, version).value
     if matching == EXACT:
         return VllmSemantics._exact(prefix, patterns, naming)
     if matching == SUBSTRING:
@@ -175,7 +148,7 @@ def fp8_stale_entries(engine: str, exclusions: Sequence[str], units: set[str], n
     for unit in units:      # an exact entry may name one shard of a fused layer
         names.update(fused_shards(unit, naming) or ())
         names.update(_sglang_shards(unit, naming) or ())
-    exact = fp8_matching(engine, version).matching == EXACT
+    exact = fp8_matching(engine, version).value == EXACT
     stale: list[str] = []
     for entry in dict.fromkeys(exclusions):
         mapped = fp8_patterns(engine, [entry], naming)

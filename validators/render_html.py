@@ -157,8 +157,10 @@ def render_html(report: Report) -> str:
            f"deep scale checks {'on' if report.deep else 'off'}</div>", '<div class="verdicts">']
     for engine, v in report.verdicts.items():
         status = v["status"]
+        release = _e(" " + v["engine_version"]) if v.get("engine_version") else ""
         out.append(f'<div class="verdict {_e(status)}" style="background:{STATUS_COLORS.get(status, "#455a64")}">'
-                   f'<b>{_e(engine)}</b>{_e(STATUS_HEADLINES.get(status, status))}<div>{_e(v["reason"])}</div></div>')
+                   f'<b>{_e(engine)}{release}</b>{_e(STATUS_HEADLINES.get(status, status))}'
+                   f'<div>{_e(v["reason"])}</div></div>')
     if report.unknown_engines:
         out.append('<p class="unknown-note">No prediction for ' + _e(", ".join(report.unknown_engines)) +
                    ": quantgate does not model this checkpoint's quantization format, so it neither passes nor "

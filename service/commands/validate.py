@@ -36,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 also on warnings and on an `unknown` verdict (a quantization format quantgate "
                         "does not model)")
+    p.add_argument("--engine-version", dest="engine_versions", action="append", default=[],
+                   metavar="ENGINE=VERSION",
+                   help="engine release whose behaviour to predict, e.g. vllm=0.10.2 or sglang=0.5.11 (repeatable; "
+                        "default: the newest release quantgate's engine facts were read from)")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tensor_parallel_size", type=int, default=None,
+                   metavar="N", help="check the checkpoint at this tensor-parallel size (heads, shards, scale "
+                   "blocks); without it the report says at which sizes loading stops")
+    p.add_argument("--expert-parallel", dest="expert_parallel", action="store_true",
+                   help="experts are distributed over the ranks (EP size = tensor-parallel size), not split")
 
 
 def _engines(choice: str) -> tuple[str, ...]:
@@ -56,10 +65,16 @@ def run(args: argparse.Namespace) -> int:
     from validators.errors import QuantgateError
 
     try:
+        from validators.deployment import Deployment
+        from validators.engine_facts import parse_engine_versions
         from validators.render import render, use_color
         from validators.report import validate
 
-        report = validate(args.target, engines=_engines(args.engine), deep=args.deep, revision=args.revision)
+        versions = parse_engine_versions(args.engine_versions)
+        deployment = Deployment(args.tensor_parallel_size, args.expert_parallel) \
+            if args.tensor_parallel_size is not None or args.expert_parallel else None
+        report = validate(args.target, engines=_engines(args.engine), deep=args.deep, revision=args.revision,
+                          engine_versions=versions, deployment=deployment)
         if args.output:
             text = render(report, args.fmt, color=False)
             with open(args.output, "w", encoding="utf-8") as f:

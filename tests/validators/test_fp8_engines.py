@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
-from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns, parse_version
+from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns
+from validators.engine_facts import parse_version
+from validators.errors import UsageError
 from validators.format_support import is_modelled
 from validators.quant_config import parse_quant_config
 from validators.schemes import fp8_native_for, match_scheme, scheme
@@ -68,13 +70,14 @@ def test_deepseek_fused_qkv_a_shards() -> None:
 
 
 def test_version_table() -> None:
-    assert parse_version("v0.5.11rc1") == (0, 5, 11) and parse_version((0, 5)) == (0, 5) and parse_version(None) is None
-    with pytest.raises(ValueError, match="not an engine version"):
+    assert parse_version("v0.5.11rc1") == (0, 5, 11) and parse_version("0.5") == (0, 5, 0)
+    with pytest.raises(UsageError, match="not a release number"):
         parse_version("latest")
-    assert fp8_matching("vllm").matching == EXACT
-    assert fp8_matching("sglang").matching == DOT_BOUNDARY
-    assert fp8_matching("sglang", "0.5.10").matching == SUBSTRING
-    assert fp8_matching("sglang", "0.5.11").matching == DOT_BOUNDARY
+    assert fp8_matching("vllm").value == EXACT
+    assert fp8_matching("sglang").value == DOT_BOUNDARY
+    assert fp8_matching("sglang", "0.5.10").value == SUBSTRING
+    assert fp8_matching("sglang", (0, 5, 10)).value == SUBSTRING
+    assert fp8_matching("sglang", "0.5.11").value == DOT_BOUNDARY
     assert all(row.source for row in (fp8_matching("vllm"), fp8_matching("sglang", "0.1")))
     with pytest.raises(KeyError):
         fp8_matching("trt-llm")

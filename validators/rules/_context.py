@@ -17,6 +17,7 @@ from functools import cached_property
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
+from validators import engine_facts
 from validators.engines import (
     ENGINE_SEMANTICS,
     ArchNaming,
@@ -30,6 +31,7 @@ from validators.engines import (
     naming_for,
 )
 from validators.format_support import is_modelled
+from validators.layout_table import MTP_ROLE
 from validators.quant_config import COMPRESSED_TENSORS, MODELOPT
 from validators.schemes import FP8_NATIVE
 
@@ -75,7 +77,8 @@ class Cov:
     unit: str                           # the engine layer (FusedMoE prefix, fused linear, or itself)
     excluded: bool                      # the engine builds it unquantized
     hit: ExclusionHit | None            # the pattern and test that excluded it
-    forced: str | None                  # "vision" | "unquantized_role" | "never_quantized" | "not_listed" | ...
+    forced: str | None                  # "vision" | "unquantized_role" | "spec_layer_skipped" | "never_quantized"
+                                        # | "not_listed" | ...
     conflict: FusedShardConflict | None
 
 
@@ -296,12 +299,13 @@ class Analysis:
         sem = ENGINE_SEMANTICS[engine]
         arch = self.architecture
         patterns = sem.engine_patterns(self.qc.exclude if self.qc else [], arch)
+        internal = self.internal_renames(engine)
         per_unit: dict[str, tuple[ExclusionHit | None, FusedShardConflict | None]] = {}
         out: list[Cov] = []
         for cls in self.classes:
             module = cls.rep
-            ename = sem.engine_name(module.name, arch)
-            unit = sem.engine_name(cls.moe_group, arch) if cls.kind == "expert" and cls.moe_group \
+            ename = sem.engine_name(module.name, arch, internal)
+            unit = sem.engine_name(cls.moe_group, arch, internal) if cls.kind == "expert" and cls.moe_group \
                 else engine_unit(ename, self.naming)
             if unit not in per_unit:
                 per_unit[unit] = self._unit_exclusion(sem, unit, patterns)
@@ -350,8 +354,10 @@ class Analysis:
     def _forced(self, engine: str, module: "Module", unit: str, ename: str) -> str | None:
         if engine in FORCES_VISION_UNQUANTIZED and self.dialect == MODELOPT and is_vision(unit):
             return "vision"
-        if module.role in self.naming.unquantized_roles:
+        if module.role in self.unquantized_roles(engine):
             return "unquantized_role"
+        if module.role == MTP_ROLE and self.skips_spec_layers(engine):
+            return "spec_layer_skipped"
         if kind_of(module) in NEVER_QUANTIZED_KINDS or module.role in NEVER_QUANTIZED_ROLES or \
                 kind_of(module) in DIALECT_UNQUANTIZED_KINDS.get(self.dialect, ()):
             return "never_quantized"
@@ -362,10 +368,26 @@ class Analysis:
             return "not_targeted"
         return None
 
+    # ---- engine facts (validators/engine_facts.py), at the requested engine release ----------------
+    def engine_fact(self, engine: str, key: str, default=None):
+        return engine_facts.fact(engine, key, self.architecture, self.ctx.engine_versions.get(engine), default)
+
+    def unquantized_roles(self, engine: str) -> frozenset[str]:
+        """Roles the engine's model builds without a quant config (routers, shared-expert gates)."""
+        return self.engine_fact(engine, engine_facts.UNQUANTIZED_ROLES, frozenset())
+
+    def internal_renames(self, engine: str) -> tuple[tuple[str, str], ...] | None:
+        """The model loader's own renames at this release (None: engines.ARCH_NAMING's)."""
+        return self.engine_fact(engine, engine_facts.INTERNAL_RENAMES, None)
+
+    def skips_spec_layers(self, engine: str) -> bool:
+        """The main model drops MTP / nextn layers (loaded only by a speculative-decoding draft)."""
+        return bool(self.engine_fact(engine, engine_facts.SKIPS_SPEC_LAYERS, False))
+
     def engine_units(self, engine: str) -> set[str]:
         """Every engine layer name, plus the tied `lm_head` every causal LM has in the engine."""
         units = {c.unit for c in self.coverage(engine)}
-        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture))
+        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture, self.internal_renames(engine)))
         return units
 
     def stale_patterns(self, engine: str) -> list[str]:

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from validators.rules._context import ModClass
 
 NEVER = frozenset({"norm", "embedding"})
-#: engines that build MoE routers without a quant config whatever the model: SGLang's qwen3_moe /
-#: deepseek_v2 pass `quant_config=None` to the gate unless modelslim (formats_beyond_two.md §8.2).
-#: Hook: the per-architecture engine-facts table (issue 10 part 3) supersedes this when merged.
-ROUTER_ALWAYS_BF16: frozenset[str] = frozenset({"sglang"})
 WNA16_DIALECTS = frozenset({GPTQ, AWQ})
 
 
@@ -112,8 +108,9 @@ class _Planner:
             if cls.kind in NEVER:
                 out.append(Build(ename, ename, False, "never quantized", "unquantized"))
                 continue
-            if rep.role in self.naming.unquantized_roles or (
-                    cls.kind == "router" and self.engine in ROUTER_ALWAYS_BF16):
+            # routers / shared-expert gates built without a quant config: engine facts per architecture and
+            # release (validators/engine_facts.py UNQUANTIZED_ROLES, at --engine-version)
+            if rep.role in self.a.unquantized_roles(self.engine):
                 out.append(Build(ename, ename, False, "built without a quant config", "unquantized"))
                 continue
             if cls.kind == "lm_head" and not self.p.lm_head:   # ParallelLMHead is quantized only with `lm_head: true`

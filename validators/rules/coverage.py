@@ -157,7 +157,7 @@ def quantized_but_excluded(ctx: Context) -> Iterator[Finding]:
     for cls, c in zip(ctx.a.classes, ctx.a.coverage(ctx.engine or "vllm")):
         if cls.state.state != QUANTIZED or not c.excluded or c.conflict or cls.kind in OWN_RULE_KINDS:
             continue
-        if c.forced in ("vision", "unquantized_role"):
+        if c.forced in ("vision", "unquantized_role", "spec_layer_skipped"):
             continue
         if c.hit is not None and c.hit.how == "substring" and ctx.qc is not None and ctx.qc.is_modelopt and \
                 _only_substring(ctx, c.unit):

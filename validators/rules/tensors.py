@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from validators.rules._context import ModClass
     from validators.schemes import SchemeSpec
 
-#: tensor-parallel sizes whose per-rank shards must stay aligned to the scheme's input divisor
-TP_SIZES: tuple[int, ...] = (2, 4, 8)
 #: suffix -> what the engine does when it is missing (vllm_sglang.md §7: nothing checks it was loaded)
 MISSING_EFFECT: dict[str, str] = {
     "input_scale": "input_scale stays uninitialised (zeros) -> 1/0 -> inf/NaN outputs (vllm#45212)",
@@ -120,15 +118,13 @@ def wrong_shape(ctx: Context) -> Iterator[Finding]:
 @rule("QG304", "divisibility", ERROR, per_engine=False)
 def divisibility(ctx: Context) -> Iterator[Finding]:
     """A quantized module's input features are not a multiple of the scheme's block (16 for NVFP4, 128
-    for FP8 blocks / W4A16 groups), or stop being one when split for tensor parallelism.
+    for FP8 blocks / W4A16 groups). Alignment per tensor-parallel rank is QG711 / QG712 (deployment.py).
 
-    Why: invariant 6. vLLM raises "Unsupported model when in features size is not multiple of 16";
-    at TP>1 a row-parallel input dim of 1856/8 = 232 splits a scale group (vllm#49949).
+    Why: invariant 6. vLLM raises "Unsupported model when in features size is not multiple of 16".
 
-    Fix: keep such modules BF16 (exclude them) or serve at a tensor-parallel size that keeps alignment.
+    Fix: keep such modules BF16 (exclude them).
     """
     hard: dict[tuple[str, int], list[str]] = defaultdict(list)
-    tp: dict[tuple[str, int, int], list[str]] = defaultdict(list)
     for cls, spec in _quantized_2d(ctx):
         weight = cls.rep.tensors.get(spec.weight_suffix)
         if weight is None or len(weight.shape) != 2:
@@ -136,18 +132,10 @@ def divisibility(ctx: Context) -> Iterator[Finding]:
         in_f = spec.in_features_from_weight(weight.shape)
         if spec.in_divisor > 1 and in_f % spec.in_divisor:
             hard[(spec.name, spec.in_divisor)].extend(cls.names)
-        elif spec.in_divisor > 1 and cls.role in ("o", "down"):
-            bad = [t for t in TP_SIZES if in_f % t == 0 and (in_f // t) % spec.in_divisor]
-            if bad:
-                tp[(spec.name, spec.in_divisor, bad[0])].extend(cls.names)
     for (name, div), names in sorted(hard.items()):
         yield finding("QG304", ERROR, f"{len(names)} {name} module(s) have in_features not divisible by {div}",
                       modules=names, fix="Exclude these modules (keep BF16).", effect=FAILS,
                       error=f"ValueError: Unsupported model when in features size is not multiple of {div}")
-    for (name, div, size), names in sorted(tp.items()):
-        yield finding("QG304", INFO, f"{len(names)} {name} row-parallel module(s) lose {div}-alignment at "
-                      f"tensor-parallel size {size} and above", modules=names,
-                      fix=f"Serve with tensor_parallel_size < {size}, or use expert parallelism.")
 
 
 @rule("QG305", "unexpected-tensors", ERROR, per_engine=False)
