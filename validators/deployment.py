@@ -87,7 +87,10 @@ def _config_int(config: Mapping[str, Any] | None, *keys: str) -> int | None:
 
 
 def _alignment(spec: "SchemeSpec") -> tuple[int, int]:
-    """(out, in) elements one scale covers: FP8 blocks 128x128, NVFP4 1x16, MXFP8 1x32, int4 1xgroup."""
+    """(out, in) elements one scale covers: FP8 blocks 128x128 (native fp8: its `weight_block_size`),
+    NVFP4 1x16, MXFP8 1x32, int4 1xgroup."""
+    if spec.weight_block:
+        return spec.weight_block
     row = max(spec.in_divisor, 1)
     col = max(spec.out_divisor, 1)
     if "BLOCK" in spec.name.upper() and spec.group_size:
