@@ -47,7 +47,6 @@ MORE_CASES: list[Case] = [
         {"attn": "fp8_block", "dense": "fp8_block", "shared": "fp8_block", "expert": "fp8_block"},
         lambda m: qf.hf_fp8(),
         {"vllm": LOADS, "sglang": LOADS},
-        needs=("fp8", "eng"),
         arch_kwargs={**W4, "q_lora": 128},
         published="deepseek-ai/DeepSeek-V3",
     ),
@@ -67,7 +66,6 @@ MORE_CASES: list[Case] = [
             ],
         ),
         {"vllm": LOADS, "sglang": LOADS},
-        needs=("fp8",),
         arch_kwargs=FP8_BLOCK_DIMS,
         published="Qwen/Qwen3-30B-A3B-FP8",
     ),
@@ -78,7 +76,6 @@ MORE_CASES: list[Case] = [
         "substring match built gate_up_proj BF16: 'Parameter ...gate_up_proj.weight_scale_inv not found', garbage",
         **_QWEN36,
         expect={"vllm": LOADS, "sglang": WRONG},
-        needs=("fp8", "eng"),
         cli=("--engine-version", "sglang=0.5.10"),
         published="Qwen/Qwen3.6-27B-FP8",
     ),
@@ -89,7 +86,6 @@ MORE_CASES: list[Case] = [
         "the fix: `mlp.gate` no longer matches gate_up_proj; the release loads",
         **_QWEN36,
         expect={"vllm": LOADS, "sglang": LOADS},
-        needs=("fp8",),
         published="Qwen/Qwen3.6-27B-FP8",
     ),
     Case(
@@ -102,7 +98,6 @@ MORE_CASES: list[Case] = [
         {"attn": "fp8_block", "expert": "fp8_block"},
         lambda m: qf.hf_fp8(ignore_key="modules_to_not_convert", ignore=["lm_head", *routers(m)]),
         {"vllm": FAILS},
-        needs=("fp8", "tp"),
         arch_kwargs={"hidden": 128, "inter": 768, "hd": 128, "kv": 4},
         cli=("--tensor-parallel-size", "4"),
     ),
@@ -116,7 +111,6 @@ MORE_CASES: list[Case] = [
         {"expert": "mxfp4_gpt_oss"},
         lambda m: qf.mxfp4(),
         {"vllm": LOADS, "sglang": LOADS},
-        needs=("gq",),
         published="openai/gpt-oss-20b",
     ),
     Case(
@@ -128,7 +122,6 @@ MORE_CASES: list[Case] = [
         {},
         lambda m: qf.mxfp4(),
         {"vllm": FAILS},
-        needs=("gq",),
         published="unsloth/gpt-oss-20b-BF16",
     ),
     # ---- GPTQ / GPTQModel dynamic --------------------------------------------------------------------
@@ -141,7 +134,6 @@ MORE_CASES: list[Case] = [
         {"attn": "gptq_int4", "expert": "gptq_int4"},
         lambda m: qf.gptq(),
         {"vllm": LOADS, "sglang": LOADS},
-        needs=("gq",),
         arch_kwargs={**W4, "hd": 32},
         published="Qwen/Qwen3-30B-A3B-GPTQ-Int4",
     ),
@@ -154,7 +146,6 @@ MORE_CASES: list[Case] = [
         {"attn": "gptq_int4", "expert": "gptq_int4"},
         lambda m: qf.gptq(),
         {"vllm": FAILS},
-        needs=("gq",),
         arch_kwargs={**W4, "hd": 32},
         mutate=(store_as(r"layers\.0\.mlp\.experts\.[13]\.", "bf16"),),
     ),
@@ -173,7 +164,6 @@ MORE_CASES: list[Case] = [
             }
         ),
         {"vllm": LOADS},
-        needs=("gq",),
         arch_kwargs=W4,
         published="QuantTrio/DeepSeek-R1-0528-GPTQ-Int4-Int8Mix-Medium",
     ),
@@ -194,7 +184,6 @@ MORE_CASES: list[Case] = [
             }
         ),
         {"vllm": FAILS},
-        needs=("gq",),
         arch_kwargs=W4,
         mutate=(store_as(r"layers\.2\.mlp\.experts\.", "bf16"),),
     ),
@@ -208,7 +197,6 @@ MORE_CASES: list[Case] = [
         {"attn": "awq_int4", "expert": "awq_int4"},
         lambda m: qf.awq(not_convert=["gate"]),
         {"vllm": LOADS},
-        needs=("gq",),
         published="casperhansen/mixtral-instruct-awq",
     ),
     Case(
@@ -223,7 +211,6 @@ MORE_CASES: list[Case] = [
             not_convert=["model.layers.0.", "self_attn", "shared_expert", "linear_attn", "mlp.gate"]
         ),
         {"vllm": LOADS, "sglang": FAILS},
-        needs=("gq",),
         arch_kwargs=W4,
         mutate=(store_as(r"layers\.0\.mlp\.experts\.", "bf16"),),
         published="QuantTrio/Qwen3.5-397B-A17B-AWQ",
@@ -237,7 +224,6 @@ MORE_CASES: list[Case] = [
         {"expert": "awq_int4", "shared": "awq_int4"},
         lambda m: qf.awq(not_convert=None),
         {"vllm": FAILS},
-        needs=("gq",),
         arch_kwargs=W4,
         mutate=(store_as(r"layers\.2\.mlp\.experts\.", "bf16"),),
         published="tclf90/DeepSeek-V3.1-AWQ",
@@ -253,7 +239,6 @@ MORE_CASES: list[Case] = [
         {"attn": "bnb_nf4", "dense": "bnb_nf4"},
         lambda m: qf.bitsandbytes_nf4(),
         {"vllm": UNKNOWN, "sglang": UNKNOWN},
-        needs=("unknown",),
         published="unsloth/Llama-3.3-70B-Instruct-bnb-4bit",
     ),
     Case(
@@ -266,7 +251,6 @@ MORE_CASES: list[Case] = [
         {"attn": "modelopt_fp8", "expert": "modelopt_fp8"},
         lambda m: qf.quark_fp8(["lm_head", *routers(m)]),
         {"vllm": UNKNOWN, "sglang": UNKNOWN},
-        needs=("unknown",),
     ),
     # ---- name space, integrity, engine facts per architecture ---------------------------------------
     Case(
@@ -295,7 +279,6 @@ MORE_CASES: list[Case] = [
         {"expert": NV, "shared": NV, "dense": NV},
         lambda m: qf.modelopt("NVFP4", ["lm_head", *_attn_wildcards(m)]),
         {"vllm": LOADS, "sglang": LOADS},
-        needs=("eng",),
         published="nvidia/DeepSeek-R1-FP4",
     ),
 ]

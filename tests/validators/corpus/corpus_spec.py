@@ -3,8 +3,7 @@
 Each `Case` is data: an architecture template (corpus_archs.ARCHS), the format each module kind is
 stored in (corpus_formats.FORMATS), the producer's quantization config, optional mutations, and the
 verdict per engine as the thread reports it (an engine missing from `expect` is not asserted: the
-thread says nothing about it). `needs` names validator features the case depends on; test_corpus.py
-xfails a case only while such a feature is absent from the code (see `FEATURES` there).
+thread says nothing about it).
 `cli` holds extra `quantgate validate` flags (engine version, deployment shape): such cases run
 through the CLI subprocess.
 """
@@ -33,7 +32,6 @@ class Case:
     quant: dict[str, str]  # module kind -> format (absent kinds stay BF16)
     qconfig: Callable[[Model], dict] | None
     expect: dict[str, str]  # engine -> loads | fails | loads_wrong | unknown
-    needs: tuple[str, ...] = ()
     mutate: tuple[Mutation, ...] = ()
     arch_kwargs: dict = field(default_factory=dict)
     published: str | None = None  # the released checkpoint this rebuilds (healthy exports)

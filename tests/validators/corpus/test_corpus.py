@@ -2,9 +2,7 @@
 
 Each case of corpus_cases.py is written as a tiny real checkpoint (corpus_formats.materialize) and
 validated in-process; cases that pin an engine version or a deployment shape, and a few others, go
-through the real `quantgate validate --format json` subprocess. A case that needs a validator
-feature not yet present in the code (probed by capability in FEATURES, never by name lists) is an
-expected failure (strict=False) until the feature lands; every other case must pass.
+through the real `quantgate validate --format json` subprocess. Every case must pass.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,6 @@ from corpus_cases import CASES
 from corpus_formats import materialize
 from corpus_spec import Case
 
-from validators.findings import VerdictStatus
 from validators.report import validate
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -33,71 +29,6 @@ CLI_CASES = (
     "modelopt-nvfp4-gemma4-zero-expert-input-scale",
     "bitsandbytes-nf4-unknown",
 )
-
-
-# ---- feature probes -------------------------------------------------------------------------------
-def _matches(*modules: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
-    """Does the scheme table recognise every one of these per-module tensor sets?"""
-    from validators.safetensors_header import TensorInfo
-    from validators.schemes import match_scheme
-
-    return all(
-        match_scheme(None, {s: TensorInfo(f"m.{s}", d, shape, "x", 0, 0) for s, (d, shape) in m.items()})
-        is not None
-        for m in modules
-    )
-
-
-def _cli_accepts(*argv: str) -> bool:
-    from service.cli import build_parser
-
-    try:
-        _, unknown = build_parser().parse_known_args(["validate", "x", *argv])
-    except SystemExit:
-        return False
-    return not unknown
-
-
-FEATURES: dict[str, Callable[[], bool]] = {
-    # HF fp8 dialect: a block-FP8 linear (weight F8 + weight_scale_inv) is a known scheme
-    "fp8": lambda: _matches({"weight": ("F8_E4M3", (256, 256)), "weight_scale_inv": ("F32", (2, 2))}),
-    # honest uncertainty: the `unknown` verdict exists
-    "unknown": lambda: hasattr(VerdictStatus, "UNKNOWN"),
-    # gptq / awq / CT mxfp4-pack-quantized tensor sets are known schemes
-    "gq": lambda: _matches(
-        {
-            "qweight": ("I32", (32, 256)),
-            "qzeros": ("I32", (2, 32)),
-            "scales": ("F16", (2, 256)),
-            "g_idx": ("I32", (256,)),
-        },
-        {"qweight": ("I32", (256, 32)), "qzeros": ("I32", (2, 32)), "scales": ("F16", (2, 256))},
-        {"weight_packed": ("U8", (64, 64)), "weight_scale": ("U8", (64, 4))},
-    ),
-    # engine facts per architecture and version (the --engine-version flag comes with them)
-    "eng": lambda: _cli_accepts("--engine-version", "vllm=0.32"),
-    # deployment shape
-    "tp": lambda: _cli_accepts("--tensor-parallel-size", "2"),
-}
-
-
-@cache
-def has(feature: str) -> bool:
-    return FEATURES[feature]()
-
-
-def _param(case: Case):
-    missing = [f for f in case.needs if not has(f)]
-    marks = (
-        [
-            pytest.mark.xfail(
-                reason=f"needs validator feature(s) not in this code yet: {missing}", strict=False
-            )
-        ]
-        if missing
-        else []
-    )
-    return pytest.param(case, id=case.id, marks=marks)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +55,7 @@ def _explain(report: dict) -> str:
 
 
 # ---- the corpus ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", [_param(c) for c in CASES if not c.cli])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if not c.cli])
 def test_case_verdicts(case: Case, built) -> None:
     report = validate(str(built(case)))
     got = _statuses(report.verdicts, case.expect)
@@ -151,7 +82,7 @@ def _cli(path: Path, *flags: str) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in CASES if c.cli or c.id in CLI_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.cli or c.id in CLI_CASES])
 def test_case_verdicts_through_cli(case: Case, built) -> None:
     rc, report = _cli(built(case), *case.cli)
     assert _statuses(report["verdicts"], case.expect) == case.expect, f"{case.id}\n{_explain(report)}"
@@ -201,11 +132,6 @@ def test_built_files_are_real_safetensors(built) -> None:
     config = json.loads((path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt"
     assert (path / "hf_quant_config.json").exists()
-
-
-def test_feature_probes_answer() -> None:
-    """Every probe runs against this code and returns a bool (a probe that raises would hide cases)."""
-    assert all(isinstance(has(f), bool) for f in FEATURES)
 
 
 def test_packed_ct_lm_head_fails_in_sglang_only(tmp_path: Path) -> None:
