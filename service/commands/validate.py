@@ -3,6 +3,9 @@
 Exit codes: 0 no error findings, 1 any error finding, 2 the target cannot be read or the usage is
 wrong (one line on stderr, never a traceback; `-v` logs the traceback of an internal error).
 `--strict` also exits 1 on any warning and on any `unknown` verdict (a format quantgate does not model).
+`--engine-version vllm=X` / `sglang=Y` picks the engine releases the verdicts hold for (every dialect
+reads them from validators/engine_facts.py); `--tensor-parallel-size N` / `--expert-parallel` the
+serving shape (QG711; without it QG712 reports the sizes at which loading stops).
 Only argparse is imported at module level; the validator (never torch) loads when the command runs.
 """
 
