@@ -142,6 +142,6 @@ def is_modelled(qc: "QuantConfig | None") -> bool:
     return not_modelled(qc) is None
 
 
-def modelled_methods() -> list[str]:
-    """The quant_method spellings modelled in this build (for messages)."""
-    return sorted(name for name in QUANT_METHODS if is_modelled_method(name))
+def modelled_dialects() -> list[str]:
+    """The dialects modelled in this build, in table order (for messages)."""
+    return list(dict.fromkeys(e.dialect for name, e in QUANT_METHODS.items() if is_modelled_method(name)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from validators.findings import Finding, VerdictStatus
-from validators.format_support import modelled_methods, not_modelled
+from validators.format_support import modelled_dialects, not_modelled
 from validators.rules import Context, rule
 from validators.rules._common import WARNING
 
@@ -34,8 +34,8 @@ def unmodelled_quant_method(ctx: Context) -> Iterator[Finding]:
     yield Finding(
         code="QG190", severity=WARNING,
         message=f"{what} ({qc.source}) is not modelled by quantgate{f' ({gap.note})' if gap.note else ''}: its "
-                "tensors were not checked and no engine outcome is predicted (modelled quant_methods: "
-                + ", ".join(modelled_methods()) + ")",
+                "tensors were not checked and no engine outcome is predicted (modelled: "
+                + ", ".join(modelled_dialects()) + ")",
         modules=(qc.source,),
         fix="Validate with the quantization method's own tools, or export in a modelled dialect; "
             "--strict makes an unknown verdict fail.",
