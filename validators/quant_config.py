@@ -279,7 +279,7 @@ def _parse_one(data: Any, source: str, findings: list[Finding]) -> QuantConfig |
         return _parse_modelopt_flat(data, source, findings)
     if method == COMPRESSED_TENSORS:
         return _parse_ct(data, source, findings)
-    from validators.dialects import parse_registered   # dialect modules build on this one
+    from validators.dialects import parse_registered  # dialect modules build on this one
 
     parsed = parse_registered(method, data, source, findings)
     if parsed is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
-from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns
 from validators.engine_facts import parse_version
+from validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
 from validators.errors import UsageError
 from validators.format_support import is_modelled
+from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns
 from validators.quant_config import parse_quant_config
 from validators.schemes import fp8_native_for, match_scheme, scheme
 
