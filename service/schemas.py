@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from service.security import HUB_REPO_ID
 from service.store import EventRecord, JobRecord, ValidationRecord
@@ -282,8 +282,28 @@ class ValidationCreate(_Strict):
     path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
     hub_repo: str | None = Field(None, min_length=3, max_length=256, description="org/name")
     revision: str | None = Field(None, max_length=256)
+    strict: bool = Field(
+        False, description="ok only without warnings and with a verdict for every engine (no `unknown`)"
+    )
+    engine_versions: dict[Literal["vllm", "sglang"], str] | None = Field(
+        None, description='engine releases to predict, e.g. {"vllm": "0.10.2"}; default: the newest modelled')
+    tensor_parallel_size: int | None = Field(None, ge=1, le=4096, description="check at this tensor-parallel size")
+    expert_parallel: bool = Field(False, description="experts distributed over the ranks (EP size = TP size)")
 
     _paths_have_no_nul = field_validator("path", "hub_repo", "revision")(no_nul)
+
+    @field_validator("engine_versions")
+    @classmethod
+    def _releases(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from validators.engine_facts import parse_version
+        from validators.errors import UsageError
+
+        for engine, version in (value or {}).items():
+            try:
+                parse_version(version)
+            except UsageError as exc:
+                raise ValueError(f"{engine}: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> ValidationCreate:
@@ -306,3 +326,8 @@ class ValidationPublic(_FromRecord):
     ok: bool
     verdicts: dict[str, Any]
     report: dict[str, Any]
+
+    @computed_field(description="engines whose verdict is `unknown`: a format quantgate does not model")
+    @property
+    def unknown_engines(self) -> list[str]:
+        return sorted(e for e, v in self.verdicts.items() if isinstance(v, dict) and v.get("status") == "unknown")

@@ -35,8 +35,8 @@ class ArchNaming:
 
     `prefix_map`: the model's `hf_to_vllm_mapper` `orig_to_new_prefix`, applied to module names and,
     in vLLM, to exclude patterns. `internal`: regex renames applied by the model's weight iterator to
-    names only, never to patterns. `packed`: fused module -> shard names. `unquantized_roles`:
-    layout roles the model builds with `quant_config=None` (never quantized, never excluded).
+    names only, never to patterns. `packed`: fused module -> shard names. Modules a model builds with
+    `quant_config=None` differ per engine and release: `engine_facts.UNQUANTIZED_ROLES`.
     `sglang_maps_patterns`: whether SGLang's `apply_weight_name_mapper` rewrites the patterns too
     (False reproduces models whose mapper missed nested `model.language_model.`, sglang PR #38781).
     """
@@ -44,12 +44,13 @@ class ArchNaming:
     prefix_map: tuple[tuple[str, str], ...] = ()
     internal: tuple[tuple[str, str], ...] = ()
     packed: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PACKED))
-    unquantized_roles: frozenset[str] = frozenset()
     sglang_maps_patterns: bool = True
     note: str = ""
 
 
-_GEMMA4_INTERNAL = ((r"(?<!\.moe)\.experts(?=\.\d|\.gate_up_proj$|\.down_proj$|$)", ".moe.experts"),)
+#: Gemma4 `experts` -> `moe.experts` (vLLM up to 0.30 and SGLang; vLLM 0.31 builds `layers.N.experts`:
+#: engine_facts.INTERNAL_RENAMES holds the per-release rows)
+GEMMA4_INTERNAL = ((r"(?<!\.moe)\.experts(?=\.\d|\.gate_up_proj$|\.down_proj$|$)", ".moe.experts"),)
 _GEMMA_MM_PREFIX = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
                     ("model.embed_vision.", "embed_vision."), ("model.multi_modal_projector.",
                                                                 "multi_modal_projector."),
@@ -58,11 +59,10 @@ _DEEPSEEK_PACKED = {**DEFAULT_PACKED, "fused_qkv_a_proj": ("q_a_proj", "kv_a_pro
 
 ARCH_NAMING: dict[str, ArchNaming] = {
     "Gemma4ForCausalLM": ArchNaming(
-        internal=_GEMMA4_INTERNAL, unquantized_roles=frozenset({"router"}),
-        note="gemma4.py _weight_iterator renames experts -> moe.experts; router.proj is a GateLinear "
-             "built without quant_config (§4.5)"),
+        internal=GEMMA4_INTERNAL,
+        note="gemma4.py _weight_iterator renames experts -> moe.experts (§4.5)"),
     "Gemma4ForConditionalGeneration": ArchNaming(
-        prefix_map=_GEMMA_MM_PREFIX, internal=_GEMMA4_INTERNAL, unquantized_roles=frozenset({"router"}),
+        prefix_map=_GEMMA_MM_PREFIX, internal=GEMMA4_INTERNAL,
         note="multimodal wrapper: model.language_model. -> language_model.model. (names and patterns)"),
     "DeepseekV3ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
     "DeepseekV2ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
@@ -96,6 +96,11 @@ def _apply_prefix_map(name: str, prefix_map: tuple[tuple[str, str], ...]) -> str
         if name + "." == old:          # a bare module equal to the mapped prefix
             return new[:-1]
     return name
+
+
+def map_prefixes(names: Sequence[str], naming: ArchNaming) -> tuple[str, ...]:
+    """Names (or exact-name / `re:` lists) through the model's prefix map, as `WeightsMapper.apply_list` does."""
+    return tuple(_apply_prefix_map(n, naming.prefix_map) for n in names)
 
 
 @lru_cache(maxsize=None)
@@ -175,11 +180,13 @@ def _split_star(patterns: Sequence[str]) -> list[str]:
 class _Base:
     name = ""
 
-    def engine_name(self, module: str, architecture: str | None) -> str:
-        """HF module name -> the engine's module prefix (mapper first, then the model-internal renames)."""
+    def engine_name(self, module: str, architecture: str | None,
+                    internal: tuple[tuple[str, str], ...] | None = None) -> str:
+        """HF module name -> the engine's module prefix (mapper first, then the model-internal renames;
+        `internal` overrides the architecture's renames, e.g. with those of one engine release)."""
         naming = naming_for(architecture)
         name = _apply_prefix_map(module, naming.prefix_map)
-        for regex, rep in _compiled_internal(naming.internal):
+        for regex, rep in _compiled_internal(naming.internal if internal is None else internal):
             name = regex.sub(rep, name)
         return name
 

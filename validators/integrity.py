@@ -11,6 +11,7 @@ or index entry never hides the rest of the checkpoint.
 | QG604 | a shard is present but the index does not reference it |
 | QG605 | a hostile index entry or an escaping symlink, refused and never opened |
 | QG606 | config.json / hf_quant_config.json / the index is not usable JSON |
+| QG607 | the index names a tensor that its shard (and every other shard) lacks |
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SHOWN_NAMES = 3     # tensor names quoted in a message before "and N more"
 class Problem:
     """An integrity problem found while opening a checkpoint (becomes a QG6xx finding)."""
 
-    code: str                   # "QG601" ... "QG606"
+    code: str                   # "QG601" ... "QG607"
     message: str
     files: tuple[str, ...]      # shard / config files (or tensor names) concerned
     fix: str
@@ -105,7 +106,7 @@ def merge_shards(headers: Mapping[str, SafetensorsHeader], problems: list[Proble
 
 
 def check_index(weight_map: Mapping[str, object], headers: Mapping[str, SafetensorsHeader]) -> list[Problem]:
-    """QG603 problems where the index and the readable shards disagree (one per shard and kind).
+    """QG603 / QG607 problems where the index and the readable shards disagree (one per shard and kind).
 
     Entries pointing at shards that were not read (missing, refused, corrupt) are skipped: those
     shards already have their own problem.
@@ -131,8 +132,8 @@ def check_index(weight_map: Mapping[str, object], headers: Mapping[str, Safetens
             unlisted.setdefault(found, []).append(name)
     problems = []
     for shard, names in absent.items():
-        problems.append(problem("QG603", f"the index lists {_names(names)} in {shard!r}, but that shard does "
-                                "not contain them", (shard,),
+        problems.append(problem("QG607", f"the index lists {_names(names)} in {shard!r}, but that shard does "
+                                "not contain them (and no other shard does)", tuple(names),
                                 "regenerate model.safetensors.index.json from the shards, or restore the "
                                 "missing tensors"))
     for shard, names in misplaced.items():

@@ -26,7 +26,6 @@ from validators.layout_table import (
     FUSED_TENSOR_RE,
     HIDDEN_KEYS,
     LAYER_RE,
-    MAX_FUSED_EXPERTS,
     MTP_ROLE,
     NORM_RE,
     NUM_EXPERTS_KEYS,
@@ -34,10 +33,13 @@ from validators.layout_table import (
     ROLES,
     TEXT_CONFIG_KEYS,
     FusedExpertFormat,
+    FusedWeight,
     Kind,
 )
 from validators.safetensors_header import gc_paused
-from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES
+from validators.layout_schemes import fused_weight as _fused_weight
+from validators.layout_schemes import scheme_logical_shape as _scheme_logical_shape
+from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES, scheme
 
 if TYPE_CHECKING:
     from validators.safetensors_header import TensorInfo
@@ -260,7 +262,7 @@ def _logical_shape(tensors: Mapping[str, TensorInfo]) -> tuple[int | None, int |
         suffix = "weight_packed"
         weight = tensors.get(suffix)
         if weight is None:
-            return None, None
+            return _scheme_logical_shape(tensors)
     shape = weight.shape
     if len(shape) == 2:
         return shape[0], shape[1] * _IN_PACK.get((suffix, weight.dtype), 1)
@@ -290,16 +292,21 @@ _FUSED_PARTS: dict[str, tuple[tuple[str, str, int | None], ...]] = {
 
 
 def _expand_fused(module: str, tensors: dict[str, TensorInfo], layer: int | None, experts: str,
-                  cfg: _Config) -> list[Module]:
+                  cfg: _Config, fused: tuple[FusedWeight, TensorInfo]) -> list[Module]:
     """Virtual per-expert modules for one fused 3-D tensor `<experts>.<proj>` [E, ., .]."""
     proj = module[len(experts) + 1:]
-    weight = tensors["weight"]
-    n_experts, d1, d2 = weight.shape
+    fw, weight = fused
+    n_experts, d1, d2 = weight.shape[:3]
     fmt = cfg.fused_format
-    transposed = fmt.transposed if fmt is not None else _looks_transposed(proj, d1, d2, cfg.hidden)
     interleaved = fmt.interleaved if fmt is not None else False
-    pack = _IN_PACK.get(("weight", weight.dtype), 1)
-    out, in_ = (d2, d1 * pack) if transposed else (d1, d2 * pack)   # packed along in: [E, in/2, out]
+    if fw.scheme is not None:  # a quantized fused form: the scheme table knows the per-expert shape
+        dialect, _, name = fw.scheme.partition(":")
+        transposed = bool(fw.transposed)
+        out, in_ = scheme(dialect, name).logical_from_weight(weight.shape[1:])
+    else:
+        transposed = fmt.transposed if fmt is not None else _looks_transposed(proj, d1, d2, cfg.hidden)
+        pack = _IN_PACK.get(("weight", weight.dtype), 1)
+        out, in_ = (d2, d1 * pack) if transposed else (d1, d2 * pack)   # packed along in: [E, in/2, out]
     half = out // 2
     result = []
     for e in range(n_experts):
@@ -352,9 +359,9 @@ def _layer_module(module: str, parts: dict[str, TensorInfo], split: tuple[str, i
     if forced is None and cfg.num_layers is not None and layer >= cfg.num_layers:
         forced = Kind.OTHER  # DeepSeek MTP: model.layers.{num_hidden_layers + k}
     if tail is not None and tail.fused_experts and forced is None:
-        weight = parts.get("weight")
-        if weight is not None and len(weight.shape) == 3 and weight.shape[0] <= MAX_FUSED_EXPERTS:
-            virtual.extend(_expand_fused(module, parts, layer, base + (tail.experts_rel or ""), cfg))
+        fused = _fused_weight(parts)
+        if fused is not None:
+            virtual.extend(_expand_fused(module, parts, layer, base + (tail.experts_rel or ""), cfg, fused))
             return None
     out, in_ = _logical_shape(parts)
     if forced is Kind.OTHER:  # MTP / draft layers: not part of the served model

@@ -154,6 +154,23 @@ FUSED_EXPERT_FORMATS: dict[str, FusedExpertFormat] = {
     "llama4_text": FusedExpertFormat(transposed=True, interleaved=False),
 }
 
+@dataclass(frozen=True)
+class FusedWeight:
+    """A tensor that carries the weights of every expert of a fused MoE module."""
+
+    suffix: str  # the module suffix ("weight" for `experts.gate_up_proj`, "blocks" for `..._blocks`)
+    ndim: int  # dims with the leading expert dim
+    scheme: str | None  # "dialect:NAME" whose per-expert logical shape applies; None: [E, out, in]
+    transposed: bool | None  # stored orientation; None: from FUSED_EXPERT_FORMATS or the shapes
+
+
+# First match wins. GPT-OSS MXFP4 `experts.gate_up_proj_blocks` [E, 2I, H/32, 16] is stored out-major
+# (not transposed like its BF16 form) with gate/up rows still interleaved (formats_beyond_two.md §3).
+FUSED_WEIGHTS: tuple[FusedWeight, ...] = (
+    FusedWeight("weight", 3, None, None),
+    FusedWeight("blocks", 4, "mxfp4:MXFP4", False),
+)
+
 # A fused 3-D tensor claiming more experts than this is not expanded (a hostile header must not make
 # the layout allocate billions of virtual modules); the largest real MoEs have a few hundred experts.
 MAX_FUSED_EXPERTS = 4096

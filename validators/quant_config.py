@@ -45,6 +45,8 @@ class QuantConfig:
     kv_cache_scheme: dict | None = None     # CT / flat modelopt
     producer: dict | None = None
     other: dict[str, Any] = field(default_factory=dict)   # the other file's parse, for comparisons
+    params: Any = None                      # a registered dialect's own settings (validators/dialects.py:
+                                            # fp8 Fp8Settings, gptq/awq WNA16Params, mxfp4 Mxfp4Params)
 
     @property
     def is_modelopt(self) -> bool:
@@ -277,8 +279,14 @@ def _parse_one(data: Any, source: str, findings: list[Finding]) -> QuantConfig |
         return _parse_modelopt_flat(data, source, findings)
     if method == COMPRESSED_TENSORS:
         return _parse_ct(data, source, findings)
+    from validators.dialects import parse_registered  # dialect modules build on this one
+
+    parsed = parse_registered(method, data, source, findings)
+    if parsed is not None:
+        return parsed
     return QuantConfig(dialect=method, quant_algo=None, source=source, exclude=[], group_size=None,
                        kv_cache_quant_algo=None, quantized_layers=None, config_groups=None, raw=data)
+
 
 
 def config_json_quant_section(config: dict | None) -> Any:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from validators.engine_facts import NEWEST, resolve_versions
 from validators.findings import ENGINES, Finding, Severity, VerdictStatus
 from validators.grouping import fold_names
 
 if TYPE_CHECKING:
     from validators.checkpoint import CheckpointView
+    from validators.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,12 @@ class Report:
     dialect: str | None
     scheme: str | None
     findings: list[Finding]
-    verdicts: dict[str, dict]           # engine -> {"status": loads|fails|loads_wrong, "reason": str}
+    verdicts: dict[str, dict]           # engine -> {"status": loads|fails|loads_wrong|unknown, "reason": str}
     summary: dict
     engines: tuple[str, ...] = ENGINES
     deep: bool = True
+    engine_versions: dict[str, str] = field(default_factory=dict)   # engine -> release the verdict holds for
+    deployment: dict | None = None      # {"tensor_parallel_size", "expert_parallel"} when given
     rows: Callable[[], list[ModuleRow]] | None = field(default=None, repr=False)   # built on demand
 
     @property
@@ -64,6 +68,15 @@ class Report:
     @property
     def ok(self) -> bool:
         return not any(f.severity is Severity.ERROR for f in self.findings)
+
+    @property
+    def unknown_engines(self) -> list[str]:
+        """Engines whose outcome quantgate does not predict (verdict `unknown`)."""
+        return [e for e, v in self.verdicts.items() if v.get("status") == VerdictStatus.UNKNOWN.value]
+
+    def strict_ok(self) -> bool:
+        """`--strict`: no error, no warning, and a prediction for every engine."""
+        return self.ok and not self.unknown_engines and not any(f.severity is Severity.WARNING for f in self.findings)
 
     def counts(self) -> dict[str, int]:
         c = Counter(f.severity.value for f in self.findings)
@@ -80,7 +93,10 @@ class Report:
             "scheme": self.scheme,
             "engines": list(self.engines),
             "deep": self.deep,
+            "engine_versions": dict(self.engine_versions),
+            "deployment": self.deployment,
             "verdicts": self.verdicts,
+            "unknown_engines": self.unknown_engines,       # verdict `unknown`: a format not modelled
             "counts": self.counts(),
             "findings": [finding_dict(f) for f in self.findings],
             "summary": self.summary,
@@ -101,13 +117,26 @@ def finding_dict(f: Finding) -> dict:
     return d
 
 
-def verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: bool) -> dict[str, dict]:
-    """Per engine: `fails` if any finding says so (the first such error), else `loads_wrong`, else `loads`."""
+def verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: bool,
+             versions: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Per engine: `fails` if any finding says so (the first such error), else `loads_wrong`, else
+    `unknown` when a finding says quantgate does not model what the engine does, else `loads`.
+
+    A known failure outranks `unknown`: a corrupt header fails whatever the format. Every verdict
+    carries a `reason`, the `codes` behind it and the engine release it holds for (`engine_version`)."""
+    out = _verdicts(findings, engines, quantized)
+    for engine, v in out.items():
+        v["engine_version"] = (versions or {}).get(engine) or NEWEST.get(engine)
+    return out
+
+
+def _verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: bool) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for engine in engines:
         mine = [f for f in findings if engine in f.engines]
         fails = [f for f in mine if f.effect is VerdictStatus.FAILS]
         wrong = [f for f in mine if f.effect is VerdictStatus.LOADS_WRONG]
+        unknown = [f for f in mine if f.effect is VerdictStatus.UNKNOWN]
         if fails:
             f = fails[0]
             out[engine] = {"status": VerdictStatus.FAILS.value,
@@ -116,6 +145,10 @@ def verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: boo
             f = wrong[0]
             out[engine] = {"status": VerdictStatus.LOADS_WRONG.value,
                            "reason": f"{f.code}: {f.predicted_error or f.message}", "codes": _codes(wrong)}
+        elif unknown:
+            f = unknown[0]
+            out[engine] = {"status": VerdictStatus.UNKNOWN.value,
+                           "reason": f"{f.code}: {f.message}", "codes": _codes(unknown)}
         else:
             reason = "no finding predicts a load failure or silent corruption" if quantized else \
                 "unquantized checkpoint: loads as a plain model"
@@ -185,32 +218,41 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.message))
 
 
-def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True) -> Report:
-    """Run every rule over an opened checkpoint."""
+def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True,
+                  engine_versions: Mapping[str, str] | None = None,
+                  deployment: "Deployment | None" = None) -> Report:
+    """Run every rule over an opened checkpoint, for the given engine releases (default: the newest
+    `engine_facts` was read from) and, when given, the serving shape (tensor / expert parallel)."""
     from validators.layout import build_layout
     from validators.quant_config import parse_quant_config
     from validators.rules import Context, run_rules
     from validators.rules._context import Analysis
 
     engines = tuple(e for e in ENGINES if e in engines)
+    versions = resolve_versions(engine_versions)
     qc, qc_findings = parse_quant_config(view.config, view.hf_quant_config)
     layout = build_layout(view.tensors, view.config)
-    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings)
+    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings,
+                  engine_versions=versions, deployment=deployment)
     ctx.analysis = Analysis(ctx)
     findings = sort_findings(run_rules(ctx))
-    quantized = ctx.analysis.is_quantized or (qc is not None and qc.dialect in ("modelopt", "compressed-tensors"))
+    quantized = ctx.analysis.is_quantized or qc is not None
     return Report(target=view.target, quantized=quantized, dialect=qc.dialect if qc else
                   (ctx.analysis.dialect if ctx.analysis.is_quantized else None),
                   scheme=_scheme_name(ctx), findings=findings,
-                  verdicts=verdicts(findings, engines, quantized), summary=summarize(ctx, view),
-                  engines=engines, deep=deep, rows=lambda: _module_rows(ctx, findings))
+                  verdicts=verdicts(findings, engines, quantized, versions), summary=summarize(ctx, view),
+                  engines=engines, deep=deep, rows=lambda: _module_rows(ctx, findings),
+                  engine_versions={e: versions[e] for e in engines},
+                  deployment=deployment.to_dict() if deployment is not None else None)
 
 
 def validate(target: str, *, engines: Sequence[str] = ENGINES, deep: bool | None = None,
-             revision: str | None = None, token: str | None = None) -> Report:
+             revision: str | None = None, token: str | None = None,
+             engine_versions: Mapping[str, str] | None = None, deployment: "Deployment | None" = None) -> Report:
     """Open `target` (directory, .safetensors file, `org/name`, `hf://org/name@rev`) and validate it.
 
     `deep=None` reads scale values for local checkpoints and skips them for the Hub (no downloads).
+    `engine_versions` ({"vllm": "0.10.2"}) picks engine releases; `deployment` the serving shape.
     """
     from validators.checkpoint import open_checkpoint
     from validators.errors import CheckpointReadError
@@ -223,4 +265,5 @@ def validate(target: str, *, engines: Sequence[str] = ENGINES, deep: bool | None
     if deep is None:
         deep = view.kind != "hub"
     with gc_paused():       # 180k header objects: generational GC passes would dominate the run
-        return validate_view(view, engines=engines, deep=deep)
+        return validate_view(view, engines=engines, deep=deep, engine_versions=engine_versions,
+                             deployment=deployment)

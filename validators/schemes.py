@@ -21,7 +21,12 @@ ShapeFn = Callable[[int, int], tuple[int, ...]]
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
+FP8_NATIVE = "fp8"  # Hugging Face native fp8 (config.json quant_method "fp8": DeepSeek-V3, Qwen3-*-FP8)
 DIALECTS: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)
+# the engines' other formats (specs in schemes_beyond.py, part of this table)
+MXFP4 = "mxfp4"
+GPTQ = "gptq"
+AWQ = "awq"
 
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the input dim
 FP4_PER_BYTE = 2  # two E2M1 codes per uint8, element 2k in the low nibble
@@ -145,6 +150,10 @@ class SchemeSpec:
     group_size: int | None = None  # elements per weight scale along the input dim
     scale_overhead_bits: float = 0.0  # storage bits per weight spent on group/block scales
     description: str = ""
+    weight_block: tuple[int, int] | None = None  # native fp8 `weight_block_size` [b0 (out), b1 (in)]
+    # stored weight shape -> logical (out, in), for weights not stored [out, in/pack] (GPTQ [in/8, out])
+    logical_shape: Callable[[tuple[int, ...]], tuple[int, int]] | None = None
+    weight_ndim: int = 2  # dims of the stored weight of one module (MXFP4 blocks [out, in/32, 16]: 3)
     by_suffix: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,9 +181,19 @@ class SchemeSpec:
     def suffixes(self) -> frozenset[str]:
         return frozenset(self.by_suffix)
 
+    def logical_from_weight(self, stored_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Logical (out_features, in_features) from the stored weight shape (U8 NVFP4 [out, in/2] ->
+        (out, in); GPTQ qweight [in/8, out] -> (out, in) through `logical_shape`)."""
+        if self.logical_shape is not None:
+            return self.logical_shape(tuple(stored_shape))
+        inner = 1
+        for d in stored_shape[1:]:
+            inner *= d
+        return stored_shape[0], inner * self.in_pack
+
     def in_features_from_weight(self, stored_shape: tuple[int, ...]) -> int:
         """Logical in_features from the stored weight shape (U8 NVFP4 [out, in/2] -> in)."""
-        return stored_shape[-1] * self.in_pack
+        return self.logical_from_weight(stored_shape)[1]
 
     def write_dtype(self, suffix: str) -> str:
         """The dtype the writer uses for `suffix`."""
@@ -271,6 +290,14 @@ SCHEMES: tuple[SchemeSpec, ...] = (
     ),
 )
 
+# The engines' other formats (formats_beyond_two.md), entries of this one table kept in their own files:
+# Hugging Face native fp8 (§2); MXFP4 (GPT-OSS), GPTQ, AWQ, CT mxfp4/mxfp8 (§1, §3-5).
+from validators.schemes_fp8 import FP8_NATIVE_SCHEMES, fp8_native_for, fp8_native_spec  # noqa: E402,F401
+from validators.schemes_beyond import BEYOND_SCHEMES  # noqa: E402 - needs the classes above
+
+SCHEMES = SCHEMES + FP8_NATIVE_SCHEMES + BEYOND_SCHEMES
+DIALECTS_WITH_SCHEMES: frozenset[str] = frozenset(s.dialect for s in SCHEMES)
+
 _BY_KEY: dict[tuple[str, str], SchemeSpec] = {(s.dialect, s.name.upper()): s for s in SCHEMES}
 
 # Other spellings people and configs use for the same specs (looked up case-insensitively).
@@ -295,7 +322,7 @@ MIXED_PRECISION_ALGOS: tuple[str, ...] = ("FP8", "NVFP4", "W4A16_NVFP4")
 
 # Every tensor suffix any scheme writes, and the other per-linear quantization tensors engines know.
 SCHEME_SUFFIXES: frozenset[str] = frozenset(t.suffix for s in SCHEMES for t in s.tensors)
-WEIGHT_SUFFIXES: frozenset[str] = frozenset({"weight", "weight_packed"})
+WEIGHT_SUFFIXES: frozenset[str] = frozenset({"weight", "weight_packed"} | {s.weight_suffix for s in SCHEMES})
 EXTRA_QUANT_SUFFIXES: frozenset[str] = frozenset(
     {"pre_quant_scale", "input_zero_point", "weight_scale_inv", "k_scale", "v_scale", "q_scale"}
 )
@@ -353,9 +380,9 @@ def _matches(spec: SchemeSpec, tensors: Mapping[str, TensorInfo], present: froze
     if not spec.required_suffixes <= present or not present <= spec.suffixes:
         return False
     weight = tensors[spec.weight_suffix]
-    if len(weight.shape) != 2:
+    if len(weight.shape) != spec.weight_ndim:
         return False
-    out_features, in_features = weight.shape[0], spec.in_features_from_weight(weight.shape)
+    out_features, in_features = spec.logical_from_weight(weight.shape)
     for suffix in present:
         tspec = spec.by_suffix[suffix]
         info = tensors[suffix]

@@ -20,15 +20,22 @@ router = APIRouter(prefix="/v1/validations", tags=["validations"])
 VALIDATION_ID_PREFIX = "qval"
 
 
-def _run_validator(target: str, revision: str | None, token: str | None) -> tuple[Any, str]:
-    """(report, html) from the validator; unreadable targets become 422 with the validator's message."""
-    from validators.errors import CheckpointReadError, UnsupportedArchitectureError
+def _run_validator(target: str, revision: str | None, token: str | None,
+                   body: ValidationCreate | None = None) -> tuple[Any, str]:
+    """(report, html) from the validator; unreadable targets become 422 with the validator's message.
+    `body` carries the optional engine releases and serving shape."""
+    from validators.deployment import Deployment
+    from validators.errors import CheckpointReadError, UnsupportedArchitectureError, UsageError
     from validators.render import render_html
     from validators.report import validate
 
     try:
-        report = validate(target, revision=revision, token=token)
-    except (CheckpointReadError, UnsupportedArchitectureError) as exc:
+        deployment = None
+        if body is not None and (body.tensor_parallel_size is not None or body.expert_parallel):
+            deployment = Deployment(body.tensor_parallel_size, body.expert_parallel)
+        report = validate(target, revision=revision, token=token,
+                          engine_versions=body.engine_versions if body is not None else None, deployment=deployment)
+    except (CheckpointReadError, UnsupportedArchitectureError, UsageError) as exc:
         reason = str(exc).removeprefix(f"{target}: ")  # the validator's messages start with the target
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot validate {target}: {reason}"
@@ -48,21 +55,24 @@ def _run_validator(target: str, revision: str | None, token: str | None) -> tupl
 def create_validation(
     body: ValidationCreate, response: Response, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
 ) -> ValidationPublic:
-    """Validate a checkpoint now and return the report with a verdict per engine."""
+    """Validate a checkpoint now and return the report with a verdict per engine (`loads`, `fails`,
+    `loads_wrong`, or `unknown` for a format quantgate does not model; `strict` makes unknown not ok)."""
     if body.path is not None:
         target, revision, token = str(resolve_under_roots(body.path, settings.roots)), None, None
     else:
         assert body.hub_repo is not None
         target, revision = body.hub_repo, body.revision
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    report, html = _run_validator(target, revision, token)
+    report, html = _run_validator(target, revision, token, body)
+    # `unknown` (a format quantgate does not model) is never a pass under strict; plain `ok` means no error
+    ok = report.strict_ok() if body.strict else report.ok
     record = store.create_validation(
         ValidationRecord(
             id=new_id(VALIDATION_ID_PREFIX),
             created_at=time.time(),
             target=target,
             revision=revision,
-            ok=bool(report.ok),
+            ok=bool(ok),
             verdicts=dict(report.verdicts),
             report=report.to_dict(),
             report_html=html,

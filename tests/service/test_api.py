@@ -245,6 +245,20 @@ def test_validation_endpoint_reports_and_stores(env: Env) -> None:
     assert hub.status_code == 422 and FAKE_HF_TOKEN not in hub.text
 
 
+def test_validation_endpoint_engine_releases_and_shape(env: Env) -> None:
+    path = str(env.root / "models" / "gemma4")
+    response = env.client.post("/v1/validations", json={
+        "path": path, "engine_versions": {"vllm": "0.10.2"}, "tensor_parallel_size": 8, "expert_parallel": True})
+    assert response.status_code == 201, response.text
+    report = response.json()["report"]
+    assert report["engine_versions"]["vllm"] == "0.10.2" and report["verdicts"]["vllm"]["engine_version"] == "0.10.2"
+    assert report["deployment"] == {"tensor_parallel_size": 8, "expert_parallel": True}
+    assert response.json()["ok"] is False and any(f["code"] == "QG711" for f in report["findings"])  # 4 heads / 8
+    for bad in ({"engine_versions": {"trt": "1.0"}}, {"engine_versions": {"vllm": "newest"}},
+                {"tensor_parallel_size": 0}, {"expert_parallel": "maybe"}):
+        assert env.client.post("/v1/validations", json={"path": path, **bad}).status_code == 422, bad
+
+
 def test_index_page_escapes_everything(env: Env) -> None:
     hostile = env.root / "<script>alert(1)</script>"
     if not hostile.exists():  # a real checkpoint: unreadable sources are refused at submit time

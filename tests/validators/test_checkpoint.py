@@ -93,8 +93,9 @@ def test_index_disagreeing_with_shards(sharded: Sharded) -> None:
     write_index(root, edited)
     view = open_checkpoint(str(root))
     messages = " | ".join(p.message for p in view.problems)
-    assert codes(view) == ["QG603", "QG603", "QG603"]
+    assert codes(view) == ["QG603", "QG603", "QG607"]      # listed-but-absent has its own (error) code
     assert "ghost" in messages and dropped in messages and moved in messages
+    assert next(p for p in view.problems if p.code == "QG607").files == ("model.layers.9.ghost.weight",)
 
 
 def test_stray_shard_and_duplicate_tensor(sharded: Sharded) -> None:

@@ -64,14 +64,20 @@ def test_gemma4_fused_experts_left_bf16_under_nvfp4_claim(build) -> None:
 
 
 def test_experts_excluded_only_under_hf_name(build) -> None:
+    """vLLM <= 0.30 and SGLang build Gemma4's experts at `layers.N.moe.experts` (engine_facts
+    INTERNAL_RENAMES); vLLM 0.31 builds them at `layers.N.experts`, where the HF-name entry matches."""
     mutate = qb.add_exclude("model.layers.0.experts*", "model.layers.1.experts*")
-    report = validate(str(build("gemma4", experts="bf16_fused", mutate=mutate)))
+    path = str(build("gemma4", experts="bf16_fused", mutate=mutate))
+    report = validate(path, engine_versions={"vllm": "0.30.0"})
     assert "QG205" in codes(report, Severity.ERROR)
     assert "QG202" not in codes(report)
     assert "QG204" not in codes(report), "the HF-name entries are explained by QG205, not repeated as stale"
     finding = next(f for f in report.findings if f.code == "QG205")
     assert "moe.experts" in finding.message and "vllm" in finding.engines
     assert report.verdicts["vllm"]["status"] == "fails"
+    newest = validate(path)
+    assert newest.verdicts["vllm"]["status"] == "loads" and newest.verdicts["sglang"]["status"] == "fails"
+    assert {e for f in newest.findings if f.code == "QG205" for e in f.engines} == {"sglang"}
 
 
 def test_engine_name_wildcard_makes_bf16_experts_load(build) -> None:

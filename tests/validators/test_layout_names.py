@@ -142,9 +142,10 @@ def test_buffers_kv_scales_and_odd_names() -> None:
 
 
 def test_scale_suffixes_cover_every_scheme_tensor() -> None:
-    from validators.schemes import SCHEMES
+    from validators.schemes import SCHEMES, WEIGHT_SUFFIXES
 
-    assert {t.suffix for s in SCHEMES for t in s.tensors} - {"weight", "weight_packed"} <= set(SCALE_SUFFIXES)
+    assert WEIGHT_SUFFIXES == {s.weight_suffix for s in SCHEMES}    # weight, weight_packed, qweight, blocks
+    assert {t.suffix for s in SCHEMES for t in s.tensors} - WEIGHT_SUFFIXES <= set(SCALE_SUFFIXES)
 
 
 def synthetic_deepseek_v3_nvfp4(layers: int = 61, experts: int = 256) -> dict[str, TensorInfo]:

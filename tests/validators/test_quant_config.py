@@ -75,8 +75,16 @@ def test_no_config_is_none() -> None:
 
 
 def test_other_quant_method_is_kept_as_its_own_dialect() -> None:
+    qc, findings = parse_quant_config({"quantization_config": {"quant_method": "bitsandbytes",
+                                                               "load_in_4bit": True}}, None)
+    assert qc.dialect == "bitsandbytes" and findings == []
+
+
+def test_gptq_lacking_vllm_required_keys_is_malformed() -> None:
+    """vLLM GPTQConfig.from_config reads bits, group_size, desc_act with get_from_keys (raises)."""
     qc, findings = parse_quant_config({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None)
-    assert qc.dialect == "gptq" and findings == []
+    assert qc.dialect == "gptq" and qc.params.missing == ("group_size", "desc_act")
+    assert [f.code for f in findings] == ["QG103"] and "group_size" in findings[0].predicted_error
 
 
 @pytest.mark.parametrize("config,hf,expected", [

@@ -7,7 +7,15 @@ show it). Codes are stable and never reused. Per-engine rules run once per reque
 `ctx.engine` set; engine-agnostic ones (`per_engine=False`) run once.
 
 Themes: config.py QG1xx, coverage.py QG2xx (mixed.py QG21x: MIXED_PRECISION maps), tensors.py QG3xx,
-moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx.
+moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx, namespace.py QG701 (tensor names in the model's
+name space), deployment.py QG71x (tensor / expert parallel shapes); dialects.py (QG190: a format not
+modelled), fp8.py (QG320: native fp8 block alignment), wna16*.py / mxfp4.py / block_scales.py (gptq, awq,
+mxfp4), lm_head.py (QG218).
+
+Honest uncertainty: when the config's quant_method or compressed-tensors format is not modelled
+(`format_support.is_modelled`), only the format-independent rules (`FORMAT_INDEPENDENT`: files, headers,
+the index, and QG190 itself) run; no rule written for another dialect judges its tensors, and QG190
+makes every verdict `unknown`.
 """
 
 from __future__ import annotations
@@ -23,13 +31,19 @@ from validators.findings import ENGINES, Finding, Severity
 
 if TYPE_CHECKING:
     from validators.checkpoint import CheckpointView
+    from validators.deployment import Deployment
     from validators.layout import Layout
     from validators.quant_config import QuantConfig
     from validators.rules._context import Analysis
 
 log = logging.getLogger(__name__)
 
-RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity")
+RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
+                                  "dialects", "fp8", "wna16", "wna16_tensors", "mxfp4", "block_scales", "lm_head",
+                                  "namespace", "deployment")
+#: rules about files rather than a quantization format: they also run for a format not modelled
+FORMAT_INDEPENDENT: frozenset[str] = frozenset({"QG190", "QG601", "QG602", "QG603", "QG604", "QG605", "QG606",
+                                                "QG607"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,13 @@ class Context:
     qc_findings: list[Finding] = field(default_factory=list)
     engine: str | None = None
     analysis: "Analysis | None" = None
+    engine_versions: dict[str, str] = field(default_factory=dict)   # engine -> release (engine_facts.NEWEST)
+    deployment: "Deployment | None" = None                          # --tensor-parallel-size / --expert-parallel
+
+    @property
+    def engine_version(self) -> str | None:
+        """The release of `engine` the facts are looked up for (None: engine_facts' newest)."""
+        return self.engine_versions.get(self.engine) if self.engine else None
 
     def for_engine(self, engine: str | None) -> "Context":
         return replace(self, engine=engine)
@@ -101,7 +122,11 @@ def run_rules(ctx: Context, *, codes: Iterable[str] | None = None) -> list[Findi
     load_rules()
     if ctx.analysis is None:
         ctx.analysis = Analysis(ctx)
+    from validators.format_support import is_modelled
+
     selected = [RULES[c] for c in sorted(RULES) if codes is None or c in set(codes)]
+    if not is_modelled(ctx.qc):
+        selected = [r for r in selected if r.code in FORMAT_INDEPENDENT]
     raw: list[Finding] = []
     for r in selected:
         if r.deep and not ctx.deep:

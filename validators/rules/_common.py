@@ -35,7 +35,13 @@ def declared_label(ctx: "Context") -> str:
         return "no quantization"
     if qc.is_modelopt:
         return qc.quant_algo or "an unknown algo"
-    return qc.ct_format or "compressed-tensors"
+    label = getattr(qc.params, "label", None)     # registered dialects (fp8 ...) name themselves
+    if label:
+        return label
+    if qc.is_ct:
+        return qc.ct_format or "compressed-tensors"
+    bits = getattr(qc.params, "bits", None)         # gptq / awq
+    return f"{qc.dialect} {bits}-bit" if isinstance(bits, int) else qc.dialect
 
 
 def declares_packed_4bit(ctx: "Context", module: "Module | None" = None) -> bool:

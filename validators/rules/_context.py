@@ -17,6 +17,7 @@ from functools import cached_property
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
+from validators import engine_facts
 from validators.engines import (
     ENGINE_SEMANTICS,
     ArchNaming,
@@ -26,9 +27,13 @@ from validators.engines import (
     ct_match,
     engine_unit,
     is_vision,
+    map_prefixes,
     naming_for,
 )
-from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
+from validators.format_support import is_modelled
+from validators.layout_table import MTP_ROLE
+from validators.quant_config import COMPRESSED_TENSORS, MODELOPT
+from validators.schemes import FP8_NATIVE
 
 if TYPE_CHECKING:
     from validators.layout import Module
@@ -39,11 +44,18 @@ log = logging.getLogger(__name__)
 
 QUANTIZED, BF16, OTHER = "quantized", "bf16", "other"
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
-WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
+WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed", "qweight", "blocks")
 #: engines that force vision towers unquantized whatever the exclude list says (invariant 12)
 FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 #: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
 NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
+#: per dialect, kinds the engine never quantizes: native fp8 quantizes LinearBase and FusedMoE only, and
+#: ParallelLMHead is neither (vLLM/SGLang `Fp8Config.get_quant_method`)
+DIALECT_UNQUANTIZED_KINDS: dict[str, frozenset[str]] = {FP8_NATIVE: frozenset({"lm_head"})}
+#: roles every engine builds with `quant_config=None`, whatever the architecture: the gated-delta /
+#: Mamba `conv1d` (vLLM qwen3_next.py, mamba_mixer2.py: ColumnParallelLinear without a quant config;
+#: SGLang passes quant_config=None). Producers never list it (it is an nn.Conv1d in transformers).
+NEVER_QUANTIZED_ROLES = frozenset({"conv"})
 KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
 KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
@@ -65,7 +77,8 @@ class Cov:
     unit: str                           # the engine layer (FusedMoE prefix, fused linear, or itself)
     excluded: bool                      # the engine builds it unquantized
     hit: ExclusionHit | None            # the pattern and test that excluded it
-    forced: str | None                  # "vision" | "unquantized_role" | "never_quantized" | "not_listed" | ...
+    forced: str | None                  # "vision" | "unquantized_role" | "spec_layer_skipped" | "never_quantized"
+                                        # | "not_listed" | ...
     conflict: FusedShardConflict | None
 
 
@@ -88,6 +101,14 @@ class ModClass:
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.members]
+
+
+def per_expert(module: "Module") -> dict:
+    """A module's tensors as one expert sees them: fused 3-D (4-D MXFP4) expert tensors lose their
+    leading expert dim, so the scheme table's per-module shapes apply."""
+    if module.fused is None:
+        return module.tensors
+    return {s: t._replace(shape=t.shape[1:]) for s, t in module.tensors.items() if t.shape}
 
 
 def kind_of(module: "Module") -> str:
@@ -124,11 +145,16 @@ class Analysis:
     @cached_property
     def dialect(self) -> str:
         """The config's dialect, or the one the tensor names suggest when there is no config."""
-        if self.qc is not None and self.qc.dialect in DIALECTS:
+        from validators.schemes import GPTQ, match_scheme
+
+        if self.qc is not None:     # a dialect not modelled runs only format-independent rules (QG190)
             return self.qc.dialect
         for m in self.layout.modules.values():
             if "weight_packed" in m.tensors:
                 return COMPRESSED_TENSORS
+            if "qweight" in m.tensors or "blocks" in m.tensors:   # GPTQ / AWQ / MXFP4: the bytes say which
+                spec = match_scheme(None, per_expert(m))
+                return spec.dialect if spec is not None else GPTQ
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
@@ -139,11 +165,12 @@ class Analysis:
         sig = (transposed, *sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
         if sig not in self._scheme_cache:
             try:
-                if transposed is None:
-                    self._scheme_cache[sig] = match_scheme(self.dialect, module.tensors)
-                else:
-                    stored = fused_storage(self.dialect, module.tensors, transposed)
-                    self._scheme_cache[sig] = stored[0] if stored is not None else None
+                stored = fused_storage(self.dialect, module.tensors, transposed) \
+                    if transposed is not None else None
+                # fused 3-D forms (ModelOpt's [E, in, out] experts) first; otherwise the per-expert view
+                # (MXFP4 blocks lose their leading expert dim), matched against the per-module table
+                self._scheme_cache[sig] = stored[0] if stored is not None \
+                    else match_scheme(self.dialect, per_expert(module))
             except Exception:   # noqa: BLE001 - an odd tensor set is a finding, never a crash
                 log.debug("match_scheme failed for %s", module.name, exc_info=True)
                 self._scheme_cache[sig] = None
@@ -196,8 +223,12 @@ class Analysis:
     # ---- config --------------------------------------------------------------------------------
     @cached_property
     def active(self) -> bool:
-        """Coverage rules apply: a modelopt / compressed-tensors config is in force."""
-        return self.qc is not None and self.qc.dialect in DIALECTS
+        """Coverage rules (QG2xx over exclusion lists) apply: the config is modelled and its dialect
+        excludes through a list matched here (modelopt, compressed-tensors, fp8). gptq / awq / mxfp4
+        decide per layer in their own rules (rules/_wna16.py, rules/mxfp4.py)."""
+        from validators.dialects import BEYOND_DIALECTS
+
+        return self.qc is not None and is_modelled(self.qc) and self.qc.dialect not in BEYOND_DIALECTS
 
     def mixed_algo(self, module: "Module", engine_name: str) -> str | None:
         """MIXED_PRECISION: the algo `quantized_layers` gives this module (vLLM `_resolve_quant_algo`)."""
@@ -252,7 +283,9 @@ class Analysis:
             from validators.schemes import ct_group_schemes
 
             return ct_group_schemes(group, self.qc.ct_format)
-        return []
+        from validators.dialects import declared_schemes
+
+        return declared_schemes(self.qc, module, engine_name)
 
     # ---- engines -------------------------------------------------------------------------------
     def coverage(self, engine: str) -> list[Cov]:
@@ -273,12 +306,13 @@ class Analysis:
         sem = ENGINE_SEMANTICS[engine]
         arch = self.architecture
         patterns = sem.engine_patterns(self.qc.exclude if self.qc else [], arch)
+        internal = self.internal_renames(engine)
         per_unit: dict[str, tuple[ExclusionHit | None, FusedShardConflict | None]] = {}
         out: list[Cov] = []
         for cls in self.classes:
             module = cls.rep
-            ename = sem.engine_name(module.name, arch)
-            unit = sem.engine_name(cls.moe_group, arch) if cls.kind == "expert" and cls.moe_group \
+            ename = sem.engine_name(module.name, arch, internal)
+            unit = sem.engine_name(cls.moe_group, arch, internal) if cls.kind == "expert" and cls.moe_group \
                 else engine_unit(ename, self.naming)
             if unit not in per_unit:
                 per_unit[unit] = self._unit_exclusion(sem, unit, patterns)
@@ -287,12 +321,38 @@ class Analysis:
             out.append(Cov(ename, unit, bool(hit) or forced is not None, hit, forced, conflict))
         return out
 
+    def fp8_listed(self, engine: str) -> tuple[str, ...]:
+        """The fp8 exclusion list (`ignored_layers`, else `modules_to_not_convert`) in `engine`'s name space."""
+        cache = self.__dict__.setdefault("_fp8_listed", {})
+        if engine not in cache:
+            from validators.fp8_engines import fp8_patterns
+
+            cache[engine] = fp8_patterns(engine, self.qc.params.exclusions, self.naming)
+        return cache[engine]
+
+    def engine_version(self, engine: str) -> str | None:
+        """The engine release the verdicts are for (`Context.engine_versions`, e.g. from
+        `--engine-version sglang=0.5.10`); None: the newest semantics modelled."""
+        return self.ctx.engine_versions.get(engine)
+
+    @cached_property
+    def ct_ignore(self) -> tuple[str, ...]:
+        """CT `ignore` in the engine's name space: vLLM maps the list with the model's hf_to_vllm_mapper
+        (`CompressedTensorsConfig.apply_vllm_mapper`), as it maps the module names; without it a
+        multimodal wrapper's `model.language_model.*` entries would match nothing."""
+        return map_prefixes(self.qc.exclude, self.naming) if self.qc is not None else ()
+
     def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
         try:
+            if self.qc is not None and self.qc.dialect == FP8_NATIVE:
+                from validators.fp8_engines import fp8_exclusion
+
+                return fp8_exclusion(sem.name, unit, self.fp8_listed(sem.name), self.naming,
+                                     self.engine_version(sem.name)), None
             if self.qc is not None and self.qc.is_ct:
                 probe = f"{unit}.0.gate_proj" if unit.endswith("experts") else unit
-                ignored = ct_is_ignored(probe, self.qc.exclude, self.naming)
+                ignored = ct_is_ignored(probe, self.ct_ignore, self.naming)
                 return (ExclusionHit("ignore", "exact") if ignored else None), None
             return sem.match(unit, patterns, self.architecture), None
         except FusedShardConflict as conflict:
@@ -301,9 +361,12 @@ class Analysis:
     def _forced(self, engine: str, module: "Module", unit: str, ename: str) -> str | None:
         if engine in FORCES_VISION_UNQUANTIZED and self.dialect == MODELOPT and is_vision(unit):
             return "vision"
-        if module.role in self.naming.unquantized_roles:
+        if module.role in self.unquantized_roles(engine):
             return "unquantized_role"
-        if kind_of(module) in NEVER_QUANTIZED_KINDS:
+        if module.role == MTP_ROLE and self.skips_spec_layers(engine):
+            return "spec_layer_skipped"
+        if kind_of(module) in NEVER_QUANTIZED_KINDS or module.role in NEVER_QUANTIZED_ROLES or \
+                kind_of(module) in DIALECT_UNQUANTIZED_KINDS.get(self.dialect, ()):
             return "never_quantized"
         if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
             if self.mixed_algo(module, ename) is None:
@@ -312,14 +375,35 @@ class Analysis:
             return "not_targeted"
         return None
 
+    # ---- engine facts (validators/engine_facts.py), at the requested engine release ----------------
+    def engine_fact(self, engine: str, key: str, default=None):
+        return engine_facts.fact(engine, key, self.architecture, self.ctx.engine_versions.get(engine), default)
+
+    def unquantized_roles(self, engine: str) -> frozenset[str]:
+        """Roles the engine's model builds without a quant config (routers, shared-expert gates)."""
+        return self.engine_fact(engine, engine_facts.UNQUANTIZED_ROLES, frozenset())
+
+    def internal_renames(self, engine: str) -> tuple[tuple[str, str], ...] | None:
+        """The model loader's own renames at this release (None: engines.ARCH_NAMING's)."""
+        return self.engine_fact(engine, engine_facts.INTERNAL_RENAMES, None)
+
+    def skips_spec_layers(self, engine: str) -> bool:
+        """The main model drops MTP / nextn layers (loaded only by a speculative-decoding draft)."""
+        return bool(self.engine_fact(engine, engine_facts.SKIPS_SPEC_LAYERS, False))
+
     def engine_units(self, engine: str) -> set[str]:
         """Every engine layer name, plus the tied `lm_head` every causal LM has in the engine."""
         units = {c.unit for c in self.coverage(engine)}
-        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture))
+        units.add(ENGINE_SEMANTICS[engine].engine_name("lm_head", self.architecture, self.internal_renames(engine)))
         return units
 
     def stale_patterns(self, engine: str) -> list[str]:
         """Exclude entries that exclude no engine layer at all under this engine's matching."""
+        if self.qc is not None and self.qc.dialect == FP8_NATIVE:
+            from validators.fp8_engines import fp8_stale_entries
+
+            return fp8_stale_entries(engine, self.qc.params.exclusions, self.engine_units(engine),
+                                     self.naming, self.engine_version(engine))
         if self.qc is None or not self.qc.is_modelopt:
             return []
         sem = ENGINE_SEMANTICS[engine]

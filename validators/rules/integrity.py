@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from validators.findings import Finding, Severity, VerdictStatus
 from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, WARNING, finding
+from validators.rules._common import ERROR, FAILS, LOADS_WRONG, WARNING, finding
 
 #: problem code -> (severity, effect, the engine's error) for problems `open_checkpoint` records
 PROBLEM_EFFECTS: dict[str, tuple[Severity, VerdictStatus | None, str]] = {
@@ -96,6 +96,34 @@ def unusable_json(ctx: Context) -> Iterator[Finding]:
     Fix: regenerate the file.
     """
     yield from _problems(ctx, "QG606")
+
+
+@rule("QG607", "index-names-absent-tensor", ERROR)
+def index_names_absent_tensor(ctx: Context) -> Iterator[Finding]:
+    """model.safetensors.index.json lists a tensor under a shard that does not hold it, and no other
+    shard does: the checkpoint is missing a tensor its own index promises.
+
+    Why: the engines iterate the shards the index names and load what is there; nothing loads the
+    missing tensor. vLLM checks that every parameter was loaded only for unquantized models
+    ("ValueError: Following weights were not initialized from checkpoint", model_loader/default_loader.py);
+    for quantized models (and always in SGLang) the parameter keeps its initial value: a missing
+    scale stays `torch.empty` / 1.0 and the output is garbage (vllm PR #57108).
+
+    Fix: re-upload the shard that lost the tensor, or re-export the checkpoint.
+    """
+    from validators.layout import SCALE_SUFFIXES
+
+    params = frozenset(SCALE_SUFFIXES) | {"weight", "weight_packed", "bias"}
+    for p in ctx.view.problems:
+        if p.code != "QG607":
+            continue
+        known = any(n.rpartition(".")[2] in params for n in p.files)     # a parameter the index promised
+        strict = ctx.engine == "vllm" and not ctx.a.is_quantized
+        effect = (FAILS if strict else LOADS_WRONG) if known else None
+        error = ("ValueError: Following weights were not initialized from checkpoint: {" + repr(p.files[0]) + "}"
+                 if strict else f"silent: {p.files[0]} is never loaded and keeps its initial value") if known else ""
+        yield Finding(code="QG607", severity=ERROR, message=p.message, modules=tuple(p.files), fix=p.fix,
+                      effect=effect, predicted_error=error)
 
 
 #: no real decoder has more layers than this; larger config values are reported, never enumerated

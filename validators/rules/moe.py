@@ -6,11 +6,13 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.findings import Finding
+from validators.dialects import BEYOND_DIALECTS
+from validators.findings import Finding, VerdictStatus
 from validators.rules import Context, rule
 from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
 from validators.rules._context import ModClass
 from validators.rules._values import scale_table
+from validators.schemes import FP8_NATIVE
 
 #: `experts.{proj}.{e}` order (some ModelOpt Qwen3-VL-MoE exports), vllm#40885
 REVERSED_EXPERT_RE = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\d+)\.")
@@ -102,9 +104,18 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
             continue
         summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_fmt.items(), key=lambda kv: -len(kv[1])))
         minority = sorted(by_fmt.items(), key=lambda kv: len(kv[1]))[0]
+        effect: VerdictStatus | None = FAILS
+        error = "ValueError: All MoE projections need to have same quantization scheme but found multiple"
+        if ctx.qc is not None and ctx.qc.dialect in BEYOND_DIALECTS:
+            effect, error = None, ""        # QG240 / QG440 give each engine's effect
+        elif ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
+            # native fp8 checks no scheme per projection: one Fp8MoEMethod (same shapes) takes the BF16
+            # experts by a silent cast; an excluded layer is QG203's (the fp8 experts lose their scales)
+            from validators.fp8_engines import bf16_effect
+
+            effect, error = LOADS_WRONG, bf16_effect(classes[0].rep)
         yield finding("QG403", ERROR, f"experts of {group} mix formats ({summary})", modules=minority[1],
-                      fix="Store every expert of the layer in one format.", effect=FAILS,
-                      error="ValueError: All MoE projections need to have same quantization scheme but found multiple")
+                      fix="Store every expert of the layer in one format.", effect=effect, error=error)
 
 
 @rule("QG404", "gate-up-global-scale-mismatch", ERROR, per_engine=False, deep=True)

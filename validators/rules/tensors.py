@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from validators.rules._context import ModClass
     from validators.schemes import SchemeSpec
 
-#: tensor-parallel sizes whose per-rank shards must stay aligned to the scheme's input divisor
-TP_SIZES: tuple[int, ...] = (2, 4, 8)
 #: suffix -> what the engine does when it is missing (vllm_sglang.md §7: nothing checks it was loaded)
 MISSING_EFFECT: dict[str, str] = {
     "input_scale": "input_scale stays uninitialised (zeros) -> 1/0 -> inf/NaN outputs (vllm#45212)",
@@ -102,7 +100,7 @@ def wrong_shape(ctx: Context) -> Iterator[Finding]:
         weight = m.tensors.get(spec.weight_suffix)
         if weight is None or len(weight.shape) != 2:
             continue
-        out_f, in_f = weight.shape[0], spec.in_features_from_weight(weight.shape)
+        out_f, in_f = spec.logical_from_weight(weight.shape)
         for suffix, info in m.tensors.items():
             tspec = spec.by_suffix.get(suffix)
             if tspec is None or suffix == spec.weight_suffix:
@@ -120,15 +118,13 @@ def wrong_shape(ctx: Context) -> Iterator[Finding]:
 @rule("QG304", "divisibility", ERROR, per_engine=False)
 def divisibility(ctx: Context) -> Iterator[Finding]:
     """A quantized module's input features are not a multiple of the scheme's block (16 for NVFP4, 128
-    for FP8 blocks / W4A16 groups), or stop being one when split for tensor parallelism.
+    for FP8 blocks / W4A16 groups). Alignment per tensor-parallel rank is QG711 / QG712 (deployment.py).
 
-    Why: invariant 6. vLLM raises "Unsupported model when in features size is not multiple of 16";
-    at TP>1 a row-parallel input dim of 1856/8 = 232 splits a scale group (vllm#49949).
+    Why: invariant 6. vLLM raises "Unsupported model when in features size is not multiple of 16".
 
-    Fix: keep such modules BF16 (exclude them) or serve at a tensor-parallel size that keeps alignment.
+    Fix: keep such modules BF16 (exclude them).
     """
     hard: dict[tuple[str, int], list[str]] = defaultdict(list)
-    tp: dict[tuple[str, int, int], list[str]] = defaultdict(list)
     for cls, spec in _quantized_2d(ctx):
         weight = cls.rep.tensors.get(spec.weight_suffix)
         if weight is None or len(weight.shape) != 2:
@@ -136,18 +132,10 @@ def divisibility(ctx: Context) -> Iterator[Finding]:
         in_f = spec.in_features_from_weight(weight.shape)
         if spec.in_divisor > 1 and in_f % spec.in_divisor:
             hard[(spec.name, spec.in_divisor)].extend(cls.names)
-        elif spec.in_divisor > 1 and cls.role in ("o", "down"):
-            bad = [t for t in TP_SIZES if in_f % t == 0 and (in_f // t) % spec.in_divisor]
-            if bad:
-                tp[(spec.name, spec.in_divisor, bad[0])].extend(cls.names)
     for (name, div), names in sorted(hard.items()):
         yield finding("QG304", ERROR, f"{len(names)} {name} module(s) have in_features not divisible by {div}",
                       modules=names, fix="Exclude these modules (keep BF16).", effect=FAILS,
                       error=f"ValueError: Unsupported model when in features size is not multiple of {div}")
-    for (name, div, size), names in sorted(tp.items()):
-        yield finding("QG304", INFO, f"{len(names)} {name} row-parallel module(s) lose {div}-alignment at "
-                      f"tensor-parallel size {size} and above", modules=names,
-                      fix=f"Serve with tensor_parallel_size < {size}, or use expert parallelism.")
 
 
 @rule("QG305", "unexpected-tensors", ERROR, per_engine=False)
@@ -200,7 +188,8 @@ def kv_scales(ctx: Context) -> Iterator[Finding]:
         yield finding("QG306", INFO, f"KV cache declared {kv_algo} but no k_scale/v_scale tensors are stored; "
                       "engines use scale 1.0 (ModelOpt's default fp8_cast export)",
                       fix="Calibrate the KV cache if accuracy matters (ModelOpt --kv_cache_qformat fp8).")
-    if names and not kv_algo:
+    # native fp8: Fp8Config gives every Attention an Fp8KVCacheMethod, which loads k/v scales as they are
+    if names and not kv_algo and ctx.a.dialect != "fp8":
         yield finding("QG306", WARNING, f"{len(names)} k/v scale tensors stored but no KV-cache scheme declared; "
                       "engines skip them", modules=names, fix="Declare kv_cache_quant_algo FP8 or drop the scales.")
     big = [n for n in names if ctx.view.tensors[n].numel != 1]
@@ -208,6 +197,14 @@ def kv_scales(ctx: Context) -> Iterator[Finding]:
         yield finding("QG306", ERROR, f"{len(big)} KV-cache scales are not per-tensor scalars", modules=big,
                       fix="Store k_scale/v_scale as F32 scalars.", effect=FAILS,
                       error="ValueError: Only support per-tensor scaling factor for fp8 KV cache")
+
+
+def _built_unquantized_beyond(ctx: Context, cls: "ModClass") -> bool:
+    """The engines' other formats declare nothing for this module (mxfp4 Linear layers): the engine
+    builds it BF16, and the dialect's own rule (QG442) says what its quantized tensors do."""
+    from validators.dialects import BEYOND_DIALECTS
+
+    return ctx.qc is not None and ctx.qc.dialect in BEYOND_DIALECTS and not ctx.a.declared(cls.rep, cls.rep.name)
 
 
 @rule("QG307", "unrecognised-format", ERROR, per_engine=False)
@@ -221,7 +218,7 @@ def unrecognised(ctx: Context) -> Iterator[Finding]:
     """
     names = [n for cls in ctx.a.quantized_classes
              if cls.rep.fused is None and cls.kind != "router" and expected_scheme(ctx, cls) is None
-             for n in cls.names]
+             and not _built_unquantized_beyond(ctx, cls) for n in cls.names]
     if names and ctx.qc is not None:
         yield finding("QG307", ERROR, f"{len(names)} module(s) hold a tensor set no {ctx.a.dialect} scheme defines",
                       modules=names, fix="Re-export these modules with one scheme.", effect=FAILS,
