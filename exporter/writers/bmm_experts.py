@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from exporter.numerics.modes import DEFAULT_NUMERICS
 from exporter.recipes import Plan
 from exporter.source import Source
 from exporter.writers.sharding import OutTensor, Unit
@@ -158,7 +159,7 @@ def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
 
 
 def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch.device,
-                 weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 weight: torch.Tensor | None = None, numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
     """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
     already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
     from exporter.numerics.fp8 import activation_scale
@@ -177,39 +178,39 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
     quantize = QUANTIZERS.get(algo)
     if quantize is None:   # check_bmm_plan refuses this before any weight is read
         raise UnsupportedArchitectureError(f"{job.tensor}: no 3-D expert writer for {job.spec.name}")
-    out = quantize(amax, (expert(e) for e in range(n_experts)))
+    out = quantize(amax, (expert(e) for e in range(n_experts)), numerics)
     result = {output_name(job.tensor, suffix): t for suffix, t in out.items()}
     if job.spec.activation_scales:
         amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
-        scale = activation_scale(torch.tensor(amax_in, dtype=torch.float32), algo).to(torch.float32).reshape(())
+        scale = activation_scale(torch.tensor(amax_in, dtype=torch.float32), algo, numerics).to(torch.float32).reshape(())
         result[output_name(job.tensor, "input_scale")] = scale
     return result
 
 
-def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
     """One weight_scale_2 for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
     quantized as its [out, in] matrix, in blocks of 16 along in, and stored transposed back."""
     from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
 
-    ws2 = nvfp4_global_scale(amax)
+    ws2 = nvfp4_global_scale(amax, numerics)
     packed, block = [], []
     for w in experts:
-        p, s, _ = quantize_nvfp4(w.t(), ws2)   # [out, in/2], [out, in/16]
+        p, s, _ = quantize_nvfp4(w.t(), ws2, numerics)   # [out, in/2], [out, in/16]
         packed.append(p.t())
         block.append(s.t())
     return {"weight": torch.stack(packed).contiguous(), "weight_scale": torch.stack(block).contiguous(),
             "weight_scale_2": ws2.reshape(()).clone()}
 
 
-def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
     """One per-tensor weight_scale for the whole tensor; each expert quantized as its [out, in] matrix."""
     from exporter.numerics.fp8 import fp8_scale, quantize_fp8
 
-    scale = fp8_scale(amax).reshape(())
-    q = [quantize_fp8(w.t(), scale)[0].t() for w in experts]
+    scale = fp8_scale(amax, numerics).reshape(())
+    q = [quantize_fp8(w.t(), scale, numerics)[0].t() for w in experts]
     return {"weight": torch.stack(q).contiguous(), "weight_scale": scale.clone()}
 
 
-#: quant_algo -> (amax of the whole tensor, expert slabs [in, out]) -> tensors by suffix
-QUANTIZERS: dict[str, Callable[[torch.Tensor, Iterable[torch.Tensor]], dict[str, torch.Tensor]]] = {
+#: quant_algo -> (amax of the whole tensor, expert slabs [in, out], numerics mode) -> tensors by suffix
+QUANTIZERS: dict[str, Callable[[torch.Tensor, Iterable[torch.Tensor], str], dict[str, torch.Tensor]]] = {
     "NVFP4": _nvfp4, "FP8": _fp8}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from exporter.numerics.modes import DEFAULT_NUMERICS
 from exporter.recipes import Plan
 from exporter.source import Source
 from exporter.writers import bmm_experts, compressed_tensors, modelopt
@@ -23,10 +24,10 @@ def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-def _modelopt_quantize(job, source, scales, device, weights=None):
+def _modelopt_quantize(job, source, scales, device, weights=None, numerics=DEFAULT_NUMERICS):
     if isinstance(job, bmm_experts.BmmJob):   # transposed 3-D experts stay 3-D
-        return bmm_experts.quantize_bmm(job, source, scales, device, weight=weights)
-    return modelopt.quantize_group(job, source, scales, device, weights=weights)
+        return bmm_experts.quantize_bmm(job, source, scales, device, weight=weights, numerics=numerics)
+    return modelopt.quantize_group(job, source, scales, device, weights=weights, numerics=numerics)
 
 
 WRITERS: dict[str, DialectWriter] = {
