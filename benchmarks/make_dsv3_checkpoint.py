@@ -1,10 +1,15 @@
-"""Write a DeepSeek-V3-shaped NVFP4 (ModelOpt dialect) checkpoint whose tensor data are file holes.
+"""Write a DeepSeek-V3-shaped NVFP4 (ModelOpt dialect) or native fp8 checkpoint whose tensor data are file holes.
 
 The checkpoint has the real DeepSeek-V3 module set and shapes (61 layers, the first 3 dense, 256
 routed experts + 1 shared expert per MoE layer, MLA attention), about 180k tensors in 72 shards.
 Only the safetensors headers and the scalar scales (`weight_scale_2`, `input_scale`) are real
 bytes; everything else is a hole (`truncate`), so ~390 GB of logical data take a few MB on disk.
 Header-only validation and the deep scale checks can run on it; nothing else can.
+
+`--form fp8` writes the same model as deepseek-ai/DeepSeek-V3 ships it: native fp8 block
+quantization (config.json `quant_method: fp8`, `weight_block_size: [128, 128]`, dynamic activations,
+no exclusion list): each linear is `weight` F8_E4M3 [out, in] + `weight_scale_inv` F32
+[ceil(out/128), ceil(in/128)], whose values are real bytes (~160 MB: the deep checks read them all).
 
 Shards are laid out as `safetensors` itself writes them (what `save_pretrained` and ModelOpt's
 export produce): tensors are split into shards in module order, then inside each shard the data
@@ -13,7 +18,7 @@ descending) and name, and the header lists them in data order. So the scalar sca
 are contiguous at the start of its data section. `--order module` writes the data in module
 order instead (every scalar pair between two multi-MB weights: the worst case for scale reads).
 
-    python -m benchmarks.make_dsv3_checkpoint OUT_DIR [--shards 72] [--order safetensors|module]
+    python -m benchmarks.make_dsv3_checkpoint OUT_DIR [--shards 72] [--order safetensors|module] [--form nvfp4|fp8]
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ QK_ROPE_DIM = 64
 V_HEAD_DIM = 128
 
 NVFP4_GROUP = 16                     # elements per F8_E4M3 block scale
+FP8_BLOCK = 128                      # native fp8 weight_block_size [128, 128]
+FORMS = ("nvfp4", "fp8")             # quantization form of the written checkpoint
 DTYPE_BYTES = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
 # safetensors' serializer sorts a file's tensors by dtype, descending in its `Dtype` enum order
 # (..., U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, I16, U16, F16, BF16, I32, U32, F32, F64, ...), then name.
@@ -79,7 +86,7 @@ class Spec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    value: float | None = None
+    value: float | None = None       # F32 value written into every element (None: a file hole)
 
     @property
     def nbytes(self) -> int:
@@ -98,20 +105,32 @@ def nvfp4_linear(module: str, out_f: int, in_f: int, seed: int) -> list[Spec]:
     ]
 
 
+def fp8_block_linear(module: str, out_f: int, in_f: int, seed: int) -> list[Spec]:
+    """Native fp8 (DeepSeek-V3's own form): F8_E4M3 weight + F32 `weight_scale_inv` per 128x128 block."""
+    scale = 2e-4 * (1.0 + (seed % 101) / 101.0)              # block amax / 448, amax ~ 0.09..0.18
+    blocks = (math.ceil(out_f / FP8_BLOCK), math.ceil(in_f / FP8_BLOCK))
+    return [Spec(f"{module}.weight", "F8_E4M3", (out_f, in_f)),
+            Spec(f"{module}.weight_scale_inv", "F32", blocks, scale)]
+
+
+LINEAR_FORMS = {"nvfp4": nvfp4_linear, "fp8": fp8_block_linear}
+
+
 def bf16(name: str, *shape: int) -> Spec:
     return Spec(name, "BF16", tuple(shape))
 
 
-def layer_specs(layer: int) -> list[Spec]:
+def layer_specs(layer: int, form: str = "nvfp4") -> list[Spec]:
     """Every tensor of decoder layer `layer`."""
+    linear = LINEAR_FORMS[form]
     p = f"model.layers.{layer}"
     specs = [bf16(f"{p}.input_layernorm.weight", HIDDEN), bf16(f"{p}.post_attention_layernorm.weight", HIDDEN)]
     for i, (proj, (out_f, in_f)) in enumerate(ATTENTION_LINEARS.items()):
-        specs += nvfp4_linear(f"{p}.self_attn.{proj}", out_f, in_f, seed=layer * 7 + i)
+        specs += linear(f"{p}.self_attn.{proj}", out_f, in_f, seed=layer * 7 + i)
     specs += [bf16(f"{p}.self_attn.{norm}.weight", size) for norm, size in ATTENTION_NORMS.items()]
     if layer < FIRST_DENSE:
         for i, (proj, (out_f, in_f)) in enumerate(mlp_linears(INTERMEDIATE).items()):
-            specs += nvfp4_linear(f"{p}.mlp.{proj}", out_f, in_f, seed=layer * 11 + i)
+            specs += linear(f"{p}.mlp.{proj}", out_f, in_f, seed=layer * 11 + i)
         return specs
     specs += [
         bf16(f"{p}.mlp.gate.weight", ROUTED_EXPERTS, HIDDEN),
@@ -122,15 +141,15 @@ def layer_specs(layer: int) -> list[Spec]:
     for module, e in experts:
         inter = MOE_INTERMEDIATE * (SHARED_EXPERTS if module.endswith("shared_experts") else 1)
         for i, (proj, (out_f, in_f)) in enumerate(mlp_linears(inter).items()):
-            specs += nvfp4_linear(f"{module}.{proj}", out_f, in_f, seed=layer * 1031 + e * 3 + i)
+            specs += linear(f"{module}.{proj}", out_f, in_f, seed=layer * 1031 + e * 3 + i)
     return specs
 
 
-def all_specs() -> list[Spec]:
+def all_specs(form: str = "nvfp4") -> list[Spec]:
     """Every tensor of the checkpoint, in module order (embeddings first, head last)."""
     specs = [bf16("model.embed_tokens.weight", VOCAB, HIDDEN)]
     for layer in range(NUM_LAYERS):
-        specs += layer_specs(layer)
+        specs += layer_specs(layer, form)
     specs += [bf16("model.norm.weight", HIDDEN), bf16("lm_head.weight", VOCAB, HIDDEN)]
     return specs
 
@@ -157,7 +176,7 @@ def data_order(specs: list[Spec], order: str = "safetensors") -> list[Spec]:
 
 
 def write_shard(path: Path, specs: list[Spec], order: str = "safetensors") -> None:
-    """Header + holes; the scalar scales are written as real little-endian F32 at their offsets."""
+    """Header + holes; the F32 scales are written as real little-endian values at their offsets."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     placed: list[tuple[int, Spec]] = []
@@ -176,11 +195,22 @@ def write_shard(path: Path, specs: list[Spec], order: str = "safetensors") -> No
         for start, spec in placed:
             if spec.value is not None:
                 f.seek(data_start + start)
-                f.write(struct.pack("<f", spec.value))
+                f.write(struct.pack("<f", spec.value) * math.prod(spec.shape))
 
 
-def config_json() -> dict:
-    """config.json of DeepSeek-V3 with the ModelOpt NVFP4 quantization_config."""
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}   # deepseek-ai/DeepSeek-V3's own
+
+
+def config_json(form: str = "nvfp4") -> dict:
+    """config.json of DeepSeek-V3 with the ModelOpt NVFP4 (or its native fp8) quantization_config."""
+    config = _config_json()
+    if form == "fp8":
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    return config
+
+
+def _config_json() -> dict:
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -231,12 +261,15 @@ def hf_quant_config_json() -> dict:
     }
 
 
-def make_checkpoint(out: Path, num_shards: int = 72, order: str = "safetensors") -> Path:
-    """Write the checkpoint into `out` (created); return it. `order`: data order inside a shard."""
+def make_checkpoint(out: Path, num_shards: int = 72, order: str = "safetensors", form: str = "nvfp4") -> Path:
+    """Write the checkpoint into `out` (created); return it. `order`: data order inside a shard;
+    `form`: nvfp4 (ModelOpt) or fp8 (native block fp8, as DeepSeek-V3 ships)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     out.mkdir(parents=True, exist_ok=True)
-    shards = split_shards(all_specs(), num_shards)
+    shards = split_shards(all_specs(form), num_shards)
     weight_map: dict[str, str] = {}
     total = 0
     for i, specs in enumerate(shards, start=1):
@@ -247,8 +280,11 @@ def make_checkpoint(out: Path, num_shards: int = 72, order: str = "safetensors")
             total += spec.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(config_json(), indent=2))
-    (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config_json(), indent=2))
+    (out / "config.json").write_text(json.dumps(config_json(form), indent=2))
+    if form == "nvfp4":
+        (out / "hf_quant_config.json").write_text(json.dumps(hf_quant_config_json(), indent=2))
+    else:
+        (out / "hf_quant_config.json").unlink(missing_ok=True)
     log.info("wrote %d tensors in %d shards (%.1f GB logical) to %s", len(weight_map), len(shards),
              total / 1e9, out)
     return out
@@ -260,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=72, help="number of shards (default 72)")
     parser.add_argument("--order", choices=ORDERS, default="safetensors",
                         help="data order inside a shard (default: as safetensors writes it)")
+    parser.add_argument("--form", choices=FORMS, default="nvfp4",
+                        help="nvfp4 (ModelOpt, default) or fp8 (native block fp8, DeepSeek-V3's own form)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_checkpoint(args.out, args.shards, args.order)
+    make_checkpoint(args.out, args.shards, args.order, args.form)
     return 0
 
 

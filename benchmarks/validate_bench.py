@@ -1,5 +1,10 @@
 """Header-only validation speed on a DeepSeek-V3-shaped NVFP4 checkpoint (~180k tensors, 72 shards).
 
+`--form fp8` benchmarks the same model in DeepSeek-V3's official native fp8 block form instead
+(~90k tensors; every `weight_scale_inv` block scale is real data and is screened by the deep
+checks) and also times `quantgate validate` on the NVFP4 form in the same run, interleaved: the
+fp8 form must validate no slower than the NVFP4 form.
+
 Times, each as a fresh subprocess (interpreter start included), best and median of N runs:
 
 - `quantgate validate DIR --format json` (all rules), when the command exists;
@@ -24,7 +29,7 @@ shell. `--bytecode none` times the uncached case instead (every module compiled 
 every run, as in a checkout whose environment sets PYTHONDONTWRITEBYTECODE).
 
     python -m benchmarks.validate_bench [--data DIR] [--order safetensors|module] [--repeat 5]
-                                        [--bytecode cached|none]
+                                        [--bytecode cached|none] [--form nvfp4|fp8]
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.make_dsv3_checkpoint import ORDERS, make_checkpoint
+from benchmarks.make_dsv3_checkpoint import FORMS, ORDERS, make_checkpoint
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = {"safetensors": REPO_ROOT / "bench-data" / "dsv3-nvfp4",
                 "module": REPO_ROOT / "bench-data" / "dsv3-nvfp4-module-order"}
+FP8_DATA = {"safetensors": REPO_ROOT / "bench-data" / "dsv3-fp8",
+            "module": REPO_ROOT / "bench-data" / "dsv3-fp8-module-order"}
 BUILT_MARKER = ".built"               # written last, so an interrupted build is redone
 BUILD_FORMAT = 2                      # bump when make_checkpoint's output changes: rebuilds old data
 LIMIT_S = 1.0                         # the design's budget for validating this checkpoint
@@ -58,7 +65,7 @@ OPEN_ONLY = """
 import sys
 from validators.checkpoint import open_checkpoint
 view = open_checkpoint(sys.argv[1])
-assert len(view.tensors) > 100_000 and not view.problems, view
+assert len(view.tensors) > 80_000 and not view.problems, view
 assert "torch" not in sys.modules, "header-only path imported torch"
 """
 
@@ -67,26 +74,32 @@ import fnmatch, json, sys
 from pathlib import Path
 from safetensors import safe_open
 root = Path(sys.argv[1])
-exclude = json.loads((root / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+if (root / "hf_quant_config.json").exists():
+    exclude = json.loads((root / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    scale = ".weight_scale"
+else:                       # native fp8: exclusions and the block scale suffix from config.json
+    qc = json.loads((root / "config.json").read_text())["quantization_config"]
+    exclude = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or []
+    scale = ".weight_scale_inv"
 names = set()
 for shard in sorted(root.glob("*.safetensors")):
     with safe_open(str(shard), framework="pt") as f:
         names.update(f.keys())
-bad = [n for n in names if n.endswith(".weight") and n[:-len(".weight")] + ".weight_scale" not in names
+bad = [n for n in names if n.endswith(".weight") and n[:-len(".weight")] + scale not in names
        and not any(fnmatch.fnmatch(n[:-len(".weight")], p) for p in exclude)]
 print(len(names), len(bad))
 """
 
 
-def ensure_checkpoint(data: Path, order: str = "safetensors") -> Path:
+def ensure_checkpoint(data: Path, order: str = "safetensors", form: str = "nvfp4") -> Path:
     """Build the checkpoint once (reused across runs; rebuilt when the marker names another
-    format or order, and after an interrupted build)."""
+    format, order or form, and after an interrupted build)."""
     marker = data / BUILT_MARKER
-    stamp = f"format {BUILD_FORMAT} order {order}\n"
+    stamp = f"format {BUILD_FORMAT} order {order}\n" + (f"form {form}\n" if form != "nvfp4" else "")
     if not marker.exists() or marker.read_text() != stamp:
         log.info("building %s (once)", data)
         marker.unlink(missing_ok=True)
-        make_checkpoint(data, order=order)           # rewrites every shard, the index and the configs
+        make_checkpoint(data, order=order, form=form)   # rewrites every shard, the index and the configs
         marker.write_text(stamp)
     return data
 
@@ -136,6 +149,19 @@ def time_command(argv: list[str], repeat: int, ok_codes: tuple[int, ...] = (0,),
     return walls, cpus
 
 
+def time_interleaved(commands: dict[str, list[str]], repeat: int, env: dict[str, str], warmup: bool
+                     ) -> dict[str, tuple[list[float], list[float]]]:
+    """`time_command` for several commands, run in turns (A B A B ...) so that a change in the
+    machine's load during the run falls on all of them alike."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in commands}
+    for i in range(repeat):
+        for name, argv in commands.items():
+            wall, cpu = time_command(argv, 1, (0, 1), env, warmup and i == 0)
+            out[name][0].extend(wall)
+            out[name][1].extend(cpu)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -145,15 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (default 5)")
     parser.add_argument("--bytecode", choices=BYTECODE_MODES, default="cached",
                         help="run with a .pyc cache, as an installed package does (default), or none")
+    parser.add_argument("--form", choices=FORMS, default="nvfp4",
+                        help="nvfp4 (ModelOpt, default) or fp8: DeepSeek-V3's native fp8 block form, judged "
+                             "against the NVFP4 form validated in the same run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = ensure_checkpoint((args.data or DEFAULT_DATA[args.order]).resolve(), args.order)
+    defaults = FP8_DATA if args.form == "fp8" else DEFAULT_DATA
+    data = ensure_checkpoint((args.data or defaults[args.order]).resolve(), args.order, args.form)
     python = sys.executable
     load_before = os.getloadavg()[0]      # other jobs share the cores: wall times depend on them
 
     env, warmup = command_env(args.bytecode), args.bytecode == "cached"
     runs: dict[str, tuple[list[float], list[float]]] = {}
-    if quantgate_available():
+    if args.form == "fp8" and quantgate_available():
+        nvfp4 = ensure_checkpoint(DEFAULT_DATA[args.order].resolve(), args.order)
+        runs.update(time_interleaved({
+            "quantgate validate": [python, "-m", "service.cli", "validate", str(data), "--format", "json"],
+            "quantgate validate (nvfp4 form)": [python, "-m", "service.cli", "validate", str(nvfp4), "--format",
+                                                "json"]}, args.repeat, env, warmup))
+    elif quantgate_available():
         # exit 1 means "findings": still a complete validation
         runs["quantgate validate"] = time_command(
             [python, "-m", "service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1),
@@ -178,15 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     ours = summary[ours_name]["median_s"]
     naive = summary["naive (safetensors+torch)"]["median_s"]
     passed, within_budget = judge(ours, naive)
-    print(json.dumps({"benchmark": "validate_dsv3_nvfp4", "order": args.order, "tensors": _tensor_count(data),
+    extra: dict[str, object] = {}
+    reference = summary.get("quantgate validate (nvfp4 form)")
+    if reference is not None:          # --form fp8: no slower than the NVFP4 form of the same model
+        extra = {"vs_nvfp4_median": round(ours / reference["median_s"], 3),
+                 "vs_nvfp4_cpu_median": round(summary[ours_name]["cpu_median_s"] / reference["cpu_median_s"], 3)}
+        passed = passed and ours <= reference["median_s"]
+    print(json.dumps({"benchmark": f"validate_dsv3_{args.form}", "order": args.order, "tensors": _tensor_count(data),
                       "repeat": args.repeat, "bytecode": args.bytecode, "load_average": load,
                       "results": summary, "judged": ours_name, "limit_s": LIMIT_S, "within_budget": within_budget,
-                      "pass": passed}))
+                      **extra, "pass": passed}))
     if not within_budget:
         log.warning("%s median %.3f s: over the %.1f s budget at load average %s (reported, not a failure)",
                     ours_name, ours, LIMIT_S, load[0])
     if not passed:
-        log.error("%s median %.3f s: slower than the naive check measured alongside (%.3f s)", ours_name, ours, naive)
+        log.error("%s median %.3f s: slower than the naive check measured alongside (%.3f s) or than the "
+                  "NVFP4 form", ours_name, ours, naive)
     return 0 if passed else 1
 
 

@@ -168,6 +168,8 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     warnings = list(plan.warnings) + (list(stats.warnings) if stats is not None else [])
+    warnings += [f"validation cannot predict {engine}: {report.verdicts[engine]['reason']}"
+                 for engine in report.unknown_engines]
     result = QuantizeResult(output=None, report=report, ok=report.ok, temp_output=None, warnings=warnings,
                             timings=timings, bytes_read=writer.bytes_read,
                             max_buffered_bytes=writer.max_buffered_bytes,
@@ -329,8 +331,10 @@ def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[st
         report.target = str(final if report.ok else _unique(final.with_name(final.name + FAILED_SUFFIX)))
     write_report(report, out_dir, extra)
     errors = sum(1 for f in report.findings if f.severity.value == "error")
-    emit(progress, "validate", 1.0, f"{errors} error finding(s)", ok=report.ok, errors=errors,
-         findings=len(report.findings))
+    unknown = list(report.unknown_engines)      # no prediction for these engines: said, never passed off as loads
+    message = f"{errors} error finding(s)" + (f"; verdict unknown for {', '.join(unknown)}" if unknown else "")
+    emit(progress, "validate", 1.0, message, ok=report.ok, errors=errors, findings=len(report.findings),
+         verdicts={e: v["status"] for e, v in report.verdicts.items()}, unknown_engines=unknown)
     timings["validate"] = time.perf_counter() - t
     return report
 

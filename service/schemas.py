@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from service.security import HUB_REPO_ID
 from service.store import EventRecord, JobRecord, ValidationRecord
@@ -282,6 +282,9 @@ class ValidationCreate(_Strict):
     path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
     hub_repo: str | None = Field(None, min_length=3, max_length=256, description="org/name")
     revision: str | None = Field(None, max_length=256)
+    strict: bool = Field(
+        False, description="ok only without warnings and with a verdict for every engine (no `unknown`)"
+    )
 
     _paths_have_no_nul = field_validator("path", "hub_repo", "revision")(no_nul)
 
@@ -306,3 +309,8 @@ class ValidationPublic(_FromRecord):
     ok: bool
     verdicts: dict[str, Any]
     report: dict[str, Any]
+
+    @computed_field(description="engines whose verdict is `unknown`: a format quantgate does not model")
+    @property
+    def unknown_engines(self) -> list[str]:
+        return sorted(e for e, v in self.verdicts.items() if isinstance(v, dict) and v.get("status") == "unknown")

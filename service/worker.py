@@ -87,6 +87,7 @@ def validation_summary(report: Any) -> dict[str, Any]:
     return {
         "ok": bool(report.ok),
         "verdicts": report.verdicts,
+        "unknown_engines": list(getattr(report, "unknown_engines", [])),   # verdict `unknown`: not modelled
         "errors": severities.count("error"),
         "warnings": severities.count("warning"),
         "scheme": report.scheme,

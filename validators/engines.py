@@ -64,8 +64,10 @@ ARCH_NAMING: dict[str, ArchNaming] = {
     "Gemma4ForConditionalGeneration": ArchNaming(
         prefix_map=_GEMMA_MM_PREFIX, internal=_GEMMA4_INTERNAL, unquantized_roles=frozenset({"router"}),
         note="multimodal wrapper: model.language_model. -> language_model.model. (names and patterns)"),
-    "DeepseekV3ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
-    "DeepseekV2ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED),
+    "DeepseekV3ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED, unquantized_roles=frozenset({"router"}),
+                                        note="deepseek_v2.py: the router (mlp.gate) is built without a quant config"),
+    "DeepseekV2ForCausalLM": ArchNaming(packed=_DEEPSEEK_PACKED, unquantized_roles=frozenset({"router"}),
+                                        note="deepseek_v2.py: the router (mlp.gate) is built without a quant config"),
     "Qwen3_5MoeForConditionalGeneration": ArchNaming(
         prefix_map=(("model.language_model.", "language_model.model."), ("model.visual.", "visual."),
                     ("lm_head.", "language_model.lm_head."))),

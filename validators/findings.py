@@ -16,6 +16,7 @@ class VerdictStatus(str, Enum):
     LOADS = "loads"
     FAILS = "fails"
     LOADS_WRONG = "loads_wrong"
+    UNKNOWN = "unknown"     # a format or engine fact quantgate does not model: no prediction is made
 
 
 ENGINES: tuple[str, ...] = ("vllm", "sglang")
@@ -27,8 +28,9 @@ class Finding:
 
     `modules` lists module names (or tensor/file names for integrity findings); the report folds
     long lists into brace ranges. `effect` says what the finding does to a load in the engines it
-    names: FAILS (the loader raises `predicted_error`) or LOADS_WRONG (silent corruption);
-    None means it does not change the verdict.
+    names: FAILS (the loader raises `predicted_error`) or LOADS_WRONG (silent corruption), or
+    UNKNOWN (the finding says quantgate does not model what the engine does here); None means it
+    does not change the verdict.
     """
 
     code: str

@@ -11,6 +11,7 @@ Malformed values never raise: each becomes a `Finding` (codes QG103/QG105, docum
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,18 @@ from validators.findings import Finding, Severity, VerdictStatus
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
 DIALECTS: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)
+#: quant_method -> module modelling that dialect; it defines `parse(data, source, findings) -> QuantConfig`
+#: (imported on first use). One registration line per dialect.
+DIALECT_MODULES: dict[str, str] = {
+    "fp8": "validators.fp8_config",
+}
+#: dialects whose engine behaviour quantgate models; any other quant_method gets verdict `unknown`.
+MODELLED_DIALECTS: frozenset[str] = frozenset({*DIALECTS, *DIALECT_MODULES})
+
+
+def is_modelled(dialect: str | None) -> bool:
+    """Does quantgate model how the engines load checkpoints of this dialect (quant_method)?"""
+    return dialect in MODELLED_DIALECTS
 
 #: NVFP4 kernels assume 16-element blocks (vLLM `ModelOptNvFp4Config`, invariant 3).
 NVFP4_GROUP_SIZE = 16
@@ -45,6 +58,7 @@ class QuantConfig:
     kv_cache_scheme: dict | None = None     # CT / flat modelopt
     producer: dict | None = None
     other: dict[str, Any] = field(default_factory=dict)   # the other file's parse, for comparisons
+    dialect_settings: Any = None            # a registered dialect's own parse (fp8: Fp8Settings)
 
     @property
     def is_modelopt(self) -> bool:
@@ -277,6 +291,8 @@ def _parse_one(data: Any, source: str, findings: list[Finding]) -> QuantConfig |
         return _parse_modelopt_flat(data, source, findings)
     if method == COMPRESSED_TENSORS:
         return _parse_ct(data, source, findings)
+    if method in DIALECT_MODULES:
+        return importlib.import_module(DIALECT_MODULES[method]).parse(data, source, findings)
     return QuantConfig(dialect=method, quant_algo=None, source=source, exclude=[], group_size=None,
                        kv_cache_quant_algo=None, quantized_layers=None, config_groups=None, raw=data)
 

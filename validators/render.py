@@ -15,10 +15,12 @@ FORMATS: tuple[str, ...] = ("text", "json", "markdown", "html")
 MAX_MODULE_LINES = 6                      # folded module lines shown per finding in text/markdown
 SUMMARY_STATES: tuple[str, ...] = ("quantized", "excluded", "bf16_not_excluded", "unquantized")
 
-_ANSI = {"red": "\033[31m", "yellow": "\033[33m", "green": "\033[32m", "dim": "\033[2m", "bold": "\033[1m",
-         "reset": "\033[0m"}
+_ANSI = {"red": "\033[31m", "yellow": "\033[33m", "green": "\033[32m", "magenta": "\033[35m", "dim": "\033[2m",
+         "bold": "\033[1m", "reset": "\033[0m"}
 SEVERITY_COLOR = {Severity.ERROR: "red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
-STATUS_COLOR = {"loads": "green", "fails": "red", "loads_wrong": "yellow"}
+STATUS_COLOR = {"loads": "green", "fails": "red", "loads_wrong": "yellow", "unknown": "magenta"}
+#: extra words after a verdict status in Markdown (`unknown` must not read like a pass or a failure)
+STATUS_WORDS = {"unknown": "not modelled: no prediction"}
 
 
 def use_color(stream: IO[str]) -> bool:
@@ -58,7 +60,10 @@ def render_text(report: Report, color: bool = False) -> str:
     out.append(paint("Verdict", "bold"))
     for engine, v in report.verdicts.items():
         status = v["status"]
-        out.append(f"  {engine:<7} {paint(status.upper().ljust(11), STATUS_COLOR[status])} {v['reason']}")
+        out.append(f"  {engine:<7} {paint(status.upper().ljust(11), STATUS_COLOR.get(status, 'bold'))} {v['reason']}")
+    if report.unknown_engines:
+        out.append(paint(f"  unknown = quantgate does not model this format for {', '.join(report.unknown_engines)}: "
+                         "no prediction either way (--strict makes it fail)", "magenta"))
     counts = report.counts()
     out.append("")
     out.append(paint(f"Findings ({counts['error']} error, {counts['warning']} warning, {counts['info']} info)", "bold"))
@@ -98,7 +103,13 @@ def render_markdown(report: Report) -> str:
            f"{s['tensors']:,} tensors, {s['files']} file(s)", "", "## Verdict", "",
            "| engine | status | reason |", "|---|---|---|"]
     for engine, v in report.verdicts.items():
-        out.append(f"| {engine} | **{v['status']}** | {_md_escape(v['reason'])} |")
+        words = STATUS_WORDS.get(v["status"])
+        label = f"**{v['status']}**" + (f" ({words})" if words else "")
+        out.append(f"| {engine} | {label} | {_md_escape(v['reason'])} |")
+    if report.unknown_engines:
+        out += ["", f"> **unknown** for {', '.join(report.unknown_engines)}: quantgate does not model this "
+                "checkpoint's quantization format, so it neither passes nor fails it (`--strict` treats it "
+                "as a failure)."]
     out += ["", "## Findings", ""]
     if not report.findings:
         out.append("None.")

@@ -35,7 +35,9 @@ ROW = 12                # px, one layer row
 LABEL_W = 64            # px, layer label column
 GAP = 14                # px between column groups
 MAX_STRIP = 720         # px, width budget of the expert strip
-STATUS_COLORS = {"loads": "#2e7d32", "fails": "#c62828", "loads_wrong": "#ef6c00"}
+STATUS_COLORS = {"loads": "#2e7d32", "fails": "#c62828", "loads_wrong": "#ef6c00", "unknown": "#6a4c93"}
+#: the headline word of each status card; `unknown` says plainly that no prediction was made
+STATUS_HEADLINES = {"unknown": "unknown: not modelled"}
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fff}
@@ -52,6 +54,7 @@ th{background:#f6f6f6;font-weight:600} td.num{text-align:right;font-variant-nume
 .sw{width:12px;height:12px;border-radius:2px;display:inline-block}
 .mods{margin:4px 0 0;padding:6px 8px;background:#fafafa;border:1px solid #eee;max-height:160px;overflow:auto}
 .fix{color:#1b5e20}.eng{color:#8e0000}
+.unknown-note{border-left:4px solid #6a4c93;background:#f3eef8;padding:8px 12px;max-width:820px}
 svg text{font:10px ui-monospace,Menlo,monospace;fill:#444}
 """
 
@@ -153,8 +156,14 @@ def render_html(report: Report) -> str:
            f"{s['modules']:,} modules &middot; {s['tensors']:,} tensors &middot; {s['files']} file(s) &middot; "
            f"deep scale checks {'on' if report.deep else 'off'}</div>", '<div class="verdicts">']
     for engine, v in report.verdicts.items():
-        out.append(f'<div class="verdict" style="background:{STATUS_COLORS[v["status"]]}"><b>{_e(engine)}</b>'
-                   f'{_e(v["status"])}<div>{_e(v["reason"])}</div></div>')
+        status = v["status"]
+        out.append(f'<div class="verdict {_e(status)}" style="background:{STATUS_COLORS.get(status, "#455a64")}">'
+                   f'<b>{_e(engine)}</b>{_e(STATUS_HEADLINES.get(status, status))}<div>{_e(v["reason"])}</div></div>')
+    if report.unknown_engines:
+        out.append('<p class="unknown-note">No prediction for ' + _e(", ".join(report.unknown_engines)) +
+                   ": quantgate does not model this checkpoint's quantization format, so it neither passes nor "
+                   "fails it. Validate it with the format's own tools (<code>--strict</code> treats this as a "
+                   "failure).</p>")
     out.append("</div><h2>Where quantization is</h2>")
     out.append(_legend(report.modules))
     out.append(_grid(report.modules))

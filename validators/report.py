@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,7 @@ class Report:
     dialect: str | None
     scheme: str | None
     findings: list[Finding]
-    verdicts: dict[str, dict]           # engine -> {"status": loads|fails|loads_wrong, "reason": str}
+    verdicts: dict[str, dict]           # engine -> {"status": loads|fails|loads_wrong|unknown, "reason": str}
     summary: dict
     engines: tuple[str, ...] = ENGINES
     deep: bool = True
@@ -65,6 +65,15 @@ class Report:
     def ok(self) -> bool:
         return not any(f.severity is Severity.ERROR for f in self.findings)
 
+    @property
+    def unknown_engines(self) -> list[str]:
+        """Engines whose outcome quantgate does not predict (verdict `unknown`)."""
+        return [e for e, v in self.verdicts.items() if v.get("status") == VerdictStatus.UNKNOWN.value]
+
+    def strict_ok(self) -> bool:
+        """`--strict`: no error, no warning, and a prediction for every engine."""
+        return self.ok and not self.unknown_engines and not any(f.severity is Severity.WARNING for f in self.findings)
+
     def counts(self) -> dict[str, int]:
         c = Counter(f.severity.value for f in self.findings)
         return {s.value: c.get(s.value, 0) for s in Severity}
@@ -81,6 +90,7 @@ class Report:
             "engines": list(self.engines),
             "deep": self.deep,
             "verdicts": self.verdicts,
+            "unknown_engines": self.unknown_engines,       # verdict `unknown`: a format not modelled
             "counts": self.counts(),
             "findings": [finding_dict(f) for f in self.findings],
             "summary": self.summary,
@@ -102,12 +112,17 @@ def finding_dict(f: Finding) -> dict:
 
 
 def verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: bool) -> dict[str, dict]:
-    """Per engine: `fails` if any finding says so (the first such error), else `loads_wrong`, else `loads`."""
+    """Per engine: `fails` if any finding says so (the first such error), else `loads_wrong`, else
+    `unknown` when a finding says quantgate does not model what the engine does, else `loads`.
+
+    A known failure outranks `unknown`: a corrupt header fails whatever the format. Every verdict
+    carries a `reason` and the `codes` behind it."""
     out: dict[str, dict] = {}
     for engine in engines:
         mine = [f for f in findings if engine in f.engines]
         fails = [f for f in mine if f.effect is VerdictStatus.FAILS]
         wrong = [f for f in mine if f.effect is VerdictStatus.LOADS_WRONG]
+        unknown = [f for f in mine if f.effect is VerdictStatus.UNKNOWN]
         if fails:
             f = fails[0]
             out[engine] = {"status": VerdictStatus.FAILS.value,
@@ -116,6 +131,10 @@ def verdicts(findings: Sequence[Finding], engines: Sequence[str], quantized: boo
             f = wrong[0]
             out[engine] = {"status": VerdictStatus.LOADS_WRONG.value,
                            "reason": f"{f.code}: {f.predicted_error or f.message}", "codes": _codes(wrong)}
+        elif unknown:
+            f = unknown[0]
+            out[engine] = {"status": VerdictStatus.UNKNOWN.value,
+                           "reason": f"{f.code}: {f.message}", "codes": _codes(unknown)}
         else:
             reason = "no finding predicts a load failure or silent corruption" if quantized else \
                 "unquantized checkpoint: loads as a plain model"
@@ -185,8 +204,10 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.code, f.message))
 
 
-def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True) -> Report:
-    """Run every rule over an opened checkpoint."""
+def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, deep: bool = True,
+                  engine_versions: Mapping[str, str] | None = None) -> Report:
+    """Run every rule over an opened checkpoint. `engine_versions` (engine -> release such as
+    "0.5.10") picks version-dependent semantics; an engine not named gets the newest modelled."""
     from validators.layout import build_layout
     from validators.quant_config import parse_quant_config
     from validators.rules import Context, run_rules
@@ -195,10 +216,11 @@ def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, d
     engines = tuple(e for e in ENGINES if e in engines)
     qc, qc_findings = parse_quant_config(view.config, view.hf_quant_config)
     layout = build_layout(view.tensors, view.config)
-    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings)
+    ctx = Context(view=view, layout=layout, qc=qc, engines=engines, deep=deep, qc_findings=qc_findings,
+                  engine_versions=dict(engine_versions or {}))
     ctx.analysis = Analysis(ctx)
     findings = sort_findings(run_rules(ctx))
-    quantized = ctx.analysis.is_quantized or (qc is not None and qc.dialect in ("modelopt", "compressed-tensors"))
+    quantized = ctx.analysis.is_quantized or qc is not None
     return Report(target=view.target, quantized=quantized, dialect=qc.dialect if qc else
                   (ctx.analysis.dialect if ctx.analysis.is_quantized else None),
                   scheme=_scheme_name(ctx), findings=findings,

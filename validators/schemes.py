@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # validators/ must import fast; TensorInfo is only needed for type hints
@@ -21,6 +22,7 @@ ShapeFn = Callable[[int, int], tuple[int, ...]]
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
+FP8_NATIVE = "fp8"  # Hugging Face native fp8 (config.json quant_method "fp8": DeepSeek-V3, Qwen3-*-FP8)
 DIALECTS: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)
 
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the input dim
@@ -81,6 +83,14 @@ def _fp8_block_2d(out: int, in_: int) -> tuple[int, ...]:
 
 def _fp8_block_4d(out: int, in_: int) -> tuple[int, ...]:
     return (_cdiv(out, FP8_BLOCK), 1, _cdiv(in_, FP8_BLOCK), 1)  # vLLM's FP8_PB_WO param layout
+
+
+def _fp8_block_inv(b0: int, b1: int) -> ShapeFn:
+    def shape(out: int, in_: int) -> tuple[int, ...]:
+        return (_cdiv(out, b0), _cdiv(in_, b1))  # weight_scale_inv [ceil(out/b0), ceil(in/b1)]
+
+    shape.__name__ = f"fp8_block_inv_{b0}x{b1}"
+    return shape
 
 
 def _int4_packed(out: int, in_: int) -> tuple[int, ...]:
@@ -145,6 +155,7 @@ class SchemeSpec:
     group_size: int | None = None  # elements per weight scale along the input dim
     scale_overhead_bits: float = 0.0  # storage bits per weight spent on group/block scales
     description: str = ""
+    weight_block: tuple[int, int] | None = None  # native fp8 `weight_block_size` [b0 (out), b1 (in)]
     by_suffix: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +231,35 @@ def _fp8(name: str, dialect: str, quant_algo: str | None, weight_scale: TensorSp
     return SchemeSpec(name, dialect, quant_algo, tuple(tensors), weight_bits=8, ct_format=ct_format, **kwargs)
 
 
+#: scale dtypes of the native fp8 dialect (vLLM's parameters are float32; copy_ converts floats by value)
+FP8_NATIVE_SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def fp8_native_spec(block: tuple[int, int] | None, static: bool = False) -> SchemeSpec:
+    """The native fp8 spec for a `weight_block_size` (None: per-tensor) and activation scheme.
+
+    Block form: `weight` F8_E4M3 [out, in] + `weight_scale_inv` [ceil(out/b0), ceil(in/b1)] (vLLM
+    `Fp8LinearMethod.create_weights`, "The weight_scale_inv name is intentional for deepseekv3");
+    per-tensor: `weight_scale` (+ `input_scale` when static). formats_beyond_two.md §2. The 128x128
+    and per-tensor specs are entries of SCHEMES (`scheme("fp8", ...)` returns those same objects).
+    """
+    weight = TensorSpec("weight", ("F8_E4M3",), _full)
+    if block is None:
+        tensors = [weight, TensorSpec("weight_scale", FP8_NATIVE_SCALE_DTYPES, _scalar, alt_shapes=(_one,))]
+        if static:
+            tensors.append(TensorSpec("input_scale", FP8_NATIVE_SCALE_DTYPES, _scalar, alt_shapes=(_one,)))
+        return SchemeSpec("FP8_TENSOR_STATIC" if static else "FP8_TENSOR", FP8_NATIVE, None, tuple(tensors),
+                          weight_bits=8, activation_scales=static,
+                          description=f"native fp8, per-tensor weight scale, {'static' if static else 'dynamic'} "
+                                      "activations")
+    b0, b1 = block
+    name = "FP8_BLOCK" if block == (FP8_BLOCK, FP8_BLOCK) else f"FP8_BLOCK_{b0}x{b1}"
+    return SchemeSpec(name, FP8_NATIVE, None,
+                      (weight, TensorSpec("weight_scale_inv", FP8_NATIVE_SCALE_DTYPES, _fp8_block_inv(b0, b1))),
+                      weight_bits=8, group_size=b1, scale_overhead_bits=32 / (b0 * b1), weight_block=(b0, b1),
+                      description=f"native fp8, {b0}x{b1} weight blocks (weight_scale_inv), dynamic activations")
+
+
 SCHEMES: tuple[SchemeSpec, ...] = (
     # ---- ModelOpt (hf_quant_config.json quant_algo) ----
     _nvfp4("NVFP4", MODELOPT, True, "NVFP4 W4A4: e2m1 weights, e4m3 block-16 scales, static input scale"),
@@ -269,6 +309,10 @@ SCHEMES: tuple[SchemeSpec, ...] = (
         weight_bits=8, ct_format="int-quantized",
         description="int-quantized int8 per-channel weights, dynamic per-token int8 activations",
     ),
+    # ---- Hugging Face native fp8 (config.json quant_method "fp8"; formats_beyond_two.md §2) ----
+    fp8_native_spec((FP8_BLOCK, FP8_BLOCK)),
+    fp8_native_spec(None, static=False),
+    fp8_native_spec(None, static=True),
 )
 
 _BY_KEY: dict[tuple[str, str], SchemeSpec] = {(s.dialect, s.name.upper()): s for s in SCHEMES}
@@ -315,6 +359,22 @@ def scheme(dialect: str, name: str) -> SchemeSpec:
         known = ", ".join(s.name for s in SCHEMES if s.dialect == dialect)
         raise KeyError(f"unknown {dialect!r} scheme {name!r}; known: {known or 'none (unknown dialect)'}")
     return spec
+
+
+@lru_cache(maxsize=32)
+def fp8_native_for(block: tuple[int, int] | None, static: bool = False) -> SchemeSpec:
+    """The spec a native fp8 config declares: the SCHEMES entry (same object) for the usual forms,
+    one built alike for an unusual block size. Block quantization is dynamic-only in the engines
+    (a static claim is a config error, QG103), so `static` is ignored for blocks."""
+    key = (tuple(block), False) if block is not None else (None, static)
+    for spec in SCHEMES:
+        if spec.dialect == FP8_NATIVE and _native_form(spec) == key:
+            return spec
+    return fp8_native_spec(key[0], key[1])
+
+
+def _native_form(spec: SchemeSpec) -> tuple[tuple[int, int] | None, bool]:
+    return (spec.weight_block, False) if spec.weight_block else (None, spec.activation_scales)
 
 
 def scheme_for_quant_algo(quant_algo: str) -> SchemeSpec | None:

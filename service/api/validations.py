@@ -48,7 +48,8 @@ def _run_validator(target: str, revision: str | None, token: str | None) -> tupl
 def create_validation(
     body: ValidationCreate, response: Response, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
 ) -> ValidationPublic:
-    """Validate a checkpoint now and return the report with a verdict per engine."""
+    """Validate a checkpoint now and return the report with a verdict per engine (`loads`, `fails`,
+    `loads_wrong`, or `unknown` for a format quantgate does not model; `strict` makes unknown not ok)."""
     if body.path is not None:
         target, revision, token = str(resolve_under_roots(body.path, settings.roots)), None, None
     else:
@@ -56,13 +57,15 @@ def create_validation(
         target, revision = body.hub_repo, body.revision
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
     report, html = _run_validator(target, revision, token)
+    # `unknown` (a format quantgate does not model) is never a pass under strict; plain `ok` means no error
+    ok = report.strict_ok() if body.strict else report.ok
     record = store.create_validation(
         ValidationRecord(
             id=new_id(VALIDATION_ID_PREFIX),
             created_at=time.time(),
             target=target,
             revision=revision,
-            ok=bool(report.ok),
+            ok=bool(ok),
             verdicts=dict(report.verdicts),
             report=report.to_dict(),
             report_html=html,

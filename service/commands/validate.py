@@ -2,6 +2,7 @@
 
 Exit codes: 0 no error findings, 1 any error finding, 2 the target cannot be read or the usage is
 wrong (one line on stderr, never a traceback; `-v` logs the traceback of an internal error).
+`--strict` also exits 1 on any warning and on any `unknown` verdict (a format quantgate does not model).
 Only argparse is imported at module level; the validator (never torch) loads when the command runs.
 """
 
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-deep", dest="deep", action="store_false", default=None,
                    help="skip the scale-value checks (default: on for local checkpoints, off for the Hub)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 also on warnings and on an `unknown` verdict (a quantization format quantgate "
+                        "does not model)")
 
 
 def _engines(choice: str) -> tuple[str, ...]:
@@ -60,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
             text = render(report, args.fmt, color=False)
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
-            print(f"report written to {args.output} ({'ok' if report.ok else 'errors found'})", file=sys.stderr)
+            state = "errors found" if not report.ok else (
+                f"verdict unknown for {', '.join(report.unknown_engines)}" if report.unknown_engines else "ok")
+            print(f"report written to {args.output} ({state})", file=sys.stderr)
         else:
             sys.stdout.write(render(report, args.fmt, color=args.fmt == "text" and use_color(sys.stdout)))
             sys.stdout.flush()
@@ -73,4 +79,5 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI contract: never a traceback
         log.debug("internal error", exc_info=True)
         return _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)")
-    return EXIT_OK if report.ok else EXIT_FINDINGS
+    ok = report.strict_ok() if args.strict else report.ok
+    return EXIT_OK if ok else EXIT_FINDINGS

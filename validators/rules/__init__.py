@@ -7,7 +7,12 @@ show it). Codes are stable and never reused. Per-engine rules run once per reque
 `ctx.engine` set; engine-agnostic ones (`per_engine=False`) run once.
 
 Themes: config.py QG1xx, coverage.py QG2xx (mixed.py QG21x: MIXED_PRECISION maps), tensors.py QG3xx,
-moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx.
+moe.py QG4xx, scales.py QG5xx, integrity.py QG6xx; dialects.py (QG190: a quant_method not modelled) and
+fp8.py (QG320: native fp8 block alignment).
+
+Honest uncertainty: when the config's quant_method is not a dialect quantgate models, only the
+format-independent rules (`FORMAT_INDEPENDENT`: files, headers, the index, and QG190 itself) run;
+no rule written for another dialect judges its tensors, and QG190 makes every verdict `unknown`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity")
+RULE_MODULES: tuple[str, ...] = ("config", "coverage", "mixed", "tensors", "moe", "scales", "integrity",
+                                  "dialects", "fp8")
+#: rules about files rather than a quantization format: they also run for a quant_method not modelled
+FORMAT_INDEPENDENT: frozenset[str] = frozenset({"QG190", "QG601", "QG602", "QG603", "QG604", "QG605", "QG606"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class Context:
     qc_findings: list[Finding] = field(default_factory=list)
     engine: str | None = None
     analysis: "Analysis | None" = None
+    engine_versions: dict[str, str] = field(default_factory=dict)   # engine -> release ("0.5.10"); absent: newest
 
     def for_engine(self, engine: str | None) -> "Context":
         return replace(self, engine=engine)
@@ -101,7 +110,11 @@ def run_rules(ctx: Context, *, codes: Iterable[str] | None = None) -> list[Findi
     load_rules()
     if ctx.analysis is None:
         ctx.analysis = Analysis(ctx)
+    from validators.quant_config import is_modelled
+
     selected = [RULES[c] for c in sorted(RULES) if codes is None or c in set(codes)]
+    if ctx.qc is not None and not is_modelled(ctx.qc.dialect):
+        selected = [r for r in selected if r.code in FORMAT_INDEPENDENT]
     raw: list[Finding] = []
     for r in selected:
         if r.deep and not ctx.deep:

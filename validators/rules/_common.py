@@ -35,6 +35,9 @@ def declared_label(ctx: "Context") -> str:
         return "no quantization"
     if qc.is_modelopt:
         return qc.quant_algo or "an unknown algo"
+    label = getattr(qc.dialect_settings, "label", None)     # registered dialects (fp8 ...) name themselves
+    if label:
+        return label
     return qc.ct_format or "compressed-tensors"
 
 

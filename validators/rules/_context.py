@@ -28,7 +28,8 @@ from validators.engines import (
     is_vision,
     naming_for,
 )
-from validators.quant_config import COMPRESSED_TENSORS, DIALECTS, MODELOPT
+from validators.quant_config import COMPRESSED_TENSORS, MODELOPT, is_modelled
+from validators.schemes import FP8_NATIVE
 
 if TYPE_CHECKING:
     from validators.layout import Module
@@ -44,6 +45,9 @@ WEIGHT_KEYS: tuple[str, ...] = ("weight", "weight_packed")
 FORCES_VISION_UNQUANTIZED = frozenset({"vllm"})
 #: modules that never carry quantization in any dialect (weights are vectors or lookup tables)
 NEVER_QUANTIZED_KINDS = frozenset({"norm", "embedding"})
+#: per dialect, kinds the engine never quantizes: native fp8 quantizes LinearBase and FusedMoE only, and
+#: ParallelLMHead is neither (vLLM/SGLang `Fp8Config.get_quant_method`)
+DIALECT_UNQUANTIZED_KINDS: dict[str, frozenset[str]] = {FP8_NATIVE: frozenset({"lm_head"})}
 KV_SCALE_SUFFIXES: tuple[str, ...] = ("k_scale", "v_scale")
 KV_SCALE_TAILS: tuple[str, ...] = (".k_scale", ".v_scale")
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
@@ -124,7 +128,7 @@ class Analysis:
     @cached_property
     def dialect(self) -> str:
         """The config's dialect, or the one the tensor names suggest when there is no config."""
-        if self.qc is not None and self.qc.dialect in DIALECTS:
+        if self.qc is not None:
             return self.qc.dialect
         for m in self.layout.modules.values():
             if "weight_packed" in m.tensors:
@@ -196,8 +200,8 @@ class Analysis:
     # ---- config --------------------------------------------------------------------------------
     @cached_property
     def active(self) -> bool:
-        """Coverage rules apply: a modelopt / compressed-tensors config is in force."""
-        return self.qc is not None and self.qc.dialect in DIALECTS
+        """Coverage rules apply: the config's dialect is one quantgate models."""
+        return self.qc is not None and is_modelled(self.qc.dialect)
 
     def mixed_algo(self, module: "Module", engine_name: str) -> str | None:
         """MIXED_PRECISION: the algo `quantized_layers` gives this module (vLLM `_resolve_quant_algo`)."""
@@ -252,6 +256,8 @@ class Analysis:
             from validators.schemes import ct_group_schemes
 
             return ct_group_schemes(group, self.qc.ct_format)
+        if self.qc.dialect == FP8_NATIVE:
+            return self.qc.dialect_settings.declared()
         return []
 
     # ---- engines -------------------------------------------------------------------------------
@@ -287,9 +293,28 @@ class Analysis:
             out.append(Cov(ename, unit, bool(hit) or forced is not None, hit, forced, conflict))
         return out
 
+    def fp8_listed(self, engine: str) -> tuple[str, ...]:
+        """The fp8 exclusion list (`ignored_layers`, else `modules_to_not_convert`) in `engine`'s name space."""
+        cache = self.__dict__.setdefault("_fp8_listed", {})
+        if engine not in cache:
+            from validators.fp8_engines import fp8_patterns
+
+            cache[engine] = fp8_patterns(engine, self.qc.dialect_settings.exclusions, self.naming)
+        return cache[engine]
+
+    def engine_version(self, engine: str) -> str | None:
+        """The engine release the verdicts are for (`Context.engine_versions`, e.g. from
+        `--engine-version sglang=0.5.10`); None: the newest semantics modelled."""
+        return self.ctx.engine_versions.get(engine)
+
     def _unit_exclusion(self, sem, unit: str, patterns: tuple[str, ...]
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
         try:
+            if self.qc is not None and self.qc.dialect == FP8_NATIVE:
+                from validators.fp8_engines import fp8_exclusion
+
+                return fp8_exclusion(sem.name, unit, self.fp8_listed(sem.name), self.naming,
+                                     self.engine_version(sem.name)), None
             if self.qc is not None and self.qc.is_ct:
                 probe = f"{unit}.0.gate_proj" if unit.endswith("experts") else unit
                 ignored = ct_is_ignored(probe, self.qc.exclude, self.naming)
@@ -303,7 +328,8 @@ class Analysis:
             return "vision"
         if module.role in self.naming.unquantized_roles:
             return "unquantized_role"
-        if kind_of(module) in NEVER_QUANTIZED_KINDS:
+        if kind_of(module) in NEVER_QUANTIZED_KINDS or kind_of(module) in DIALECT_UNQUANTIZED_KINDS.get(
+                self.dialect, ()):
             return "never_quantized"
         if self.qc is not None and self.qc.is_modelopt and self.qc.quant_algo == "MIXED_PRECISION":
             if self.mixed_algo(module, ename) is None:
@@ -320,6 +346,11 @@ class Analysis:
 
     def stale_patterns(self, engine: str) -> list[str]:
         """Exclude entries that exclude no engine layer at all under this engine's matching."""
+        if self.qc is not None and self.qc.dialect == FP8_NATIVE:
+            from validators.fp8_engines import fp8_stale_entries
+
+            return fp8_stale_entries(engine, self.qc.dialect_settings.exclusions, self.engine_units(engine),
+                                     self.naming, self.engine_version(engine))
         if self.qc is None or not self.qc.is_modelopt:
             return []
         sem = ENGINE_SEMANTICS[engine]

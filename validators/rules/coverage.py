@@ -26,6 +26,7 @@ from validators.rules._common import (
     size_mismatch,
 )
 from validators.rules._context import BF16, QUANTIZED, Cov, ModClass
+from validators.schemes import FP8_NATIVE
 
 #: kinds whose BF16-not-excluded case has its own rule or is never quantized
 SPECIAL_KINDS = frozenset({"expert", "norm", "embedding", "lm_head", "vision", "projector"})
@@ -46,6 +47,10 @@ def _bf16_not_excluded(ctx: Context, kinds: set[str] | None = None,
 def _effect(ctx: Context, module) -> tuple:
     """BF16 data in a module the engine quantizes: 4-bit packed params -> size mismatch; FP8/INT8 ->
     silent cast with scale 1.0 (invariant 16)."""
+    if ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
+        from validators.fp8_engines import bf16_effect
+
+        return LOADS_WRONG, bf16_effect(module)
     if ctx.qc is not None and ctx.qc.is_ct and module.moe_group and declares_packed_4bit(ctx, module):
         # CT packed MoE methods register `w13/w2_weight_packed`: a BF16 `.weight` finds no parameter
         # (reference lab_llmc_vllm.md: vLLM 0.32 fused_moe/routed_experts.py load_weights)
@@ -88,6 +93,16 @@ def bf16_not_excluded(ctx: Context) -> Iterator[Finding]:
 
 def _hf_space_hit(ctx: Context, hf_unit: str) -> str | None:
     """Would an exclude entry match the layer under its Hugging Face name (no engine renames)?"""
+    if ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
+        from validators.engines import DEFAULT_NAMING
+        from validators.fp8_engines import fp8_exclusion
+
+        try:
+            hit = fp8_exclusion(ctx.engine or "vllm", hf_unit, tuple(ctx.qc.exclude), DEFAULT_NAMING,
+                                ctx.a.engine_version(ctx.engine or "vllm"))
+        except FusedShardConflict:
+            return None
+        return hit.pattern if hit else None
     sem = ENGINE_SEMANTICS[ctx.engine or "vllm"]
     for pattern in ctx.qc.exclude if ctx.qc else ():
         try:
@@ -138,27 +153,35 @@ def quantized_but_excluded(ctx: Context) -> Iterator[Finding]:
     """
     if not ctx.a.active:
         return
-    groups: dict[tuple[str, str], tuple[list[str], str]] = {}
+    groups: dict[tuple[str, str], tuple[list[str], str, object]] = {}
     for cls, c in zip(ctx.a.classes, ctx.a.coverage(ctx.engine or "vllm")):
         if cls.state.state != QUANTIZED or not c.excluded or c.conflict or cls.kind in OWN_RULE_KINDS:
             continue
         if c.forced in ("vision", "unquantized_role"):
             continue
-        if c.hit is not None and c.hit.how == "substring" and _only_substring(ctx, c.unit):
+        if c.hit is not None and c.hit.how == "substring" and ctx.qc is not None and ctx.qc.is_modelopt and \
+                _only_substring(ctx, c.unit):
             continue        # QG206
         st = cls.state
         why = {"not_listed": "absent from quantized_layers", "not_targeted": "targeted by no config group"}.get(
             c.forced or "", f"excluded by {c.hit.pattern!r} ({c.hit.how})" if c.hit else "excluded")
+        effect = FAILS
         if declares_packed_4bit(ctx, cls.rep) and st.weight_dtype == "U8":
             error = reverse_size_mismatch(cls.rep)
+        elif ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
+            from validators.fp8_engines import excluded_effect
+
+            fails, error = excluded_effect(ctx.engine or "vllm", c.engine_name,
+                                           st.scale_suffixes[0] if st.scale_suffixes else "weight_scale_inv")
+            effect = FAILS if fails else LOADS_WRONG
         else:
             error = no_param(c.engine_name, st.scale_suffixes[0] if st.scale_suffixes else "weight_scale")
-        groups.setdefault((why, cls.kind), ([], error))[0].extend(cls.names)
-    for (why, kind), (names, error) in sorted(groups.items()):
+        groups.setdefault((why, cls.kind), ([], error, effect))[0].extend(cls.names)
+    for (why, kind), (names, error, effect) in sorted(groups.items()):
         yield finding("QG203", ERROR, f"{len(names)} quantized {kind} module(s) are built unquantized by "
                       f"the engine: {why}", modules=names,
                       fix="Drop the exclude entry (or list the module as quantized), or store the module BF16.",
-                      effect=FAILS, error=error)
+                      effect=effect, error=error)
 
 
 def _only_substring(ctx: Context, unit: str) -> bool:

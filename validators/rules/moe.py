@@ -102,9 +102,16 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
             continue
         summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_fmt.items(), key=lambda kv: -len(kv[1])))
         minority = sorted(by_fmt.items(), key=lambda kv: len(kv[1]))[0]
+        effect = FAILS
+        error = "ValueError: All MoE projections need to have same quantization scheme but found multiple"
+        if ctx.qc is not None and ctx.qc.dialect == "fp8":
+            # native fp8 checks no scheme per projection: one Fp8MoEMethod (same shapes) takes the BF16
+            # experts by a silent cast; an excluded layer is QG203's (the fp8 experts lose their scales)
+            from validators.fp8_engines import bf16_effect
+
+            effect, error = LOADS_WRONG, bf16_effect(classes[0].rep)
         yield finding("QG403", ERROR, f"experts of {group} mix formats ({summary})", modules=minority[1],
-                      fix="Store every expert of the layer in one format.", effect=FAILS,
-                      error="ValueError: All MoE projections need to have same quantization scheme but found multiple")
+                      fix="Store every expert of the layer in one format.", effect=effect, error=error)
 
 
 @rule("QG404", "gate-up-global-scale-mismatch", ERROR, per_engine=False, deep=True)

@@ -2,7 +2,8 @@
 
 All rules share one bulk read (`scale_values`, cached on the analysis) of the per-tensor scales:
 `input_scale`, `weight_scale_2`, `weight_scale` when it is a scalar (FP8), CT `weight_global_scale`,
-`input_global_scale`, and KV `k_scale` / `v_scale`.
+`input_global_scale`, and KV `k_scale` / `v_scale`; QG501/QG502 also screen every value of the
+native fp8 block scales (`weight_scale_inv`, `_block_scales.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from validators.findings import Finding
 from validators.rules import Context, rule
 from validators.rules._common import ERROR, LOADS_WRONG, WARNING, finding
+from validators.rules._block_scales import block_scale_scan
 from validators.rules._values import scale_table
 
 #: an expert's activation scale this many times the layer median dominates max-reduced scales (inv. 18)
@@ -48,7 +50,7 @@ def non_finite(ctx: Context) -> Iterator[Finding]:
 
     Fix: re-calibrate; check the amax of the module (overflowing BF16 activations, empty calibration).
     """
-    bad = _bad(ctx, lambda v: not math.isfinite(v))
+    bad = _bad(ctx, lambda v: not math.isfinite(v)) + block_scale_scan(ctx).nonfinite
     if bad:
         yield finding("QG501", ERROR, f"{len(bad)} scale tensor(s) are NaN or Inf", modules=bad,
                       fix="Re-calibrate the listed modules.", effect=LOADS_WRONG,
@@ -65,7 +67,7 @@ def zero_scales(ctx: Context) -> Iterator[Finding]:
     Fix: calibrate every expert (route all calibration tokens to all experts) or fill uncalibrated
     experts' scales from the layer's maximum, as ModelOpt's `set_expert_quantizer_amax` does.
     """
-    bad = _bad(ctx, lambda v: math.isfinite(v) and v <= 0)
+    bad = _bad(ctx, lambda v: math.isfinite(v) and v <= 0) + block_scale_scan(ctx).nonpositive
     if bad:
         yield finding("QG502", ERROR, f"{len(bad)} scale tensor(s) are zero or negative (uncalibrated)",
                       modules=bad, fix="Calibrate every module/expert; never ship zero scales.",

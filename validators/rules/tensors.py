@@ -200,7 +200,8 @@ def kv_scales(ctx: Context) -> Iterator[Finding]:
         yield finding("QG306", INFO, f"KV cache declared {kv_algo} but no k_scale/v_scale tensors are stored; "
                       "engines use scale 1.0 (ModelOpt's default fp8_cast export)",
                       fix="Calibrate the KV cache if accuracy matters (ModelOpt --kv_cache_qformat fp8).")
-    if names and not kv_algo:
+    # native fp8: Fp8Config gives every Attention an Fp8KVCacheMethod, which loads k/v scales as they are
+    if names and not kv_algo and ctx.a.dialect != "fp8":
         yield finding("QG306", WARNING, f"{len(names)} k/v scale tensors stored but no KV-cache scheme declared; "
                       "engines skip them", modules=names, fix="Declare kv_cache_quant_algo FP8 or drop the scales.")
     big = [n for n in names if ctx.view.tensors[n].numel != 1]
