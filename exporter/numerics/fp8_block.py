@@ -32,9 +32,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 BLOCK_OUT = 128                     # weight rows per scale (weight_block_size[0])
 BLOCK_IN = 128                      # weight columns per scale (weight_block_size[1])
 WEIGHT_BLOCK: tuple[int, int] = (BLOCK_OUT, BLOCK_IN)
-#: row blocks quantized per step: bounds the fp32 temporaries (64 x 128 rows of a 18432-wide
-#: weight are 600 MB of fp32); results do not depend on it (every block is independent).
-ROW_BLOCKS_PER_STEP = 64
+#: weights per quantization step (whole row blocks, at least one): bounds the fp32 temporaries to
+#: a few x 64 MB; results do not depend on it (every block is independent).
+STEP_ELEMS = 1 << 24
 
 
 def check_block_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = WEIGHT_BLOCK,
@@ -75,9 +75,10 @@ def quantize_fp8_block(w: Tensor, block: tuple[int, int] = WEIGHT_BLOCK) -> tupl
     n, ob, ib = flat.shape[0], out_f // b0, in_f // b1
     q = torch.empty((n, out_f, in_f), dtype=FP8_DTYPE, device=w.device)
     scale_inv = torch.empty((n, ob, ib), dtype=torch.float32, device=w.device)
+    step = max(1, STEP_ELEMS // (b0 * in_f))                           # row blocks per step
     for i in range(n):
-        for r0 in range(0, ob, ROW_BLOCKS_PER_STEP):
-            r1 = min(ob, r0 + ROW_BLOCKS_PER_STEP)
+        for r0 in range(0, ob, step):
+            r1 = min(ob, r0 + step)
             tiles = flat[i, r0 * b0:r1 * b0].float().reshape(r1 - r0, b0, ib, b1)   # [rb, b0, ib, b1]
             scale, inv = block_scale_inv(tiles.abs().amax(dim=(-3, -1)))          # [rb, ib]
             scaled = tiles * scale[:, None, :, None]

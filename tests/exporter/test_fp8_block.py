@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -79,6 +80,20 @@ def test_numerics_equal_transformers_fp8_quantize(shape: tuple[int, ...]) -> Non
     assert torch.equal(q.view(torch.uint8), ref["m.weight"].view(torch.uint8))
     assert torch.equal(scale_inv, ref["m.weight_scale_inv"])
     assert float(scale_inv[..., 0, 0].min()) == 1.0
+
+
+def test_row_steps_do_not_change_the_bytes(monkeypatch) -> None:
+    """Large weights are quantized a few row blocks at a time; the bytes are the same as in one step."""
+    from exporter.numerics import fp8_block
+
+    w = torch.randn(2, 512, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    whole = quantize_fp8_block(w)
+    monkeypatch.setattr(fp8_block, "STEP_ELEMS", 128 * 256)          # one row block per step
+    stepped = quantize_fp8_block(w)
+    assert torch.equal(whole[0].view(torch.uint8), stepped[0].view(torch.uint8))
+    assert torch.equal(whole[1], stepped[1])
+    ref = transformers_fp8_quantize(w)
+    assert torch.equal(stepped[0].view(torch.uint8), ref["m.weight"].view(torch.uint8))
 
 
 def test_dequantize_roundtrip_and_ragged_scale_grid() -> None:
@@ -248,7 +263,7 @@ def test_job_body_accepts_fp8_block() -> None:
 
 
 def test_every_dialect_list_names_fp8() -> None:
-    """The dialect names are copied by hand in four places (issue 13 item 4): all must know `fp8`."""
+    """The dialect names are copied by hand in five places (issue 13 item 4): all must know `fp8`."""
     from typing import get_args
 
     from exporter.pipeline import DIALECTS
@@ -258,3 +273,6 @@ def test_every_dialect_list_names_fp8() -> None:
 
     schema = {a for a in get_args(JobCreate.model_fields["dialect"].annotation) for a in get_args(a) or (a,)}
     assert set(DIALECT_NAMES) == set(DIALECTS) == set(WRITERS) == schema - {type(None)} and "fp8" in WRITERS
+    html = (REPO / "service" / "static" / "ui.html").read_text(encoding="utf-8")
+    select = re.search(r'<select id="dialect".*?</select>', html, re.S).group(0)
+    assert set(re.findall(r"<option>([^<]+)</option>", select)) == set(WRITERS)    # the job form's choices
