@@ -276,3 +276,13 @@ def test_every_dialect_list_names_fp8() -> None:
     html = (REPO / "service" / "static" / "ui.html").read_text(encoding="utf-8")
     select = re.search(r'<select id="dialect".*?</select>', html, re.DOTALL).group(0)
     assert set(re.findall(r"<option>([^<]+)</option>", select)) == set(WRITERS)    # the job form's choices
+
+
+def test_cli_model_without_whole_blocks_exits_2(tiny_model, tmp_path: Path, capsys) -> None:
+    """At hidden 64 no Linear is a whole 128x128 block: nothing to quantize is bad input, not an export."""
+    out = tmp_path / "o"
+    code = main(["quantize", str(tiny_model("llama")), "--recipe", "fp8_block", "--out", str(out),
+                 "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "recipe fp8_block quantizes no module of this model" in err
