@@ -24,7 +24,7 @@ from exporter.source import Source, open_source
 from validators.errors import QuantgateError
 from validators.fused_schemes import fused_storage
 from validators.layout import FusedSlice, Module
-from validators.schemes import COMPRESSED_TENSORS, MODELOPT, match_scheme
+from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, match_scheme
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ def _fp8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return dequantize_fp8(read["weight"], read["weight_scale"], dtype=dtype)   # [] / [1] / [out, 1] broadcast
 
 
+def _fp8_block(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    from exporter.numerics.fp8_block import dequantize_fp8_block
+
+    return dequantize_fp8_block(read["weight"], read["weight_scale_inv"], dtype=dtype)   # 128x128 (FP8_BLOCK)
+
+
 def _w4a16(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     from exporter.numerics.int4 import dequantize_w4a16
 
@@ -67,7 +73,10 @@ DEQUANTIZERS: dict[str, Dequantizer] = {
     "compressed-tensors:NVFP4": _ct_nvfp4, "compressed-tensors:NVFP4A16": _ct_nvfp4,
     "compressed-tensors:FP8": _fp8, "compressed-tensors:FP8_DYNAMIC": _fp8,
     "compressed-tensors:W4A16": _w4a16, "compressed-tensors:W8A8": _w8a8,
+    "fp8:FP8_BLOCK": _fp8_block,
 }
+#: config.json `quant_method` -> dialect (anything else, or no config: ModelOpt's hf_quant_config.json)
+QUANT_METHOD_DIALECTS: dict[str, str] = {COMPRESSED_TENSORS: COMPRESSED_TENSORS, "fp8": FP8_NATIVE}
 #: activation-side tensors a weight dequantizer never needs
 ACTIVATION_SUFFIXES: frozenset[str] = frozenset({"input_scale", "input_global_scale"})
 
@@ -75,7 +84,7 @@ ACTIVATION_SUFFIXES: frozenset[str] = frozenset({"input_scale", "input_global_sc
 def export_dialect(export: Source) -> str:
     """The dialect of an export's quantization config (ModelOpt when it has none)."""
     qc = export.config.get("quantization_config") or {}
-    return COMPRESSED_TENSORS if qc.get("quant_method") == COMPRESSED_TENSORS else MODELOPT
+    return QUANT_METHOD_DIALECTS.get(qc.get("quant_method"), MODELOPT)
 
 
 def dequantize_module(export: Source, module: Module, dtype: torch.dtype = torch.bfloat16,

@@ -47,7 +47,7 @@ from validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DIALECTS: tuple[str, ...] = ("modelopt", "compressed-tensors")
+DIALECTS: tuple[str, ...] = ("modelopt", "compressed-tensors", "fp8")
 REPORT_JSON = "quantgate-report.json"
 REPORT_HTML = "quantgate-report.html"
 FAILED_SUFFIX = ".failed-validation"

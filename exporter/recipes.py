@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from exporter.auto_options import AUTO_RECIPE
 from validators.errors import UsageError
 from validators.layout import Kind, Layout, Module
-from validators.schemes import COMPRESSED_TENSORS, MODELOPT, SchemeSpec, scheme
+from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("nvfp4a16", "NVFP4A16", DECODER_LINEAR_KINDS,
            "NVFP4 weights, BF16 activations (no activation scales), for every decoder Linear",
            dialects=(COMPRESSED_TENSORS,)),
+    Recipe("fp8_block", "FP8_BLOCK", DECODER_LINEAR_KINDS,
+           "FP8 weights in 128x128 blocks (weight_scale_inv), dynamic activations, for every decoder Linear "
+           "(Hugging Face native fp8, as DeepSeek-V3 and Qwen3-FP8 ship)",
+           dialects=(FP8_NATIVE,)),
 )}
 
 #: Why a kind that no recipe quantizes stays BF16 (becomes the Assignment's reason).
@@ -181,6 +185,10 @@ def _shape_problem(module: Module, spec: SchemeSpec) -> str | None:
         return f"in_features {in_f} is not divisible by {spec.in_divisor} ({spec.name})"
     if out_f % spec.out_divisor:
         return f"out_features {out_f} is not divisible by {spec.out_divisor} ({spec.name})"
+    if spec.weight_block and (out_f % spec.weight_block[0] or in_f % spec.weight_block[1]):
+        # transformers' FineGrainedFP8 quantizer (Fp8Quantize) leaves such weights unquantized
+        return (f"weight [{out_f}, {in_f}] does not split into whole {spec.weight_block[0]}x"
+                f"{spec.weight_block[1]} blocks ({spec.name})")
     return None
 
 

@@ -93,9 +93,9 @@ class JobCreate(_Strict):
     )
     revision: str | None = Field(None, max_length=256, description="Hub branch, tag or commit")
     recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ..., auto")
-    dialect: Literal["modelopt", "compressed-tensors"] | None = Field(
+    dialect: Literal["modelopt", "compressed-tensors", "fp8"] | None = Field(
         None, description="output format; default: the recipe's own (modelopt for nvfp4/fp8/auto, "
-        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16)")
+        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16, fp8 for fp8_block)")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     exclude: list[str] = Field(
         default_factory=list, max_length=1024, description="extra module name patterns to leave unquantized"

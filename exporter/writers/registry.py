@@ -8,10 +8,10 @@ from pathlib import Path
 from exporter.numerics.modes import DEFAULT_NUMERICS
 from exporter.recipes import Plan
 from exporter.source import Source
-from exporter.writers import bmm_experts, compressed_tensors, modelopt
+from exporter.writers import bmm_experts, compressed_tensors, hf_fp8, modelopt
 from exporter.writers.common import DialectWriter
 from validators.errors import UsageError
-from validators.schemes import COMPRESSED_TENSORS, MODELOPT
+from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT
 
 
 def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
@@ -34,6 +34,7 @@ WRITERS: dict[str, DialectWriter] = {
     MODELOPT: DialectWriter(MODELOPT, bmm_experts.build_modelopt_units, _modelopt_quantize, _modelopt_configs),
     COMPRESSED_TENSORS: DialectWriter(COMPRESSED_TENSORS, compressed_tensors.build_ct_units,
                                       compressed_tensors.quantize_group, compressed_tensors.prepare_configs),
+    FP8_NATIVE: DialectWriter(FP8_NATIVE, hf_fp8.build_fp8_units, hf_fp8.quantize_group, hf_fp8.prepare_configs),
 }
 
 

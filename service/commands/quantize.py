@@ -11,8 +11,8 @@ import argparse
 import sys
 
 RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8", "auto", "w4a16",
-                                 "w8a8_int8", "nvfp4a16")
-DIALECT_NAMES: tuple[str, ...] = ("modelopt", "compressed-tensors")
+                                 "w8a8_int8", "nvfp4a16", "fp8_block")
+DIALECT_NAMES: tuple[str, ...] = ("modelopt", "compressed-tensors", "fp8")
 PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "json", "none")
 NUMERICS_MODES: tuple[str, ...] = ("modelopt-cuda", "modelopt-cpu")   # exporter.numerics.modes (not imported: torch)
 SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -57,9 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"what to quantize: {', '.join(RECIPE_NAMES)}")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     p.add_argument("--dialect", default=None, choices=DIALECT_NAMES,
-                   help="output format: modelopt (hf_quant_config.json) or compressed-tensors (llm-compressor's "
-                        "config groups); default: the recipe's first dialect (modelopt for nvfp4/fp8/auto, "
-                        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16)")
+                   help="output format: modelopt (hf_quant_config.json), compressed-tensors (llm-compressor's "
+                        "config groups) or fp8 (Hugging Face native block fp8); default: the recipe's first "
+                        "dialect (modelopt for nvfp4/fp8/auto, compressed-tensors for w4a16, w8a8_int8, "
+                        "nvfp4a16, fp8 for fp8_block)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--calib-data", default="random", metavar="random|FILE|DATASET",
                    help="calibration data: random token ids, a .jsonl (field 'text') or .txt file, or a Hub "
