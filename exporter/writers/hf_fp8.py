@@ -68,8 +68,12 @@ def build_fp8_units(source: Source, plan: Plan) -> list[Unit]:
 
 
 def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: torch.device,
-                   weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Quantize each module of one group independently (block scales are never shared)."""
+                   weights: dict[str, torch.Tensor] | None = None,
+                   numerics: str | None = None) -> dict[str, torch.Tensor]:
+    """Quantize each module of one group independently (block scales are never shared).
+
+    `numerics` (ModelOpt's CPU/CUDA rounding modes) does not apply: the reference producer of this
+    format is transformers' Fp8Quantize, which `exporter.numerics.fp8_block` reproduces."""
     spec = _writable(job.spec)
     weights = dict(weights) if weights is not None else read_group(job, source, device)
     out: dict[str, torch.Tensor] = {}
