@@ -8,8 +8,15 @@ a JSON object, known dtypes, non-negative integer shapes, byte sizes that match 
 offsets that tile the data section exactly (no overlap, no hole, nothing past the end).
 
 It is on the hot path of header-only validation (a DeepSeek-V3 checkpoint has 180k tensors in 72
-shards), so the per-tensor loop is kept flat: `json.loads` once, then one pass with cheap type
+shards), so the per-tensor loop is kept flat: one JSON decode, then one pass with cheap type
 checks; the precise error text is built only when something is wrong.
+
+The JSON decode uses msgspec's C decoder when it is installed (about twice as fast as `json` on
+these headers) and the standard library otherwise. The stdlib path is the reference: msgspec
+accepts no JSON text that `json` rejects except float literals, and those the fast path rules
+out (it takes only entries of exactly the three keys, whose values the type checks pin to str and
+int); any decode error or problem on the fast path is re-checked on the stdlib path, so the
+messages are the same whichever decoder is installed.
 """
 
 from __future__ import annotations
@@ -18,13 +25,21 @@ import gc
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from validators.errors import HeaderError
+
+try:        # optional C decoder (see the module docstring); the stdlib path below is the reference
+    from msgspec.json import Decoder as _MsgspecDecoder
+except ImportError:     # pragma: no cover - depends on the environment
+    _MsgspecDecoder = None
+
+#: bytes -> decoded JSON, raising ValueError / RecursionError on bad input; None: stdlib only
+fast_json_loads: Callable[[bytes], object] | None = _MsgspecDecoder().decode if _MsgspecDecoder else None
 
 # Bits per element of every dtype safetensors (Rust `Dtype`) defines. F4/F6 are packed, so a
 # tensor's byte size is numel * bits / 8 and must come out whole.
@@ -149,9 +164,13 @@ def parse_header_bytes(raw: bytes, *, file_name: str, data_size: int | None) -> 
     that need it (the tensors must still tile [0, end) without holes or overlaps).
     """
     with gc_paused():
-        obj = _decode_json(raw, file_name)
-        metadata = _check_metadata(obj.pop(METADATA_KEY, None), file_name)
-        tensors = _check_tensors(obj, file_name, data_size)
+        parsed = _parse_fast(raw, file_name, data_size) if fast_json_loads is not None else None
+        if parsed is None:      # no fast decoder, or something to report: the reference path
+            obj = _decode_json(raw, file_name)
+            metadata = _check_metadata(obj.pop(METADATA_KEY, None), file_name)
+            tensors = _check_tensors(obj, file_name, data_size)
+        else:
+            metadata, tensors = parsed
     return SafetensorsHeader(
         file=file_name,
         tensors=tensors,
@@ -159,6 +178,23 @@ def parse_header_bytes(raw: bytes, *, file_name: str, data_size: int | None) -> 
         data_offset=LENGTH_PREFIX_BYTES + len(raw),
         file_size=None if data_size is None else LENGTH_PREFIX_BYTES + len(raw) + data_size,
     )
+
+
+def _parse_fast(raw: bytes, file_name: str, data_size: int | None
+                ) -> tuple[dict[str, str] | None, dict[str, TensorInfo]] | None:
+    """(metadata, tensors) through the optional C decoder, or None when the header must go the
+    stdlib path: a decode error, or any problem at all (that path then reports it exactly)."""
+    try:
+        obj = fast_json_loads(raw)      # type: ignore[misc]
+    except (ValueError, RecursionError):
+        return None
+    if type(obj) is not dict:
+        return None
+    try:
+        metadata = _check_metadata(obj.pop(METADATA_KEY, None), file_name)
+        return metadata, _check_tensors(obj, file_name, data_size, exact_keys=True)
+    except HeaderError:
+        return None
 
 
 def _reject_number(literal: str) -> object:
@@ -193,9 +229,11 @@ def _check_metadata(metadata: object, file_name: str) -> dict[str, str] | None:
     return metadata
 
 
-def _check_tensors(entries: dict, file_name: str, data_size: int | None) -> dict[str, TensorInfo]:
+def _check_tensors(entries: dict, file_name: str, data_size: int | None, *,
+                   exact_keys: bool = False) -> dict[str, TensorInfo]:
     """One flat pass over the entries: TensorInfo objects in header order; HeaderError on the
-    first malformed entry, hole, overlap or size mismatch.
+    first malformed entry, hole, overlap or size mismatch. `exact_keys` (the fast decoder, which
+    lets floats through) also refuses entries with keys besides dtype, shape and data_offsets.
 
     Shapes repeat (thousands of experts share a handful), so each distinct shape is checked once
     and its tuple shared. The cache is keyed by tuple equality, under which a JSON `true` equals
@@ -219,7 +257,8 @@ def _check_tensors(entries: dict, file_name: str, data_size: int | None) -> dict
         except (TypeError, KeyError, ValueError):
             raise HeaderError(file_name, _entry_problem(name, entry)) from None
         known = dtype_entry(dtype) if type(dtype) is str else None
-        if known is None or type(shape) is not list or type(start) is not int or type(end) is not int:
+        if known is None or type(shape) is not list or type(start) is not int or type(end) is not int \
+                or (exact_keys and len(entry) != 3):
             raise HeaderError(file_name, _entry_problem(name, entry))
         dtype, bits = known
         key = tuple(shape)
