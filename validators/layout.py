@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from validators.layout_table import (
     COMPILED_GLOBAL_ROWS,
@@ -71,9 +71,13 @@ class FusedSlice:
     interleaved: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Module:
-    """One weight-bearing module, named as on disk (virtual per-expert names for fused experts)."""
+class Module(NamedTuple):
+    """One weight-bearing module, named as on disk (virtual per-expert names for fused experts).
+
+    Immutable. A NamedTuple rather than a frozen dataclass for the same reason as `TensorInfo`: a
+    DeepSeek-V3 layout builds ~45k of them, and a tuple is built with one C call (`_module`) where a
+    frozen dataclass pays one setter call per field. Construct it by keyword or position.
+    """
 
     name: str
     kind: Kind
@@ -88,30 +92,15 @@ class Module:
     in_features: int | None
 
 
-# Frozen slots dataclasses pay an `object.__setattr__` per field in __init__; a layout of a
-# DeepSeek-V3 checkpoint builds ~46k modules, so the hot path sets the slots directly (same object).
-_new_object = object.__new__
-(_SET_NAME, _SET_KIND, _SET_LAYER, _SET_EXPERT, _SET_ROLE, _SET_FUSED_GROUP, _SET_MOE_GROUP, _SET_TENSORS,
- _SET_FUSED, _SET_OUT, _SET_IN) = (Module.__dict__[f].__set__ for f in Module.__slots__)
+_new_tuple = tuple.__new__
 
 
 def _module(name: str, kind: Kind, layer: int | None, expert: int | None, role: str | None,
             fused_group: str | None, moe_group: str | None, tensors: dict[str, TensorInfo],
             fused: FusedSlice | None, out_features: int | None, in_features: int | None) -> Module:
-    """`Module(...)` without the frozen-dataclass __init__ overhead (equal result)."""
-    m = _new_object(Module)
-    _SET_NAME(m, name)
-    _SET_KIND(m, kind)
-    _SET_LAYER(m, layer)
-    _SET_EXPERT(m, expert)
-    _SET_ROLE(m, role)
-    _SET_FUSED_GROUP(m, fused_group)
-    _SET_MOE_GROUP(m, moe_group)
-    _SET_TENSORS(m, tensors)
-    _SET_FUSED(m, fused)
-    _SET_OUT(m, out_features)
-    _SET_IN(m, in_features)
-    return m
+    """`Module(...)` through the C tuple constructor (equal result, no Python-level __new__)."""
+    return _new_tuple(Module, (name, kind, layer, expert, role, fused_group, moe_group, tensors, fused,
+                               out_features, in_features))
 
 
 @dataclass
@@ -384,6 +373,7 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
     virtual: list[Module] = []
     markers = _MODULE_MARKERS
     num_layers = cfg.num_layers
+    new, module_type = _new_tuple, Module
     for module, parts in groups.items():
         if markers.isdisjoint(parts):  # only biases / KV scales: buffers, not a module
             unassigned.extend(info.name for info in parts.values())
@@ -399,10 +389,10 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
             if forced is None and tail is not None and not tail.fused_experts \
                     and (num_layers is None or layer < num_layers):
                 out, in_ = _logical_shape(parts)
-                modules[module] = _module(
+                modules[module] = new(module_type, (   # _module(...)
                     module, tail.kind, layer, tail.expert, tail.role,
                     base + tail.fused_rel if tail.fused_rel is not None else None,
-                    base + tail.moe_rel if tail.moe_rel is not None else None, parts, None, out, in_)
+                    base + tail.moe_rel if tail.moe_rel is not None else None, parts, None, out, in_))
                 continue
             split: tuple[str, int, str, str] | None = (prefix, layer, base, tail_name)
         else:
