@@ -34,12 +34,25 @@ from typing import BinaryIO, NamedTuple
 from validators.errors import HeaderError
 
 try:        # optional C decoder (see the module docstring); the stdlib path below is the reference
-    from msgspec.json import Decoder as _MsgspecDecoder
+    import msgspec
 except ImportError:     # pragma: no cover - depends on the environment
-    _MsgspecDecoder = None
+    msgspec = None
 
 #: bytes -> decoded JSON, raising ValueError / RecursionError on bad input; None: stdlib only
-fast_json_loads: Callable[[bytes], object] | None = _MsgspecDecoder().decode if _MsgspecDecoder else None
+fast_json_loads: Callable[[bytes], object] | None = None
+#: bytes -> {name: _Entry} for headers of exactly the safetensors entry form (used with the above)
+_typed_loads: Callable[[bytes], dict] | None = None
+if msgspec is not None:
+    class _Entry(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+        """One header entry as the typed decoder checks it: a missing or extra key, a non-string
+        dtype, a float or boolean in shape or data_offsets, or not two offsets, fails decoding."""
+
+        dtype: str
+        shape: tuple[int, ...]
+        data_offsets: tuple[int, int]
+
+    fast_json_loads = msgspec.json.Decoder().decode
+    _typed_loads = msgspec.json.Decoder(dict[str, _Entry]).decode
 
 # Bits per element of every dtype safetensors (Rust `Dtype`) defines. F4/F6 are packed, so a
 # tensor's byte size is numel * bits / 8 and must come out whole.
@@ -180,10 +193,17 @@ def parse_header_bytes(raw: bytes, *, file_name: str, data_size: int | None) -> 
     )
 
 
+_METADATA_PREFIX = b'{"' + METADATA_KEY.encode() + b'":{'    # as safetensors writes it: first, compact
+
+
 def _parse_fast(raw: bytes, file_name: str, data_size: int | None
                 ) -> tuple[dict[str, str] | None, dict[str, TensorInfo]] | None:
     """(metadata, tensors) through the optional C decoder, or None when the header must go the
-    stdlib path: a decode error, or any problem at all (that path then reports it exactly)."""
+    stdlib path: a decode error, or any problem at all (that path then reports it exactly).
+    Headers as safetensors writes them take the typed decoder, anything else the generic one."""
+    typed = _parse_typed(raw, file_name, data_size)
+    if typed is not None:
+        return typed
     try:
         obj = fast_json_loads(raw)      # type: ignore[misc]
     except (ValueError, RecursionError):
@@ -193,6 +213,37 @@ def _parse_fast(raw: bytes, file_name: str, data_size: int | None
     try:
         metadata = _check_metadata(obj.pop(METADATA_KEY, None), file_name)
         return metadata, _check_tensors(obj, file_name, data_size, exact_keys=True)
+    except HeaderError:
+        return None
+
+
+def _parse_typed(raw: bytes, file_name: str, data_size: int | None
+                 ) -> tuple[dict[str, str] | None, dict[str, TensorInfo]] | None:
+    """The typed decoder's (metadata, tensors), or None. A leading compact `"__metadata__":{...},`
+    is decoded on its own: the first `}` must close it (a `}` in one of its strings or a nested
+    object leaves the cut text invalid JSON, so it cannot be mistaken), and the next key must
+    follow the comma at once, so `{` + the rest is valid exactly when the whole header is."""
+    if _typed_loads is None or fast_json_loads is None:
+        return None
+    metadata = None
+    body = raw
+    if raw.startswith(_METADATA_PREFIX):
+        close = raw.find(b"}", len(_METADATA_PREFIX))
+        if close < 0 or raw[close + 1:close + 3] != b',"':
+            return None
+        try:
+            metadata = fast_json_loads(raw[len(_METADATA_PREFIX) - 1:close + 1])
+        except (ValueError, RecursionError):
+            return None
+        body = b"{" + raw[close + 2:]
+    try:
+        entries = _typed_loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if METADATA_KEY in entries:     # a second (or only, not leading) metadata key: the generic path
+        return None
+    try:
+        return _check_metadata(metadata, file_name), _check_typed(entries, file_name, data_size)
     except HeaderError:
         return None
 
@@ -280,15 +331,54 @@ def _check_tensors(entries: dict, file_name: str, data_size: int | None, *,
             in_order = False
         expected_start = end
         tensors[name] = new(info_type, (name, dtype, key, file_name, start, end))   # TensorInfo(...)
-    if not in_order:
-        expected_start = _check_tiling(tensors.values(), file_name)
-    if data_size is not None and expected_start != data_size:
-        if expected_start > data_size:
-            raise HeaderError(file_name, f"truncated: header says {expected_start} bytes of data, "
-                                         f"file has {data_size}")
-        raise HeaderError(file_name, f"data section has {data_size - expected_start} trailing bytes that "
-                                     f"no tensor covers (header covers {expected_start} of {data_size})")
+    _check_extent(tensors, expected_start if in_order else None, file_name, data_size)
     return tensors
+
+
+def _check_typed(entries: dict, file_name: str, data_size: int | None) -> dict[str, TensorInfo]:
+    """`_check_tensors` for entries the typed C decoder built (`_Entry`: a str dtype, a tuple of
+    ints, two ints; no other key). Only the checks the types leave are made; any problem raises
+    a bare HeaderError, for the caller to re-check the header on the reference path."""
+    tensors: dict[str, TensorInfo] = {}
+    dtype_entry = _DTYPE_ENTRY.get
+    new, info_type = _new_tuple, TensorInfo
+    shapes: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}    # exact: ints only, no bools
+    known_shape = shapes.get
+    expected_start = 0
+    in_order = True
+    for name, entry in entries.items():
+        known = dtype_entry(entry.dtype)
+        shape = entry.shape
+        start, end = entry.data_offsets
+        cached = known_shape(shape)
+        if cached is None:
+            if any(dim < 0 for dim in shape):
+                raise HeaderError(file_name, "negative dimension")
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            cached = shapes[shape] = (shape, numel)
+        shape, numel = cached
+        if known is None or start < 0 or end < start or numel * known[1] != (end - start) * 8:
+            raise HeaderError(file_name, "malformed entry")
+        if start != expected_start:
+            in_order = False
+        expected_start = end
+        tensors[name] = new(info_type, (name, known[0], shape, file_name, start, end))   # TensorInfo(...)
+    _check_extent(tensors, expected_start if in_order else None, file_name, data_size)
+    return tensors
+
+
+def _check_extent(tensors: dict[str, TensorInfo], end: int | None, file_name: str, data_size: int | None) -> None:
+    """The tensors tile [0, end) (`end` None: not checked yet, they were out of order) and end
+    where the data section does."""
+    if end is None:
+        end = _check_tiling(tensors.values(), file_name)
+    if data_size is not None and end != data_size:
+        if end > data_size:
+            raise HeaderError(file_name, f"truncated: header says {end} bytes of data, file has {data_size}")
+        raise HeaderError(file_name, f"data section has {data_size - end} trailing bytes that "
+                                     f"no tensor covers (header covers {end} of {data_size})")
 
 
 def _check_tiling(tensors: Iterable[TensorInfo], file_name: str) -> int:

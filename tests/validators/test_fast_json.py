@@ -41,15 +41,24 @@ def _json_outcome(raw: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> ob
     return repr(obj), [(p.code, p.message) for p in problems]
 
 
-def test_fast_decoder_is_installed_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bytes] = []
-    real = sh.fast_json_loads
-    assert real is not None
-    monkeypatch.setattr(sh, "fast_json_loads", lambda raw: calls.append(raw) or real(raw))
-    raw = json.dumps({"w": entry("U8", [4], 0, 4)}).encode()
-    assert list(parse_header_bytes(raw, file_name="x", data_size=4).tensors) == ["w"]
+def test_fast_decoders_are_installed_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    generic, typed = sh.fast_json_loads, sh._typed_loads
+    assert generic is not None and typed is not None
+    monkeypatch.setattr(sh, "fast_json_loads", lambda raw: calls.append("generic") or generic(raw))
+    monkeypatch.setattr(sh, "_typed_loads", lambda raw: calls.append("typed") or typed(raw))
+    compact = json.dumps({"__metadata__": {"format": "pt"}, "w": entry("U8", [4], 0, 4)},
+                         separators=(",", ":")).encode()
+    header = parse_header_bytes(compact, file_name="x", data_size=4)
+    assert header.metadata == {"format": "pt"} and list(header.tensors) == ["w"]
+    assert calls == ["generic", "typed"]        # the metadata object alone, then the entries
+    calls.clear()
+    spaced = json.dumps({"__metadata__": {"format": "pt"}, "w": entry("U8", [4], 0, 4)}).encode()
+    assert list(parse_header_bytes(spaced, file_name="x", data_size=4).tensors) == ["w"]
+    assert calls == ["typed", "generic"]        # not the compact form: the generic decoder
+    calls.clear()
     assert parse_json_object(b'{"weight_map": {}}', "i", 100, []) == {"weight_map": {}}
-    assert len(calls) == 2
+    assert calls == ["generic"]
 
 
 HEADER_CASES = [
@@ -72,6 +81,26 @@ HEADER_CASES = [
     (b'{"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}', None),
     (b"[" * 5000 + b"]" * 5000, 4),
     (b'{"w": [1, 2, 3]}', 4),
+    # the compact form safetensors writes (typed decoder), and near misses of it
+    (b'{"__metadata__":{"format":"pt"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"__metadata__":{"format":"pt"},}', 0),
+    (b'{"__metadata__":{"format":"pt"}}', 0),
+    (b'{"__metadata__":{},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"__metadata__":{"a":"}"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"__metadata__":{"a":{"b":"c"}},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"__metadata__":{"a":1.5},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"__metadata__":{"a":"b"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+     b'"__metadata__":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}}', 4),
+    (b'{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"__metadata__":{"format":"pt"}}', 4),
+    (b'{"w":{"dtype":"U8","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4),
+    (b'{"w":{"dtype":"U8","shape":[true, 4],"data_offsets":[0,4]}}', 4),
+    (b'{"w":{"dtype":"U8","shape":[-4],"data_offsets":[0,4]}}', 4),
+    (b'{"w":{"dtype":"U9","shape":[4],"data_offsets":[0,4]}}', 4),
+    (b'{"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}', 2),
+    (b'{"w":{"dtype":"U8","shape":[4],"data_offsets":[4,8]},"v":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 8),
+    (b'{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"v":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}', 6),
+    (b'{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 5),
+    (b'{"w":{"dtype":"U8","shape":[' + b"9" * 30 + b'],"data_offsets":[0,4]}}', 4),
 ]
 
 
@@ -115,11 +144,11 @@ def test_fuzzed_headers_give_identical_outcomes(monkeypatch: pytest.MonkeyPatch)
         size = numel * DTYPE_BITS[dtype] // 8
         header[f"model.layers.{i}.w"] = entry(dtype, shape, offset, offset + size)
         offset += size
-    raw = json.dumps(header).encode()
+    forms = [json.dumps(header).encode(), json.dumps(header, separators=(",", ":")).encode()]
     rng = random.Random(20261203)
     seen = {"ok": 0, "error": 0}
-    for case in range(2000):
-        mutated = _mutate(rng, raw)
+    for case in range(3000):
+        mutated = _mutate(rng, forms[case % 2])     # spaced (generic decoder) and compact (typed)
         size = rng.choice([offset, offset, None, offset - 1])
         fast = _header_outcome(mutated, size, True, monkeypatch)
         assert fast == _header_outcome(mutated, size, False, monkeypatch), (case, mutated)
