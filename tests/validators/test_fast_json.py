@@ -71,8 +71,8 @@ HEADER_CASES = [
     (b'{"__metadata__": {"a": NaN}, "w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}', 4),
     (b'{"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "v": 1e400}', 4),
     (b'{"w\\ud800": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}', 4),
-    (b'{"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "w": {"dtype": "U8", "shape": [4], '
-     b'"data_offsets": [4, 8]}}', 8),
+    ((b'{"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, "w": {"dtype": "U8", "shape": [4], '
+      b'"data_offsets": [4, 8]}}'), 8),
     (b'{"w": {"dtype": "U8", "shape": [' + b"9" * 4301 + b'], "data_offsets": [0, 4]}}', 4),
     (b'{"w": {"dtype": "U8", "shape": [0, ' + b"9" * 4300 + b'], "data_offsets": [0, 0]}}', 0),
     (b'\xef\xbb\xbf{"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}', 4),
@@ -89,8 +89,8 @@ HEADER_CASES = [
     (b'{"__metadata__":{"a":"}"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
     (b'{"__metadata__":{"a":{"b":"c"}},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
     (b'{"__metadata__":{"a":1.5},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
-    (b'{"__metadata__":{"a":"b"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
-     b'"__metadata__":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}}', 4),
+    ((b'{"__metadata__":{"a":"b"},"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+      b'"__metadata__":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}}'), 4),
     (b'{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"__metadata__":{"format":"pt"}}', 4),
     (b'{"w":{"dtype":"U8","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4),
     (b'{"w":{"dtype":"U8","shape":[true, 4],"data_offsets":[0,4]}}', 4),
