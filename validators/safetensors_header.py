@@ -140,11 +140,12 @@ def read_header(path: Path, *, max_header_bytes: int = MAX_HEADER_BYTES,
         with open(path, "rb") as f:
             file_size = _fstat_size(f)
             length = header_length(f.read(LENGTH_PREFIX_BYTES), name, file_size, max_header_bytes)
-            raw = f.read(length)
+            raw = bytearray(length)     # mutable: the typed decoder reads it without a copy
+            got = f.readinto(raw)
     except OSError as exc:
         raise HeaderError(name, f"cannot read file: {exc.strerror or exc}") from exc
-    if len(raw) != length:
-        raise HeaderError(name, f"truncated: header says {length} header bytes, file has {len(raw)}")
+    if got != length:
+        raise HeaderError(name, f"truncated: header says {length} header bytes, file has {got}")
     return parse_header_bytes(raw, file_name=name, data_size=file_size - LENGTH_PREFIX_BYTES - length)
 
 
@@ -170,7 +171,7 @@ def header_length(prefix: bytes, file_name: str, file_size: int | None,
     return length
 
 
-def parse_header_bytes(raw: bytes, *, file_name: str, data_size: int | None) -> SafetensorsHeader:
+def parse_header_bytes(raw: bytes | bytearray, *, file_name: str, data_size: int | None) -> SafetensorsHeader:
     """Parse the JSON header bytes of one file (without the 8-byte length prefix) and check it.
 
     `data_size` is the size of the data section (file size - 8 - len(raw)); None skips the checks
@@ -217,7 +218,7 @@ def _parse_fast(raw: bytes, file_name: str, data_size: int | None
         return None
 
 
-def _parse_typed(raw: bytes, file_name: str, data_size: int | None
+def _parse_typed(raw: bytes | bytearray, file_name: str, data_size: int | None
                  ) -> tuple[dict[str, str] | None, dict[str, TensorInfo]] | None:
     """The typed decoder's (metadata, tensors), or None. A leading compact `"__metadata__":{...},`
     is decoded on its own: the first `}` must close it (a `}` in one of its strings or a nested
@@ -226,7 +227,7 @@ def _parse_typed(raw: bytes, file_name: str, data_size: int | None
     if _typed_loads is None or fast_json_loads is None:
         return None
     metadata = None
-    body = raw
+    comma = -1
     if raw.startswith(_METADATA_PREFIX):
         close = raw.find(b"}", len(_METADATA_PREFIX))
         if close < 0 or raw[close + 1:close + 3] != b',"':
@@ -235,9 +236,9 @@ def _parse_typed(raw: bytes, file_name: str, data_size: int | None
             metadata = fast_json_loads(raw[len(_METADATA_PREFIX) - 1:close + 1])
         except (ValueError, RecursionError):
             return None
-        body = b"{" + raw[close + 2:]
+        comma = close + 1
     try:
-        entries = _typed_loads(body)
+        entries = _decode_entries(raw, comma)
     except (ValueError, RecursionError):
         return None
     if METADATA_KEY in entries:     # a second (or only, not leading) metadata key: the generic path
@@ -246,6 +247,22 @@ def _parse_typed(raw: bytes, file_name: str, data_size: int | None
         return _check_metadata(metadata, file_name), _check_typed(entries, file_name, data_size)
     except HeaderError:
         return None
+
+
+def _decode_entries(raw: bytes | bytearray, comma: int) -> dict:
+    """The typed decoder on `raw`, or on `{` + what follows position `comma` (the comma after
+    the metadata). A bytearray (`read_header`'s own buffer) has that comma swapped for `{` while
+    the decoder reads it in place, and put back: no copy of a header of up to 100 MB."""
+    if comma < 0:
+        return _typed_loads(raw)      # type: ignore[misc]
+    if type(raw) is not bytearray:
+        return _typed_loads(b"{" + raw[comma + 1:])      # type: ignore[misc]
+    raw[comma] = 0x7B       # ord("{")
+    try:
+        with memoryview(raw) as whole, whole[comma:] as body:
+            return _typed_loads(body)      # type: ignore[misc]
+    finally:
+        raw[comma] = 0x2C   # ord(",")
 
 
 def _reject_number(literal: str) -> object:

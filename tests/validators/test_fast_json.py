@@ -21,15 +21,25 @@ from validators.safetensors_header import DTYPE_BITS, parse_header_bytes
 pytest.importorskip("msgspec")
 
 
+def _parse_outcome(raw: bytes | bytearray, data_size: int | None) -> object:
+    try:
+        header = parse_header_bytes(raw, file_name="x.safetensors", data_size=data_size)
+    except HeaderError as exc:
+        return ("error", exc.problem)
+    return ("ok", header.metadata, list(header.tensors.items()), header.data_offset, header.file_size)
+
+
 def _header_outcome(raw: bytes, data_size: int | None, fast: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The outcome on one path; on the fast path, from bytes and from a bytearray (decoded in place,
+    as `read_header` passes it) alike, and the bytearray is left as it was."""
     with monkeypatch.context() as m:
         if not fast:
             m.setattr(sh, "fast_json_loads", None)
-        try:
-            header = parse_header_bytes(raw, file_name="x.safetensors", data_size=data_size)
-        except HeaderError as exc:
-            return ("error", exc.problem)
-    return ("ok", header.metadata, list(header.tensors.items()), header.data_offset, header.file_size)
+            return _parse_outcome(raw, data_size)
+        outcome = _parse_outcome(raw, data_size)
+        buffer = bytearray(raw)
+        assert _parse_outcome(buffer, data_size) == outcome and buffer == raw
+        return outcome
 
 
 def _json_outcome(raw: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> object:
