@@ -52,6 +52,8 @@ _MODULE_SUFFIXES = frozenset(SCALE_SUFFIXES) | WEIGHT_SUFFIXES | {"bias"}
 #: (weight suffix, dtype) -> logical input elements per stored element (U8 NVFP4 -> 2, I32 int4 -> 8).
 _IN_PACK: dict[tuple[str, str], int] = {
     (s.weight_suffix, s.weight_spec.dtypes[0]): s.in_pack for s in SCHEMES}
+#: the same for a plain `weight`, by dtype (the layout's hot path: no key tuple per module)
+_WEIGHT_IN_PACK: dict[str, int] = {dtype: pack for (suffix, dtype), pack in _IN_PACK.items() if suffix == "weight"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +375,7 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
     virtual: list[Module] = []
     markers = _MODULE_MARKERS
     num_layers = cfg.num_layers
-    new, module_type = _new_tuple, Module
+    new, module_type, weight_pack = _new_tuple, Module, _WEIGHT_IN_PACK.get
     for module, parts in groups.items():
         if markers.isdisjoint(parts):  # only biases / KV scales: buffers, not a module
             unassigned.extend(info.name for info in parts.values())
@@ -388,7 +390,11 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
             base = f"{prefix}.layers.{digits}"
             if forced is None and tail is not None and not tail.fused_experts \
                     and (num_layers is None or layer < num_layers):
-                out, in_ = _logical_shape(parts)
+                weight = parts.get("weight")
+                if weight is not None and len(weight.shape) == 2:  # _logical_shape's common case
+                    out, in_ = weight.shape[0], weight.shape[1] * weight_pack(weight.dtype, 1)
+                else:
+                    out, in_ = _logical_shape(parts)
                 modules[module] = new(module_type, (   # _module(...)
                     module, tail.kind, layer, tail.expert, tail.role,
                     base + tail.fused_rel if tail.fused_rel is not None else None,
