@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from safetensors_factory import entry
 
 from validators import safetensors_header as sh
-from validators.checkpoint import parse_json_object
+from validators.checkpoint import load_json_file, parse_json_object
 from validators.errors import HeaderError
 from validators.safetensors_header import DTYPE_BITS, parse_header_bytes
 
@@ -197,3 +198,51 @@ def test_fuzzed_json_objects_give_identical_outcomes(monkeypatch: pytest.MonkeyP
     for case in range(1500):
         mutated = _mutate(rng, raw)
         assert _json_outcome(mutated, True, monkeypatch) == _json_outcome(mutated, False, monkeypatch), mutated
+
+
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+INDEX_CASES = [
+    (b'{"metadata": {"total_size": 8}, "weight_map": {"a": "model-00001-of-00002.safetensors", '
+     b'"b": "model-00002-of-00002.safetensors"}}'),
+    b'{"weight_map": {"a": "model-00001-of-00002.safetensors"}, "metadata": {"total_size": 8}}',
+    (b'{"weight_map": {"a": "model-00001-of-00002.safetensors", "a": "model-00002-of-00002.safetensors"}, '
+     b'"weight_map": {"b": "model-00002-of-00002.safetensors"}}'),
+    b'{"weight_map": {"a": "model-00003-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}',
+    b'{"weight_map": {"a": 7, "b": ["../etc/passwd"]}}',
+    b'{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": 1e400}}',
+    b'{"weight_map": {"a": "model-00001-of-00002.safetensors"}, "metadata": NaN}',
+    b'{"weight_map": {"a": "model-00001-of-00002.safetensors",}}',
+    b'{"weight_map": "model-00001-of-00002.safetensors"}',
+    b'["weight_map"]',
+    b'{"weight_map": {"a\\u00e9": "model-00001-of-00002.safetensors"}} ',
+]
+
+
+def _index_outcome(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    problems: list = []
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(sh, "fast_json_loads", None)
+        index = load_json_file(path, "model.safetensors.index.json", 1 << 20, problems, shard_names=SHARDS)
+    return index, [(p.code, p.message) for p in problems]
+
+
+@pytest.mark.parametrize("raw", INDEX_CASES)
+def test_index_with_shard_names_matches_the_stdlib_path(raw: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(raw)
+    fast, slow = _index_outcome(path, True, monkeypatch), _index_outcome(path, False, monkeypatch)
+    assert repr(fast) == repr(slow)
+
+
+def test_index_values_are_one_string_per_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [f"model.layers.{i}.weight" for i in range(6)]
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_bytes(json.dumps({"weight_map": {n: SHARDS[i % 2] for i, n in enumerate(names)}}).encode())
+    index, problems = _index_outcome(path, True, monkeypatch)
+    values = list(index["weight_map"].values())
+    assert problems == [] and values == [SHARDS[i % 2] for i in range(6)]
+    assert len({id(v) for v in values}) == 2        # shared, not six copies
+    path.write_bytes(INDEX_CASES[3])        # one value names no shard on disk: equal, plain strings
+    index, _ = _index_outcome(path, True, monkeypatch)
+    assert index["weight_map"] == {"a": "model-00003-of-00002.safetensors", "b": SHARDS[1]}
