@@ -376,9 +376,10 @@ def _check_typed(entries: dict, file_name: str, data_size: int | None) -> dict[s
                 numel *= dim
             cached = shapes[shape] = (shape, numel)
         shape, numel = cached
-        if known is None or start < 0 or end < start or numel * known[1] != (end - start) * 8:
-            raise HeaderError(file_name, "malformed entry")
-        if start != expected_start:
+        if known is None or start != expected_start or numel * known[1] != (end - start) * 8:
+            # one test on the common path (in data order, the right size); which one failed:
+            if known is None or start < 0 or end < start or numel * known[1] != (end - start) * 8:
+                raise HeaderError(file_name, "malformed entry")
             in_order = False
         expected_start = end
         tensors[name] = new(info_type, (name, known[0], shape, file_name, start, end))   # TensorInfo(...)
