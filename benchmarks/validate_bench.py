@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"{name:<{width}}  {s['best_s']:8.3f}  {s['median_s']:10.3f}  {s['cpu_best_s']:12.3f}  "
               f"{s['cpu_median_s']:14.3f}" for name, s in summary.items()]
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}")
+    decoder = json_decoder()
+    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}; "
+                 f"JSON decoder: {decoder}")
     print("\n".join(lines))
 
     ours_name = "quantgate validate" if "quantgate validate" in runs else "open_checkpoint"
@@ -178,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     naive = summary["naive (safetensors+torch)"]["median_s"]
     passed = ours <= LIMIT_S and ours <= naive
     print(json.dumps({"benchmark": "validate_dsv3_nvfp4", "order": args.order, "tensors": _tensor_count(data),
-                      "repeat": args.repeat, "bytecode": args.bytecode, "load_average": load,
+                      "repeat": args.repeat, "bytecode": args.bytecode, "json_decoder": decoder, "load_average": load,
                       "results": summary, "judged": ours_name, "limit_s": LIMIT_S, "pass": passed}))
     if not passed:
         log.error("%s median %.3f s: over the %.1f s limit or slower than the naive check (%.3f s)",
                   ours_name, ours, LIMIT_S, naive)
     return 0 if passed else 1
+
+
+def json_decoder() -> str:
+    """Which JSON decoder the header-only path uses here: msgspec (the `fast` extra) or the stdlib."""
+    return "msgspec" if importlib.util.find_spec("msgspec") is not None else "json (stdlib)"
 
 
 def _tensor_count(data: Path) -> int:
