@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"{name:<{width}}  {s['best_s']:8.3f}  {s['median_s']:10.3f}  {s['cpu_best_s']:12.3f}  "
               f"{s['cpu_median_s']:14.3f}" for name, s in summary.items()]
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    decoder = json_decoder()
+    decoder = json_decoder(env)
     lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}; "
                  f"JSON decoder: {decoder}")
     print("\n".join(lines))
@@ -188,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if passed else 1
 
 
-def json_decoder() -> str:
-    """Which JSON decoder the header-only path uses here: msgspec (the `fast` extra) or the stdlib."""
-    return "msgspec" if importlib.util.find_spec("msgspec") is not None else "json (stdlib)"
+def json_decoder(env: dict[str, str] | None = None) -> str:
+    """Which JSON decoder the timed commands' header-only path uses: msgspec (the `fast` extra)
+    or the stdlib (asked of a child with the same environment)."""
+    probe = "from validators import safetensors_header as h; print(h.fast_json_loads is not None)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    return "msgspec" if done.stdout.strip() == "True" else "json (stdlib)"
 
 
 def _tensor_count(data: Path) -> int:
