@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 def json_decoder(env: dict[str, str] | None = None) -> str:
     """Which JSON decoder the timed commands' header-only path uses: msgspec (the `fast` extra)
     or the stdlib (asked of a child with the same environment)."""
-    probe = "from validators import safetensors_header as h; print(h.fast_json_loads is not None)"
+    probe = "from validators import safetensors_fast as f; print(f.fast_json_loads is not None)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           check=False)
     return "msgspec" if done.stdout.strip() == "True" else "json (stdlib)"

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from validators import safetensors_header
+from validators import safetensors_fast
 from validators.errors import CheckpointReadError, HeaderError
 from validators.integrity import (
     Problem,
@@ -327,7 +327,7 @@ def _fast_json_object(raw: bytes) -> dict | None:
     None: no such decoder, or anything for the stdlib path to report. The decoder accepts only
     JSON that `json.loads` accepts too, with the same result (UTF-8 checked, same integer digit
     limit, last duplicate key wins), so a dict from here is the dict `json.loads` would give."""
-    loads = safetensors_header.fast_json_loads
+    loads = safetensors_fast.fast_json_loads
     if loads is None:
         return None
     try:
@@ -344,8 +344,8 @@ def _fast_index_object(raw: bytes, shard_names: Sequence[str]) -> dict | None:
     the index checks compare them by identity. None: no fast decoder, or anything for the
     generic paths. The top level is decoded key by key from raw JSON values,
     so key order and duplicate keys come out as `json.loads` gives them."""
-    msgspec = safetensors_header.msgspec
-    loads = safetensors_header.fast_json_loads
+    msgspec = safetensors_fast.msgspec
+    loads = safetensors_fast.fast_json_loads
     if msgspec is None or loads is None:
         return None
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors_factory import entry
 
-from validators import safetensors_header as sh
+from validators import safetensors_fast as sf
 from validators.checkpoint import load_json_file, parse_json_object
 from validators.errors import HeaderError
 from validators.safetensors_header import DTYPE_BITS, parse_header_bytes
@@ -35,7 +35,7 @@ def _header_outcome(raw: bytes, data_size: int | None, fast: bool, monkeypatch: 
     as `read_header` passes it) alike, and the bytearray is left as it was."""
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(sh, "fast_json_loads", None)
+            m.setattr(sf, "fast_json_loads", None)
             return _parse_outcome(raw, data_size)
         outcome = _parse_outcome(raw, data_size)
         buffer = bytearray(raw)
@@ -47,17 +47,17 @@ def _json_outcome(raw: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> ob
     problems: list = []
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(sh, "fast_json_loads", None)
+            m.setattr(sf, "fast_json_loads", None)
         obj = parse_json_object(raw, "model.safetensors.index.json", 1 << 20, problems)
     return repr(obj), [(p.code, p.message) for p in problems]
 
 
 def test_fast_decoders_are_installed_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    generic, typed = sh.fast_json_loads, sh._typed_loads
+    generic, typed = sf.fast_json_loads, sf._typed_loads
     assert generic is not None and typed is not None
-    monkeypatch.setattr(sh, "fast_json_loads", lambda raw: calls.append("generic") or generic(raw))
-    monkeypatch.setattr(sh, "_typed_loads", lambda raw: calls.append("typed") or typed(raw))
+    monkeypatch.setattr(sf, "fast_json_loads", lambda raw: calls.append("generic") or generic(raw))
+    monkeypatch.setattr(sf, "_typed_loads", lambda raw: calls.append("typed") or typed(raw))
     compact = json.dumps({"__metadata__": {"format": "pt"}, "w": entry("U8", [4], 0, 4)},
                          separators=(",", ":")).encode()
     header = parse_header_bytes(compact, file_name="x", data_size=4)
@@ -222,7 +222,7 @@ def _index_outcome(path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> t
     problems: list = []
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(sh, "fast_json_loads", None)
+            m.setattr(sf, "fast_json_loads", None)
         index = load_json_file(path, "model.safetensors.index.json", 1 << 20, problems, shard_names=SHARDS)
     return index, [(p.code, p.message) for p in problems]
 
