@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"{name:<{width}}  {s['best_s']:8.3f}  {s['median_s']:10.3f}  {s['cpu_best_s']:12.3f}  "
               f"{s['cpu_median_s']:14.3f}" for name, s in summary.items()]
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}")
+    decoder = json_decoder(env)
+    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}; bytecode: {args.bytecode}; "
+                 f"JSON decoder: {decoder}")
     print("\n".join(lines))
 
     ours_name = "quantgate validate" if "quantgate validate" in runs else "open_checkpoint"
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                  "vs_nvfp4_cpu_median": round(summary[ours_name]["cpu_median_s"] / reference["cpu_median_s"], 3)}
         passed = passed and ours <= reference["median_s"]
     print(json.dumps({"benchmark": f"validate_dsv3_{args.form}", "order": args.order, "tensors": _tensor_count(data),
-                      "repeat": args.repeat, "bytecode": args.bytecode, "load_average": load,
+                      "repeat": args.repeat, "bytecode": args.bytecode, "json_decoder": decoder,
+                      "load_average": load,
                       "results": summary, "judged": ours_name, "limit_s": LIMIT_S, "within_budget": within_budget,
                       **extra, "pass": passed}))
     if not within_budget:
@@ -237,6 +240,15 @@ def judge(ours_s: float, naive_s: float) -> tuple[bool, bool]:
     """(pass, within_budget): pass compares two timings taken side by side in one run (a busy machine
     slows both); the absolute budget depends on the machine's load, so it is only reported."""
     return ours_s <= naive_s, ours_s <= LIMIT_S
+
+
+def json_decoder(env: dict[str, str] | None = None) -> str:
+    """Which JSON decoder the timed commands' header-only path uses: msgspec (a bare dependency)
+    or the stdlib (asked of a child with the same environment)."""
+    probe = "from validators import safetensors_fast as f; print(f.fast_json_loads is not None)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    return "msgspec" if done.stdout.strip() == "True" else "json (stdlib)"
 
 
 def _tensor_count(data: Path) -> int:

@@ -75,9 +75,19 @@ def _sort_key(text: str) -> tuple:
 def fold_names(names: Iterable[str]) -> list[str]:
     """Fold names sharing a template into brace ranges; returns sorted, de-duplicated lines."""
     groups: dict[Template, list[tuple[int, ...]]] = defaultdict(list)
-    for name in set(names):
-        template, fields = _split(name)
-        groups[template].append(fields)
+    heads: dict[str, tuple[Template, tuple[int, ...]]] = {}   # `_split` of everything before the last dot
+    for name in set(names):   # = groups[_split(name)[0]].append(_split(name)[1]), the head split once
+        head, dot, last = name.rpartition(".")
+        template, fields = (), ()
+        if dot:
+            split = heads.get(head)
+            if split is None:
+                split = heads[head] = _split(head)
+            template, fields = split
+        if last.isdigit() and (last == "0" or not last.startswith("0")):
+            groups[(*template, None)].append((*fields, int(last)))
+        else:
+            groups[(*template, last)].append(fields)
     lines = [_render(t, f) for t, rows in groups.items() for f in _fold_fields(rows)]
     return sorted(lines, key=_sort_key)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from validators.layout_table import (
     COMPILED_GLOBAL_ROWS,
@@ -54,6 +54,8 @@ _MODULE_SUFFIXES = frozenset(SCALE_SUFFIXES) | WEIGHT_SUFFIXES | {"bias"}
 #: (weight suffix, dtype) -> logical input elements per stored element (U8 NVFP4 -> 2, I32 int4 -> 8).
 _IN_PACK: dict[tuple[str, str], int] = {
     (s.weight_suffix, s.weight_spec.dtypes[0]): s.in_pack for s in SCHEMES}
+#: the same for a plain `weight`, by dtype (the layout's hot path: no key tuple per module)
+_WEIGHT_IN_PACK: dict[str, int] = {dtype: pack for (suffix, dtype), pack in _IN_PACK.items() if suffix == "weight"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,13 @@ class FusedSlice:
     interleaved: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Module:
-    """One weight-bearing module, named as on disk (virtual per-expert names for fused experts)."""
+class Module(NamedTuple):
+    """One weight-bearing module, named as on disk (virtual per-expert names for fused experts).
+
+    Immutable. A NamedTuple rather than a frozen dataclass for the same reason as `TensorInfo`: a
+    DeepSeek-V3 layout builds ~45k of them, and a tuple is built with one C call (`_module`) where a
+    frozen dataclass pays one setter call per field. Construct it by keyword or position.
+    """
 
     name: str
     kind: Kind
@@ -90,30 +96,15 @@ class Module:
     in_features: int | None
 
 
-# Frozen slots dataclasses pay an `object.__setattr__` per field in __init__; a layout of a
-# DeepSeek-V3 checkpoint builds ~46k modules, so the hot path sets the slots directly (same object).
-_new_object = object.__new__
-(_SET_NAME, _SET_KIND, _SET_LAYER, _SET_EXPERT, _SET_ROLE, _SET_FUSED_GROUP, _SET_MOE_GROUP, _SET_TENSORS,
- _SET_FUSED, _SET_OUT, _SET_IN) = (Module.__dict__[f].__set__ for f in Module.__slots__)
+_new_tuple = tuple.__new__
 
 
 def _module(name: str, kind: Kind, layer: int | None, expert: int | None, role: str | None,
             fused_group: str | None, moe_group: str | None, tensors: dict[str, TensorInfo],
             fused: FusedSlice | None, out_features: int | None, in_features: int | None) -> Module:
-    """`Module(...)` without the frozen-dataclass __init__ overhead (equal result)."""
-    m = _new_object(Module)
-    _SET_NAME(m, name)
-    _SET_KIND(m, kind)
-    _SET_LAYER(m, layer)
-    _SET_EXPERT(m, expert)
-    _SET_ROLE(m, role)
-    _SET_FUSED_GROUP(m, fused_group)
-    _SET_MOE_GROUP(m, moe_group)
-    _SET_TENSORS(m, tensors)
-    _SET_FUSED(m, fused)
-    _SET_OUT(m, out_features)
-    _SET_IN(m, in_features)
-    return m
+    """`Module(...)` through the C tuple constructor (equal result, no Python-level __new__)."""
+    return _new_tuple(Module, (name, kind, layer, expert, role, fused_group, moe_group, tensors, fused,
+                               out_features, in_features))
 
 
 @dataclass
@@ -391,6 +382,7 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
     virtual: list[Module] = []
     markers = _MODULE_MARKERS
     num_layers = cfg.num_layers
+    new, module_type, weight_pack = _new_tuple, Module, _WEIGHT_IN_PACK.get
     for module, parts in groups.items():
         if markers.isdisjoint(parts):  # only biases / KV scales: buffers, not a module
             unassigned.extend(info.name for info in parts.values())
@@ -405,11 +397,15 @@ def _build(tensors: Mapping[str, TensorInfo], cfg: _Config) -> Layout:
             base = f"{prefix}.layers.{digits}"
             if forced is None and tail is not None and not tail.fused_experts \
                     and (num_layers is None or layer < num_layers):
-                out, in_ = _logical_shape(parts)
-                modules[module] = _module(
+                weight = parts.get("weight")
+                if weight is not None and len(weight.shape) == 2:  # _logical_shape's common case
+                    out, in_ = weight.shape[0], weight.shape[1] * weight_pack(weight.dtype, 1)
+                else:
+                    out, in_ = _logical_shape(parts)
+                modules[module] = new(module_type, (   # _module(...)
                     module, tail.kind, layer, tail.expert, tail.role,
                     base + tail.fused_rel if tail.fused_rel is not None else None,
-                    base + tail.moe_rel if tail.moe_rel is not None else None, parts, None, out, in_)
+                    base + tail.moe_rel if tail.moe_rel is not None else None, parts, None, out, in_))
                 continue
             split: tuple[str, int, str, str] | None = (prefix, layer, base, tail_name)
         else:

@@ -87,6 +87,11 @@ class CountingFile:
         self._reads.append(len(data))
         return data
 
+    def readinto(self, buffer: bytearray) -> int:
+        n = self._f.readinto(buffer)
+        self._reads.append(n)
+        return n
+
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._f.seek(offset, whence)
 

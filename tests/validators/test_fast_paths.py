@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-import tomllib
+import random
+from collections import defaultdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
+import tomllib
 from safetensors_factory import entry
 
 import validators
+from validators import grouping
 from validators.errors import HeaderError
 from validators.report import quantgate_version
 from validators.safetensors_header import TensorInfo, parse_header_bytes
@@ -52,3 +55,24 @@ def test_shapes_with_zero_and_one_are_shared_and_exact() -> None:
     assert tensors["a"].shape is tensors["b"].shape == (1, 3)
     assert tensors["c"] == TensorInfo(name="c", dtype="F32", shape=(0,), file="x.safetensors", start=24, end=24)
     assert tensors["c"].numel == 0 and tensors["b"].nbytes == 12
+
+
+def _fold_by_definition(names: list[str]) -> list[str]:
+    """fold_names as its parts define it: every name split whole by `_split`."""
+    groups: dict = defaultdict(list)
+    for name in set(names):
+        template, fields = grouping._split(name)
+        groups[template].append(fields)
+    lines = [grouping._render(t, f) for t, rows in groups.items() for f in grouping._fold_fields(rows)]
+    return sorted(lines, key=grouping._sort_key)
+
+
+def test_fold_names_splitting_the_head_once_gives_the_defined_result() -> None:
+    experts = [f"model.layers.{layer}.mlp.experts.{e}" for layer in range(3, 9) for e in range(0, 256, 3)]
+    assert grouping.fold_names(experts) == _fold_by_definition(experts) == \
+        ["model.layers.{3..8}.mlp.experts.{" + ",".join(str(e) for e in range(0, 256, 3)) + "}"]
+    rng = random.Random(11)
+    segments = ["model", "layers", "0", "1", "01", "10", "007", "", "experts", "x1", "3", "gate_proj"]
+    for _ in range(3000):
+        names = [".".join(rng.choice(segments) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(0, 12))]
+        assert grouping.fold_names(names) == _fold_by_definition(names), names

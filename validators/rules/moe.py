@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from operator import attrgetter
 
 from validators.dialects import BEYOND_DIALECTS
 from validators.findings import Finding, VerdictStatus
@@ -21,6 +22,9 @@ GATE_UP_RTOL = 1e-6
 #: more routed experts than this in a config is not a real model (DeepSeek-V3 has 256, Kimi 384)
 MAX_EXPERTS = 1 << 14
 GLOBAL_SUFFIXES: tuple[str, ...] = ("weight_scale_2", "weight_global_scale")
+
+
+_EXPERT, _NAME = attrgetter("expert"), attrgetter("name")
 
 
 def _experts_by_layer(ctx: Context) -> dict[str, list[ModClass]]:
@@ -73,8 +77,10 @@ def incomplete_experts(ctx: Context) -> Iterator[Finding]:
         proj: dict[str, str] = {}
         for c in classes:
             if c.role:
-                by_role[c.role].update(m.expert for m in c.members if m.expert is not None)
+                by_role[c.role].update(map(_EXPERT, c.members))    # None (no index) dropped below
                 proj[c.role] = c.rep.name.rpartition(".")[2]
+        for present in by_role.values():
+            present.discard(None)
         seen = max((max(s) for s in by_role.values() if s), default=-1) + 1
         count = min(n, seen) if n and n > MAX_EXPERTS else (n or seen)   # an absurd config count is QG401's
         for role, present in sorted(by_role.items()):
@@ -99,7 +105,7 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
     for group, classes in sorted(_experts_by_layer(ctx).items()):
         by_fmt: dict[str, list[str]] = defaultdict(list)
         for c in classes:   # format = stored weight dtype; a missing scale is QG301's business
-            by_fmt[f"{c.state.weight_dtype or '?'} {c.state.state}"].extend(c.names)
+            by_fmt[f"{c.state.weight_dtype or '?'} {c.state.state}"].extend(map(_NAME, c.members))
         if len(by_fmt) < 2:
             continue
         summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_fmt.items(), key=lambda kv: -len(kv[1])))
