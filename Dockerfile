@@ -26,7 +26,7 @@ ARG QUANTGATE_EXTRAS=serve
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG EXTRA_CA_CERTS=
 # The import check of the installed package: the one place that names its modules.
-ARG QUANTGATE_IMPORT_CHECK="import service.app, service.worker, exporter.pipeline, validators.report"
+ARG QUANTGATE_IMPORT_CHECK="import quantgate.service.app, quantgate.service.worker, quantgate.exporter.pipeline, quantgate.validators.report"
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \

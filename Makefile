@@ -19,7 +19,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	# setuptools >= 77 is the build backend pyproject.toml names (the bare-install test builds the wheel with it)
+	$(PY) -m pip install --quiet --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install --quiet $(TORCH_PIN) --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(TORCH_PIN)
 	touch $(STAMP)
@@ -28,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m service.demo
+	$(PY) -m quantgate.service.demo
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -9,15 +9,19 @@ LOG=$OUT/run.log
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mo .whl/*.whl >>$LOG 2>&1 || exit 1
 cd .gpuwork
+# quantgate.* straight from this source tree, without installing it: a namespace folder of links
+SRC=/tmp/qgsrc
+mkdir -p $SRC/quantgate && for pkg in service exporter validators; do ln -sfn "$PWD/$pkg" "$SRC/quantgate/$pkg"; done
+export PYTHONPATH=$SRC
 nvidia-smi -L >>$LOG 2>&1
 for step in "$@"; do
   echo "=== $step $(date -u +%T)" >>$LOG
   case $step in
     fixtures)
-      PYTHONPATH=/tmp/mo:. python3 -m benchmarks.modelopt_fixtures --out tests/exporter/fixtures/modelopt_cuda >>$LOG 2>&1
+      PYTHONPATH=/tmp/mo:$SRC:. python3 -m benchmarks.modelopt_fixtures --out tests/exporter/fixtures/modelopt_cuda >>$LOG 2>&1
       tar -cf $OUT/fx.tar -C tests/exporter/fixtures modelopt_cuda ;;
     tests)
-      PYTHONPATH=. python3 -m pytest tests/exporter/test_modelopt_cuda_fixtures.py tests/exporter/test_numerics_nvfp4.py \
+      PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_modelopt_cuda_fixtures.py tests/exporter/test_numerics_nvfp4.py \
         tests/exporter/test_numerics_fp8.py tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest.log 2>&1 ;;
     small_fp8)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --small --recipe fp8 \
@@ -30,7 +34,7 @@ for step in "$@"; do
         --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
     wp)   # the weight pass alone (ModelOpt's amax as stats), by worker count: GB/s of BF16 read
       for w in 1 2 4; do
-        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=. python3 -m service.cli quantize /tmp/sbs/issue/src \
+        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize /tmp/sbs/issue/src \
           --recipe nvfp4 --device cuda --calib-stats /tmp/sbs/issue/nvfp4/modelopt_amax_stats.json --out /tmp/wp$w \
           --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
       done
@@ -38,7 +42,7 @@ for step in "$@"; do
       (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
        dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 conv=fdatasync 2>&1 | tail -1; rm -f /tmp/dd.bin) >>$OUT/wp.txt ;;
     loadexp)   # from_pretrained of the issue model on one GPU: device_map "auto" vs "cuda" (after imports)
-      PYTHONPATH=. python3 -c "
+      PYTHONPATH=$SRC:. python3 -c "
 import time, torch, transformers
 src = '/tmp/sbs/issue/src'
 for dm in ('auto', 'cuda', 'auto', 'cuda'):
@@ -49,8 +53,8 @@ for dm in ('auto', 'cuda', 'auto', 'cuda'):
     del m; torch.cuda.empty_cache()
 " >>$OUT/loadexp.txt 2>&1 ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
-      PYTHONPATH=. python3 -X importtime -c "import service.commands.quantize as q, exporter.pipeline, exporter.calibration, \
-        exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \
+      PYTHONPATH=$SRC:. python3 -X importtime -c "import quantgate.service.commands.quantize as q, quantgate.exporter.pipeline, \
+        quantgate.exporter.calibration, quantgate.exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \
         import transformers.models.gemma4.modeling_gemma4" 2>&1 | sort -t'|' -k2 -n -r | head -40 >$OUT/importtime.txt ;;
   esac
   echo "=== $step done rc=$? $(date -u +%T)" >>$LOG

@@ -56,11 +56,11 @@ GPU_CALIB = {"calib_samples": 64, "calib_seq_len": 512, "calib_batch_size": 8}
 def _child(spec: dict) -> dict:
     """Runs inside a fresh interpreter: one quantize job, returns timings and peak RSS."""
     t0 = time.perf_counter()
-    from exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
     profile_to = spec.pop("profile", None)
     if not spec.pop("batch", True):   # the per-group weight pass, for comparison with the batched one
-        from exporter.writers import modelopt_batched
+        from quantgate.exporter.writers import modelopt_batched
 
         modelopt_batched.BATCH_DEVICES = frozenset()
     req = QuantizeRequest(**spec)
@@ -100,22 +100,22 @@ def _child(spec: dict) -> dict:
 
 #: (module, attribute) timed by `--profile` (wall time summed over every thread that calls them).
 PROFILED: tuple[tuple[str, str], ...] = (
-    ("exporter.source", "Source._read"),
-    ("exporter.writers.modelopt_batched", "read_group"),
-    ("exporter.writers.modelopt_batched", "quantize_batch"),
-    ("exporter.writers.modelopt_batched", "_quantize_stack"),
-    ("exporter.writers.modelopt_batched", "_matrix_amax"),
-    ("exporter.writers.modelopt", "quantize_group"),
-    ("exporter.writers.common", "read_group"),
-    ("exporter.writers.sharding", "tensor_bytes"),
-    ("exporter.writers.sharding", "_pwrite_all"),
-    ("exporter.unit_feed", "UnitFeed.get"),
-    ("exporter.pipeline", "copy_other_files"),
-    ("exporter.pipeline", "_validate"),
-    ("exporter.calib_model", "load_calibration_model"),   # called through the module by calib_session
-    ("exporter.calib_session", "load_tokenizer"),
-    ("exporter.calibration", "calibrate_model"),
-    ("exporter.calib_session", "calibration_batches"),
+    ("quantgate.exporter.source", "Source._read"),
+    ("quantgate.exporter.writers.modelopt_batched", "read_group"),
+    ("quantgate.exporter.writers.modelopt_batched", "quantize_batch"),
+    ("quantgate.exporter.writers.modelopt_batched", "_quantize_stack"),
+    ("quantgate.exporter.writers.modelopt_batched", "_matrix_amax"),
+    ("quantgate.exporter.writers.modelopt", "quantize_group"),
+    ("quantgate.exporter.writers.common", "read_group"),
+    ("quantgate.exporter.writers.sharding", "tensor_bytes"),
+    ("quantgate.exporter.writers.sharding", "_pwrite_all"),
+    ("quantgate.exporter.unit_feed", "UnitFeed.get"),
+    ("quantgate.exporter.pipeline", "copy_other_files"),
+    ("quantgate.exporter.pipeline", "_validate"),
+    ("quantgate.exporter.calib_model", "load_calibration_model"),   # called through the module by calib_session
+    ("quantgate.exporter.calib_session", "load_tokenizer"),
+    ("quantgate.exporter.calibration", "calibrate_model"),
+    ("quantgate.exporter.calib_session", "calibration_batches"),
 )
 
 
@@ -176,8 +176,8 @@ def _run_child(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- models
 def build_model(out: Path, size: dict) -> tuple[Path, int]:
-    from exporter.source import open_source
-    from exporter.tiny_models import build_tiny
+    from quantgate.exporter.source import open_source
+    from quantgate.exporter.tiny_models import build_tiny
 
     if not (out / "config.json").exists():
         build_tiny("gemma4", out, **size)
@@ -191,10 +191,10 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
     import torch
     from safetensors.torch import save_file
 
-    from exporter import tiny_models
+    from quantgate.exporter import tiny_models
 
     if (out / "config.json").exists():
-        from exporter.source import open_source
+        from quantgate.exporter.source import open_source
         return out, sum(i.numel for i in open_source(str(out)).view.tensors.values())
     config = tiny_models.tiny_config("gemma4", **size)
     cls = tiny_models._transformers().Gemma4ForCausalLM
@@ -238,9 +238,9 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
 
 def fake_stats(source_dir: Path, path: Path) -> Path:
     """Activation stats covering every decoder Linear (values irrelevant to weight-pass speed)."""
-    from exporter.calib_stats import ActivationStats
-    from exporter.recipes import make_plan
-    from exporter.source import open_source
+    from quantgate.exporter.calib_stats import ActivationStats
+    from quantgate.exporter.recipes import make_plan
+    from quantgate.exporter.source import open_source
 
     plan = make_plan(open_source(str(source_dir)).layout, "nvfp4")
     ActivationStats(amax={n: 4.0 for n in plan.quantized()}, metadata={"model": "synthetic"}).save(path)

@@ -9,7 +9,7 @@
 2. ModelOpt in a fresh process (only `--modelopt-path` on its PYTHONPATH): load on CUDA, calibrate
    on 64 x 512 random token ids in batches of 8 (`mtq.NVFP4_DEFAULT_CFG` / `FP8_DEFAULT_CFG`),
    `export_hf_checkpoint`. It reports its stage times and every input quantizer's amax.
-3. `python -m service.cli quantize SRC --recipe R --device cuda` with the same calibration shape, in
+3. `python -m quantgate.service.cli quantize SRC --recipe R --device cuda` with the same calibration shape, in
    a fresh process, `--progress json` (its events carry the stage times).
 4. Compares every quantized module's tensors: `weight`, `weight_scale`, `weight_scale_2` bit for bit
    (these depend only on the weights); `input_scale` bit for bit given ModelOpt's amax (our
@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.source_tree import source_pythonpath
 
 ISSUE_MODEL: dict[str, Any] = {"hidden": 2048, "layers": 12, "experts": 64, "top_k_experts": 8,
                                "moe_intermediate": 1024, "intermediate": 4096, "vocab": 32000, "heads": 16,
@@ -139,7 +141,7 @@ def compare(mo: dict[str, Any], ours: dict[str, Any], amax: dict[str, float], sc
     """Counts of differing tensors per suffix and kind (expert / dense), plus input-scale checks."""
     import torch
 
-    from exporter.numerics.fp8 import activation_scale
+    from quantgate.exporter.numerics.fp8 import activation_scale
 
     mo_mods, our_mods = _quantized_modules(mo), _quantized_modules(ours)
     res: dict[str, Any] = {"modules": len(mo_mods), "only_modelopt": sorted(mo_mods - our_mods)[:5],
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) / ("small" if args.small else "issue") / args.recipe
     work.mkdir(parents=True, exist_ok=True)
     repo = str(Path(__file__).resolve().parents[1])
+    source_path = source_pythonpath(Path(repo))   # quantgate.* from this checkout, installed or not
     t = time.perf_counter()
     src, params = synthetic_model(Path(args.work) / ("small" if args.small else "issue") / "src", size)
     _name_architecture(src / "config.json")
@@ -260,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                        "uncalibrated_expert_weights": mo_info["uncalibrated_expert_weights"]}
 
     qg_out = work / "quantgate"
-    qg_cmd = [sys.executable, "-m", "service.cli", "quantize", str(src), "--recipe", args.recipe, "--device", "cuda",
+    qg_cmd = [sys.executable, "-m", "quantgate.service.cli", "quantize", str(src), "--recipe", args.recipe, "--device", "cuda",
               "--calib-samples", str(CALIB["samples"]), "--calib-seq-len", str(CALIB["seq_len"]),
               "--calib-batch-size", str(CALIB["batch"]), "--out", str(qg_out), "--overwrite", "--progress", "json"]
-    wall, lines, rc = _spawn(qg_cmd, {**base_env, "PYTHONPATH": repo}, work / "quantgate.log")
+    wall, lines, rc = _spawn(qg_cmd, {**base_env, "PYTHONPATH": source_path}, work / "quantgate.log")
     if rc != 0:
         print((work / "quantgate.log").read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"quantgate failed ({rc})")
@@ -274,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     res["ratios"] = {"process_wall": qg_t["process_wall"] / mo_t["process_wall"],
                      "load_calibrate_export": qg_t["load_calibrate_export"] / mo_t["load_calibrate_export"]}
 
-    sys.path.insert(0, repo)
+    sys.path[:0] = source_path.split(":")   # in-process imports of quantgate.* below
     mo_tensors = _load_all(mo_out)
     scheme = SCHEMES[args.recipe]
     res["compare_cuda"] = compare(mo_tensors, _load_all(qg_out), mo_info["amax"], scheme, with_input_scale=False)
     stats_path = work / "modelopt_amax_stats.json"
     if args.cpu_check:
-        from exporter.calib_stats import ActivationStats
+        from quantgate.exporter.calib_stats import ActivationStats
 
         amax = {m: amax_for(m, mo_info["amax"]) for m in _quantized_modules(mo_tensors)
                 if f"{m}.input_scale" in mo_tensors}
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_out = work / "quantgate-cpu"
         cmd = [*qg_cmd[:qg_cmd.index("--device")], "--device", "cpu", "--calib-stats", str(stats_path),
                "--out", str(cpu_out), "--overwrite", "--progress", "json"]
-        wall, lines, rc = _spawn(cmd, {**base_env, "PYTHONPATH": repo}, work / "quantgate-cpu.log")
+        wall, lines, rc = _spawn(cmd, {**base_env, "PYTHONPATH": source_path}, work / "quantgate-cpu.log")
         if rc != 0:
             print((work / "quantgate-cpu.log").read_text()[-4000:], file=sys.stderr)
             raise SystemExit(f"quantgate on the CPU failed ({rc})")

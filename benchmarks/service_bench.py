@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from service import launch
+from quantgate.service import launch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench-data" / "service"
@@ -49,12 +49,12 @@ def tiny_checkpoints() -> tuple[Path, Path]:
     """(BF16 source, NVFP4 export) of the tiny Gemma4 MoE, built once under bench-data/service."""
     source, export = BENCH_DIR / "models" / "gemma4", BENCH_DIR / "models" / "gemma4-nvfp4"
     if not (source / "config.json").exists():
-        from exporter.tiny_models import build_tiny
+        from quantgate.exporter.tiny_models import build_tiny
 
         shutil.rmtree(source, ignore_errors=True)
         build_tiny("gemma4", source)
     if not (export / "hf_quant_config.json").exists():
-        from exporter.pipeline import QuantizeRequest, run_quantize
+        from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
         shutil.rmtree(export, ignore_errors=True)
         result = run_quantize(

@@ -63,7 +63,7 @@ BYTECODE_MODES = ("cached", "none")
 
 OPEN_ONLY = """
 import sys
-from validators.checkpoint import open_checkpoint
+from quantgate.validators.checkpoint import open_checkpoint
 view = open_checkpoint(sys.argv[1])
 assert len(view.tensors) > 80_000 and not view.problems, view
 assert "torch" not in sys.modules, "header-only path imported torch"
@@ -105,7 +105,7 @@ def ensure_checkpoint(data: Path, order: str = "safetensors", form: str = "nvfp4
 
 
 def quantgate_available() -> bool:
-    return importlib.util.find_spec("service.commands.validate") is not None
+    return importlib.util.find_spec("quantgate.service.commands.validate") is not None
 
 
 def _children_cpu_s() -> float:
@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.form == "fp8" and quantgate_available():
         nvfp4 = ensure_checkpoint(DEFAULT_DATA[args.order].resolve(), args.order)
         runs.update(time_interleaved({
-            "quantgate validate": [python, "-m", "service.cli", "validate", str(data), "--format", "json"],
-            "quantgate validate (nvfp4 form)": [python, "-m", "service.cli", "validate", str(nvfp4), "--format",
+            "quantgate validate": [python, "-m", "quantgate.service.cli", "validate", str(data), "--format", "json"],
+            "quantgate validate (nvfp4 form)": [python, "-m", "quantgate.service.cli", "validate", str(nvfp4), "--format",
                                                 "json"]}, args.repeat, env, warmup))
     elif quantgate_available():
         # exit 1 means "findings": still a complete validation
         runs["quantgate validate"] = time_command(
-            [python, "-m", "service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1),
+            [python, "-m", "quantgate.service.cli", "validate", str(data), "--format", "json"], args.repeat, (0, 1),
             env, warmup)
     runs["open_checkpoint"] = time_command([python, "-c", OPEN_ONLY, str(data)], args.repeat, env=env,
                                            warmup=warmup)

@@ -2,7 +2,7 @@
 
 `--recipe auto --bits B [--candidates nvfp4,fp8] [--method gradient|kl_div] [--score-samples N]
 [--scores FILE]`: B is the effective-bits budget (NVFP4 counts 4.5 bits, FP8 8, BF16 16; BF16 is
-always a candidate). The planning itself lives in `exporter.auto` (which imports torch); this
+always a candidate). The planning itself lives in `quantgate.exporter.auto` (which imports torch); this
 module only validates the request, so bad input fails before anything is loaded and the service
 can answer 422 without importing torch.
 """
@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from validators.errors import UsageError
-from validators.schemes import MIXED_PRECISION_ALGOS, scheme
+from quantgate.validators.errors import UsageError
+from quantgate.validators.schemes import MIXED_PRECISION_ALGOS, scheme
 
 AUTO_RECIPE = "auto"
 #: The only dialect with a per-layer mixed-precision form the engines read (MIXED_PRECISION).
@@ -24,7 +24,7 @@ DEFAULT_CANDIDATES: tuple[str, ...] = ("nvfp4", "fp8")
 DEFAULT_METHOD = "gradient"
 DEFAULT_SCORE_SAMPLES = 128
 #: Per-layer algos an `auto` export can write: vLLM's MIXED_PRECISION algos that the writer has
-#: numerics for (`exporter.writers.modelopt.WRITABLE_ALGOS`; a test keeps the two in step).
+#: numerics for (`quantgate.exporter.writers.modelopt.WRITABLE_ALGOS`; a test keeps the two in step).
 EXPORTABLE_ALGOS: tuple[str, ...] = tuple(a for a in MIXED_PRECISION_ALGOS if a in ("NVFP4", "FP8"))
 #: The budget is in bits per weight: BF16 (16) is the most any plan can use.
 MAX_BITS = 16.0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from validators.errors import UsageError
+from quantgate.validators.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

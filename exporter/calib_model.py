@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from validators.errors import CheckpointReadError, UnsupportedArchitectureError, UsageError
+from quantgate.validators.errors import CheckpointReadError, UnsupportedArchitectureError, UsageError
 
 logger = logging.getLogger(__name__)
 

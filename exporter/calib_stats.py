@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.jsonfile import check_format, read_json, write_json_atomic
-from validators.errors import QuantgateError, UsageError
+from quantgate.exporter.jsonfile import check_format, read_json, write_json_atomic
+from quantgate.validators.errors import QuantgateError, UsageError
 
 STATS_FORMAT = "quantgate.activation_stats"
 STATS_VERSION = 1

@@ -67,7 +67,7 @@ def _kind_value(kind: Any) -> str | None:
 
 
 def target_from_module(module: Any) -> Target:
-    """From a `validators.layout.Module` (duck-typed so this file does not depend on its import)."""
+    """From a `quantgate.validators.layout.Module` (duck-typed so this file does not depend on its import)."""
     return Target(
         module.name,
         _kind_value(module.kind),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from exporter.calib_experts import (
+from quantgate.exporter.calib_experts import (
     CALIB_IMPLEMENTATION,
     DENSE_EXPERTS,
     RECORDER_ATTR,
@@ -31,22 +31,22 @@ from exporter.calib_experts import (
     is_dispatched_experts,
     register_calibration_implementation,
 )
-from exporter.calib_model import (
+from quantgate.exporter.calib_model import (
     DEFAULT_DTYPE,
     forward_kwargs,
     input_device,
     load_calibration_model,
 )
-from exporter.calib_session import ModelSession
-from exporter.calib_stats import (
+from quantgate.exporter.calib_session import ModelSession
+from quantgate.exporter.calib_stats import (
     STATS_FILE_NAME,
     ActivationStats,
     ActivationStatsError,
     CalibrationError,
 )
-from exporter.calib_targets import Binding, Target, bind_targets, resolve_targets
-from exporter.progress import ProgressCallback, emit
-from validators.errors import UnsupportedArchitectureError, UsageError
+from quantgate.exporter.calib_targets import Binding, Target, bind_targets, resolve_targets
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.validators.errors import UnsupportedArchitectureError, UsageError
 
 __all__ = [
     "STATS_FILE_NAME",
@@ -330,7 +330,7 @@ def calibrate(
     """Calibrate `source` (an exporter Source, a local model directory, or a Hub repo id) for
     `targets` (a Plan, or on-disk module names). See the module docstring.
 
-    `session`: an `exporter.calib_session.ModelSession` whose model (already loaded for `auto`
+    `session`: an `quantgate.exporter.calib_session.ModelSession` whose model (already loaded for `auto`
     scoring, or loaded now) is used and kept; without one the model is loaded here and dropped."""
     model_ref = str(getattr(source, "path", source))
     layout = layout if layout is not None else getattr(source, "layout", None)

@@ -1,7 +1,7 @@
 """Load an export back as a BF16 transformers model, through our own dequantizers.
 
 Used to measure what quantization did to a model (logits versus the BF16 source) without any
-serving engine: every quantized module of the export is dequantized with `exporter.numerics`, the
+serving engine: every quantized module of the export is dequantized with `quantgate.exporter.numerics`, the
 state dict is rebuilt in the *source's* on-disk naming (per-expert modules of a fused source are
 re-stacked into the fused 3-D tensors, transposed / interleaved back where the source was), written
 as a plain BF16 checkpoint next to the source config, and loaded with the model's transformers class.
@@ -20,48 +20,48 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from exporter.source import Source, open_source
-from validators.errors import QuantgateError
-from validators.fused_schemes import fused_storage
-from validators.layout import FusedSlice, Module
-from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, match_scheme
+from quantgate.exporter.source import Source, open_source
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.fused_schemes import fused_storage
+from quantgate.validators.layout import FusedSlice, Module
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, match_scheme
 
 log = logging.getLogger(__name__)
 
 
 def _nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.nvfp4 import dequantize_nvfp4
+    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4
 
     return dequantize_nvfp4(read["weight"], read["weight_scale"], read["weight_scale_2"], dtype=dtype)
 
 
 def _ct_nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.nvfp4 import dequantize_nvfp4, modelopt_global_scale
+    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4, modelopt_global_scale
 
     ws2 = modelopt_global_scale(read["weight_global_scale"])      # CT stores 2688 / amax
     return dequantize_nvfp4(read["weight_packed"], read["weight_scale"], ws2, dtype=dtype)
 
 
 def _fp8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.fp8 import dequantize_fp8
+    from quantgate.exporter.numerics.fp8 import dequantize_fp8
 
     return dequantize_fp8(read["weight"], read["weight_scale"], dtype=dtype)   # [] / [1] / [out, 1] broadcast
 
 
 def _fp8_block(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.fp8_block import dequantize_fp8_block
+    from quantgate.exporter.numerics.fp8_block import dequantize_fp8_block
 
     return dequantize_fp8_block(read["weight"], read["weight_scale_inv"], dtype=dtype)   # 128x128 (FP8_BLOCK)
 
 
 def _w4a16(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.int4 import dequantize_w4a16
+    from quantgate.exporter.numerics.int4 import dequantize_w4a16
 
     return dequantize_w4a16(read["weight_packed"], read["weight_scale"], read.get("weight_shape"), dtype=dtype)
 
 
 def _w8a8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from exporter.numerics.int8 import dequantize_w8a8_int8
+    from quantgate.exporter.numerics.int8 import dequantize_w8a8_int8
 
     return dequantize_w8a8_int8(read["weight"], read["weight_scale"], dtype=dtype)
 
@@ -105,7 +105,7 @@ def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.
                      dialect: str | None = None) -> torch.Tensor | None:
     """The whole fused 3-D tensor holding `module`, dequantized in its stored orientation ([E, in, out]
     when transposed), or None when it is not quantized. Each expert's slice is turned back to [out, in]
-    (`validators.schemes.expert_views`), dequantized by the scheme's 2-D dequantizer, and turned back."""
+    (`quantgate.validators.schemes.expert_views`), dequantized by the scheme's 2-D dequantizer, and turned back."""
     assert module.fused is not None
     found = fused_storage(dialect or export_dialect(export), module.tensors, module.fused.transposed)
     if found is None:
@@ -165,7 +165,7 @@ def dequantized_state_dict(export_dir: str | Path, source: Source,
 
 def _restack(source: Source, tensor: str, slices: list[tuple[FusedSlice, str]],
              matrices: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `exporter.source.slice_fused`: per-expert [out, in] matrices -> the fused tensor."""
+    """Inverse of `quantgate.exporter.source.slice_fused`: per-expert [out, in] matrices -> the fused tensor."""
     info = source.info(tensor)
     fused = torch.zeros(tuple(info.shape), dtype=dtype)
     covered = 0

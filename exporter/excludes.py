@@ -8,7 +8,7 @@ expert-substring rule, prefix maps, Gemma4 `experts` -> `moe.experts`; vllm_sgla
 
 We generate the same prefix candidates first, then leading wildcards (`*layers.0.self_attn*`) that
 survive an engine's prefix map (SGLang does not map `model.language_model.` patterns), and the exact
-name last (an exact fused shard conflicts with its unlisted siblings in vLLM), and accept a candidate only when `validators.engines` proves, for every engine, that it
+name last (an exact fused shard conflicts with its unlisted siblings in vLLM), and accept a candidate only when `quantgate.validators.engines` proves, for every engine, that it
 matches no quantized module. Every excluded module must end up excluded in every engine; a final
 pass folds per-layer patterns (`model.layers.3.mlp.gate`) into one layer wildcard
 (`model.layers.*.mlp.gate`) when that is still safe.
@@ -21,8 +21,8 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from validators.engines import ENGINE_SEMANTICS, EngineSemantics, engine_unit, fused_shards, naming_for
-from validators.engines import _Base as _EngineBase
+from quantgate.validators.engines import ENGINE_SEMANTICS, EngineSemantics, engine_unit, fused_shards, naming_for
+from quantgate.validators.engines import _Base as _EngineBase
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _Checker:
        are the expert rule (the unit occurs in `p`) and a fused shard listed by name (`p` is a
        shard of the unit). Only classes passing that test are checked with the engine itself.
 
-    Engines not built on `validators.engines` (test doubles) fall back to the full check.
+    Engines not built on `quantgate.validators.engines` (test doubles) fall back to the full check.
     """
 
     def __init__(self, quantized: Sequence[str], architecture: str | None,
@@ -141,7 +141,7 @@ class _Class:
 
 
 def _classes(sem: EngineSemantics, quantized: Sequence[str], architecture: str | None) -> list[_Class] | None:
-    """Equivalence classes of `quantized` for `sem`, or None when `sem` is not a `validators.engines` engine."""
+    """Equivalence classes of `quantized` for `sem`, or None when `sem` is not a `quantgate.validators.engines` engine."""
     if not isinstance(sem, _EngineBase):
         return None
     naming = naming_for(architecture)

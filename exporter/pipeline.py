@@ -19,31 +19,31 @@ from typing import Any
 
 import torch
 
-from exporter.auto_options import (
+from quantgate.exporter.auto_options import (
     AUTO_RECIPE,
     DEFAULT_CANDIDATES,
     DEFAULT_METHOD,
     DEFAULT_SCORE_SAMPLES,
     check_auto_request,
 )
-from exporter.calib_session import ModelSession
-from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
-from exporter.jsonfile import write_json_atomic
-from exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
-from exporter.progress import ProgressCallback, emit
-from exporter.recipes import Plan, check_dialect, get_recipe, make_plan
-from exporter.source import Source, open_source
-from exporter.unit_feed import UnitFeed, device_stream, feed_workers
-from exporter.writers.bmm_experts import check_bmm_plan
-from exporter.writers.common import CopyJob
-from exporter.writers.modelopt_batched import feed_batching
-from exporter.writers.sharding import (
+from quantgate.exporter.calib_session import ModelSession
+from quantgate.exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.jsonfile import write_json_atomic
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.exporter.recipes import Plan, check_dialect, get_recipe, make_plan
+from quantgate.exporter.source import Source, open_source
+from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
+from quantgate.exporter.writers.bmm_experts import check_bmm_plan
+from quantgate.exporter.writers.common import CopyJob
+from quantgate.exporter.writers.modelopt_batched import feed_batching
+from quantgate.exporter.writers.sharding import (
     DEFAULT_SHARD_SIZE,
     INDEX_FILE,
     ShardWriter,
     plan_shards,
 )
-from validators.errors import UsageError
+from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     # Loaded at most once, on first use: auto scoring and calibration share it (exporter.calib_session).
     session = ModelSession(str(source.path), device=req.device, token=req.token, revision=req.revision)
     if req.recipe == AUTO_RECIPE:
-        from exporter.auto.stage import plan_for_request
+        from quantgate.exporter.auto.stage import plan_for_request
 
         plan, auto = plan_for_request(req, source, progress, session=session)
     else:
@@ -165,7 +165,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
                                  on_buffer=_writer_hook, dialect=req.dialect, numerics=req.numerics)
         if auto is not None:
-            from exporter.auto.stage import write_auto_files
+            from quantgate.exporter.auto.stage import write_auto_files
 
             write_auto_files(tmp, auto)
         extra = {"auto": auto.summary()} if auto is not None else None
@@ -208,7 +208,7 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
         emit(progress, "calibrate", 0.0, f"reading activation stats from {req.calib_stats}")
         stats = ActivationStats.load(req.calib_stats)
     else:
-        from exporter.calibration import calibrate
+        from quantgate.exporter.calibration import calibrate
 
         emit(progress, "calibrate", 0.0, f"calibrating on {req.calib_samples} x {req.calib_seq_len} tokens")
         stats = calibrate(source, plan, data=req.calib_data, samples=req.calib_samples, seq_len=req.calib_seq_len,
@@ -245,7 +245,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
     `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
     `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
     """
-    from exporter.writers.registry import writer_for
+    from quantgate.exporter.writers.registry import writer_for
 
     dialect_writer = writer_for(dialect)
     t = time.perf_counter()
@@ -300,7 +300,7 @@ def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, o
             writer.close()   # waits for the shards' fsyncs (durability before the final rename)
             sync_wait = time.perf_counter() - t_close
     if len(shards) > 1:
-        from exporter.writers.sharding import index_for
+        from quantgate.exporter.writers.sharding import index_for
 
         write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
     write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
@@ -349,7 +349,7 @@ def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[st
     """Validate the temporary `out_dir` and write the report into it. With `final` (the `--out`
     path), the report names where the export will live, not the hidden temporary directory: `final`
     when it validates, else the `<final>.failed-validation` path it is kept at."""
-    from validators.report import validate
+    from quantgate.validators.report import validate
 
     t = time.perf_counter()
     emit(progress, "validate", 0.0, "validating the export")
@@ -374,7 +374,7 @@ def write_report(report: Any, out_dir: Path, extra: dict[str, Any] | None = None
     """
     write_json_atomic(out_dir / REPORT_JSON, {**report.to_dict(), **(extra or {})}, indent=2, allow_nan=True)
     try:
-        from validators.render import render_html
+        from quantgate.validators.render import render_html
     except ImportError:   # renderer not installed in this build: the JSON report is the contract
         return
     (out_dir / REPORT_HTML).write_text(render_html(report), encoding="utf-8")

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporter.progress import ProgressCallback, emit
-from validators.errors import QuantgateError, UsageError
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.validators.errors import QuantgateError, UsageError
 
 __all__ = ["PushError", "PushRejected", "PushResult", "PushTarget", "check_repo_id", "export_digest", "publish_export",
            "publish_html", "push_export"]
@@ -200,8 +200,8 @@ def publish_export(folder: Path, target: PushTarget, *, source: str, source_revi
                    token: str | None = None, push_id: str | None = None,
                    progress: ProgressCallback | None = None) -> tuple[PushResult, str]:
     """Render the card for the validated export in `folder` and push both; returns (result, card)."""
-    from exporter.model_card import REPORT_FILE, CardFacts, render_card
-    from validators import __version__
+    from quantgate.exporter.model_card import REPORT_FILE, CardFacts, render_card
+    from quantgate.validators import __version__
 
     report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
     if not report.get("ok"):

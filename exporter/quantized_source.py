@@ -7,7 +7,7 @@ config and the safetensors headers only (no tensor data, no model):
 
 * a quantization config where vLLM looks for one (`config.json` `quantization_config` /
   `compression_config`, a wrapper's `text_config`, else `hf_quant_config.json`), parsed by the
-  validator's own parser (`validators.quant_config.parse_quant_config`);
+  validator's own parser (`quantgate.validators.quant_config.parse_quant_config`);
 * else tensors a BF16 checkpoint never has: a quantization suffix of the validator's layout table
   (`weight_scale`, `input_scale`, `weight_packed`, `k_scale`, ...) or a weight stored in a
   quantized dtype (FP8, FP4, int8 / uint8 packing).
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from validators.errors import UsageError
-from validators.layout import SCALE_SUFFIXES
-from validators.quant_config import QuantConfig, config_json_quant_section, parse_quant_config
-from validators.safetensors_header import TensorInfo
-from validators.schemes import ct_group_schemes
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import SCALE_SUFFIXES
+from quantgate.validators.quant_config import QuantConfig, config_json_quant_section, parse_quant_config
+from quantgate.validators.safetensors_header import TensorInfo
+from quantgate.validators.schemes import ct_group_schemes
 
 #: Tensor name suffixes only quantized checkpoints carry (the layout table's scale suffixes plus the
 #: packed compressed-tensors weight).

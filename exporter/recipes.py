@@ -15,10 +15,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporter.auto_options import AUTO_RECIPE
-from validators.errors import UsageError
-from validators.layout import Kind, Layout, Module
-from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, SchemeSpec, scheme
+from quantgate.exporter.auto_options import AUTO_RECIPE
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Kind, Layout, Module
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.source_checks import (  # noqa: F401 - torch-free checks, re-exported here
+from quantgate.exporter.source_checks import (  # noqa: F401 - torch-free checks, re-exported here
     DECODER_KINDS,
     PICKLE_SUFFIXES,
     check_supported,
@@ -24,10 +24,10 @@ from exporter.source_checks import (  # noqa: F401 - torch-free checks, re-expor
     no_such_source,
     refuse_pickle_only,
 )
-from validators.checkpoint import CheckpointView
-from validators.errors import CheckpointReadError
-from validators.layout import FusedSlice, Layout, Module
-from validators.safetensors_header import TensorInfo
+from quantgate.validators.checkpoint import CheckpointView
+from quantgate.validators.errors import CheckpointReadError
+from quantgate.validators.layout import FusedSlice, Layout, Module
+from quantgate.validators.safetensors_header import TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.quantized_source import refuse_quantized_source
-from validators.checkpoint import CheckpointView, open_checkpoint
-from validators.errors import CheckpointReadError, UnsupportedArchitectureError
-from validators.layout import Kind, Layout, build_layout
-from validators.safetensors_header import TensorInfo
+from quantgate.exporter.quantized_source import refuse_quantized_source
+from quantgate.validators.checkpoint import CheckpointView, open_checkpoint
+from quantgate.validators.errors import CheckpointReadError, UnsupportedArchitectureError
+from quantgate.validators.layout import Kind, Layout, build_layout
+from quantgate.validators.safetensors_header import TensorInfo
 
 __all__ = [
     "DECODER_KINDS",

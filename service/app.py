@@ -20,15 +20,15 @@ from fastapi import Depends, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api import docs, health, jobs, metrics, ui, validations
-from service.api.deps import require_token
-from service.executors.base import Executor
-from service.executors.local import LocalExecutor
-from service.messages import errors_message, public_error
-from service.metrics import Metrics
-from service.security import BodySizeLimit, PathNotAllowed
-from service.settings import Settings
-from service.store import Store
+from quantgate.service.api import docs, health, jobs, metrics, ui, validations
+from quantgate.service.api.deps import require_token
+from quantgate.service.executors.base import Executor
+from quantgate.service.executors.local import LocalExecutor
+from quantgate.service.messages import errors_message, public_error
+from quantgate.service.metrics import Metrics
+from quantgate.service.security import BodySizeLimit, PathNotAllowed
+from quantgate.service.settings import Settings
+from quantgate.service.store import Store
 
 __all__ = ["DataDirLocked", "Service", "create_app", "executor_class", "open_service"]
 
@@ -77,7 +77,7 @@ def _lock_data_dir(settings: Settings) -> IO[str]:
 def executor_class(settings: Settings) -> Callable[..., Executor]:
     """The executor `settings.executor` names; ray is imported only when it is chosen."""
     if settings.executor == "ray":
-        from service.executors.ray import RayExecutor
+        from quantgate.service.executors.ray import RayExecutor
 
         return RayExecutor
     return LocalExecutor

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"service.commands.{name}")
+        module = importlib.import_module(f"quantgate.service.commands.{name}")
         module.register(sub)
     return parser
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"quantgate {args.command}: {reason}", file=sys.stderr)
         return EXIT_USAGE
-    module = importlib.import_module(f"service.commands.{args.command}")
+    module = importlib.import_module(f"quantgate.service.commands.{args.command}")
     if argv is None and args.command in SHORT_LIVED:   # the process entry (console script, -m)
         _run_and_exit(module, args)
     return int(module.run(args))

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from service.launch import (
+from quantgate.service.launch import (
     LOOPBACK,
     ServerNotReady,
     free_port,
@@ -54,7 +54,7 @@ class DemoFailed(Exception):
 
 
 def build_model(root: Path) -> Path:
-    from exporter.tiny_models import build_tiny
+    from quantgate.exporter.tiny_models import build_tiny
 
     return build_tiny("gemma4", root / "models" / "gemma4-tiny")
 
@@ -102,9 +102,9 @@ def break_experts(source: Path, export: Path, broken: Path) -> int:
     (what a PTQ tool whose patterns miss Gemma4's `layers.N.experts` naming produces)."""
     from safetensors.torch import load_file, save_file
 
-    from validators.checkpoint import open_checkpoint
-    from validators.layout import Kind, build_layout
-    from validators.safetensors_header import read_header
+    from quantgate.validators.checkpoint import open_checkpoint
+    from quantgate.validators.layout import Kind, build_layout
+    from quantgate.validators.safetensors_header import read_header
 
     source_view = open_checkpoint(str(source))
     source_experts = build_layout(source_view.tensors, source_view.config).by_kind(Kind.EXPERT)

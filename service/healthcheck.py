@@ -35,7 +35,7 @@ def serve_argv(cmdline: bytes) -> list[str]:
 
 def probe_url(argv: Sequence[str], env: Mapping[str, str]) -> str:
     """`http://HOST:PORT/healthz` for a server started with `quantgate serve ARGV` in `env`."""
-    from service.cli import build_parser  # argparse only: no fastapi, no pydantic
+    from quantgate.service.cli import build_parser  # argparse only: no fastapi, no pydantic
 
     args, _ = build_parser().parse_known_args(["serve", *argv])
     host = args.host if args.host is not None else env.get("QUANTGATE_HOST", DEFAULT_HOST)

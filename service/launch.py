@@ -53,11 +53,11 @@ def serve_command(
     roots: Sequence[Path] = (),
     args: Sequence[str] = (),
 ) -> list[str]:
-    """`python -m service.cli serve` on `host:port` with `data_dir`, each of `roots` allowed, then `args`."""
+    """`python -m quantgate.service.cli serve` on `host:port` with `data_dir`, each of `roots` allowed, then `args`."""
     command = [
         sys.executable,
         "-m",
-        "service.cli",
+        "quantgate.service.cli",
         "serve",
         "--host",
         host,

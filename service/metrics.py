@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.executors.base import ClusterInfo, SlotUsage
-from service.store import JobRecord, Store
+from quantgate.service.executors.base import ClusterInfo, SlotUsage
+from quantgate.service.store import JobRecord, Store
 
 __all__ = ["Metrics"]
 

@@ -6,8 +6,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from service.security import HUB_REPO_ID
-from service.store import EventRecord, JobRecord, ValidationRecord
+from quantgate.service.security import HUB_REPO_ID
+from quantgate.service.store import EventRecord, JobRecord, ValidationRecord
 
 __all__ = [
     "CalibrationOptions",
@@ -75,8 +75,8 @@ class PushOptions(_Strict):
     @field_validator("repo_id")
     @classmethod
     def _hub_id(cls, value: str) -> str:
-        from exporter.publish import check_repo_id  # torch-free
-        from validators.errors import UsageError
+        from quantgate.exporter.publish import check_repo_id  # torch-free
+        from quantgate.validators.errors import UsageError
 
         try:
             return check_repo_id(value)
@@ -131,7 +131,7 @@ class JobCreate(_Strict):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, value: str) -> str:
-        from exporter.recipes import recipe_names  # torch-free table shared with the exporter
+        from quantgate.exporter.recipes import recipe_names  # torch-free table shared with the exporter
 
         if value not in recipe_names():
             raise ValueError(f"unknown recipe {value!r}; choose one of: {', '.join(recipe_names())}")
@@ -139,8 +139,8 @@ class JobCreate(_Strict):
 
     @model_validator(mode="after")
     def _auto_options(self) -> JobCreate:
-        from exporter.auto_options import check_job_options
-        from validators.errors import UsageError
+        from quantgate.exporter.auto_options import check_job_options
+        from quantgate.validators.errors import UsageError
 
         try:
             check_job_options(self.recipe, bits=self.bits, candidates=self.candidates, method=self.method,
@@ -152,9 +152,9 @@ class JobCreate(_Strict):
     @model_validator(mode="after")
     def _recipe_dialect(self) -> JobCreate:
         """Resolve the default dialect and refuse a recipe the dialect cannot spell (w4a16 as modelopt)."""
-        from exporter.auto_options import AUTO_RECIPE
-        from exporter.recipes import API_DIALECT, check_dialect, default_dialect
-        from validators.errors import UsageError
+        from quantgate.exporter.auto_options import AUTO_RECIPE
+        from quantgate.exporter.recipes import API_DIALECT, check_dialect, default_dialect
+        from quantgate.validators.errors import UsageError
 
         if self.recipe == AUTO_RECIPE:
             if self.dialect not in (None, "modelopt"):
@@ -295,8 +295,8 @@ class ValidationCreate(_Strict):
     @field_validator("engine_versions")
     @classmethod
     def _releases(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from validators.engine_facts import parse_version
-        from validators.errors import UsageError
+        from quantgate.validators.engine_facts import parse_version
+        from quantgate.validators.errors import UsageError
 
         for engine, version in (value or {}).items():
             try:

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         description="a queued job asking for more GPUs than any cluster node has fails after this long",
     )
     max_body_bytes: int = Field(1 * MIB, ge=1024, description="larger request bodies get 413")
-    worker_python: str = Field(sys.executable, description="interpreter that runs `-m service.worker`")
+    worker_python: str = Field(sys.executable, description="interpreter that runs `-m quantgate.service.worker`")
     log_level: str = Field("info")
     hf_token: SecretStr | None = Field(
         None, validation_alias=AliasChoices("hf_token", "HF_TOKEN", "QUANTGATE_HF_TOKEN"), exclude=True

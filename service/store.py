@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.migrations import MIGRATIONS, SCHEMA_VERSION
-from service.records import (
+from quantgate.service.migrations import MIGRATIONS, SCHEMA_VERSION
+from quantgate.service.records import (
     ACTIVE,
     STATUSES,
     TERMINAL,

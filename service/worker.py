@@ -1,6 +1,6 @@
-"""Worker process entry: `python -m service.worker JOB_SPEC.json`.
+"""Worker process entry: `python -m quantgate.service.worker JOB_SPEC.json`.
 
-Runs one quantize job with `exporter.pipeline.run_quantize` and speaks a line protocol on stdout,
+Runs one quantize job with `quantgate.exporter.pipeline.run_quantize` and speaks a line protocol on stdout,
 one JSON object per line: `{"event": "progress", stage, fraction, message, data}` while it works,
 then either `{"event": "result", ok, output, failed_output, validation, report, warnings}` or
 `{"event": "error", code, message}`. Anything else a library prints goes to stderr (stdout is
@@ -21,7 +21,7 @@ from typing import IO, Any
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_OK", "EXIT_SERVER_GONE", "EXIT_VALIDATION_FAILED", "main"]
 
-logger = logging.getLogger("service.worker")
+logger = logging.getLogger("quantgate.service.worker")
 
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
@@ -61,7 +61,7 @@ def _protocol_channel() -> Channel:
 
 def build_request(spec: dict[str, Any]) -> Any:
     """The pipeline request for a job spec written by the executor."""
-    from exporter.pipeline import QuantizeRequest
+    from quantgate.exporter.pipeline import QuantizeRequest
 
     calibration = spec.get("calibration") or {}
     return QuantizeRequest(
@@ -96,11 +96,11 @@ def validation_summary(report: Any) -> dict[str, Any]:
 
 
 def _write_html(report: Any, job_dir: Path, push: dict | None = None) -> None:
-    from validators.render import render_html
+    from quantgate.validators.render import render_html
 
     page = render_html(report)
     if push is not None:
-        from exporter.publish import publish_html
+        from quantgate.exporter.publish import publish_html
 
         head, sep, tail = page.rpartition("</body>")
         page = f"{head}{publish_html(push)}{sep}{tail}" if sep else page + publish_html(push)
@@ -109,8 +109,8 @@ def _write_html(report: Any, job_dir: Path, push: dict | None = None) -> None:
 
 def run_job(spec: dict[str, Any], channel: Channel) -> int:
     """Run the job; every outcome is reported on `channel` and mapped to an exit status."""
-    from exporter.pipeline import run_quantize
-    from validators.errors import (
+    from quantgate.exporter.pipeline import run_quantize
+    from quantgate.validators.errors import (
         CheckpointReadError,
         QuantgateError,
         UnsupportedArchitectureError,
@@ -162,7 +162,7 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
 def _publish(spec: dict[str, Any], result: Any, channel: Channel) -> tuple[dict | None, Any]:
     """Push the validated export (exporter.publish, push id = the job id, so a retried job does not
     commit twice); returns (push record, None) or (None, ((code, message), exit status))."""
-    from exporter.publish import PushError, PushRejected, PushTarget, publish_export
+    from quantgate.exporter.publish import PushError, PushRejected, PushTarget, publish_export
 
     options = spec["push_to_hub"]
     target = PushTarget(options["repo_id"], private=bool(options.get("private")), revision=options.get("revision"))
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "event": "error",
                 "code": "bad_input",
-                "message": "usage: python -m service.worker JOB_SPEC.json",
+                "message": "usage: python -m quantgate.service.worker JOB_SPEC.json",
             }
         )
         return EXIT_BAD_INPUT

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from validators import safetensors_fast
-from validators.errors import CheckpointReadError, HeaderError
-from validators.integrity import (
+from quantgate.validators import safetensors_fast
+from quantgate.validators.errors import CheckpointReadError, HeaderError
+from quantgate.validators.integrity import (
     Problem,
     check_index,
     check_shard_name,
@@ -26,7 +26,7 @@ from validators.integrity import (
     refuse_escape,
     shard_reference_counts,
 )
-from validators.safetensors_header import SafetensorsHeader, TensorInfo, gc_paused, read_header
+from quantgate.validators.safetensors_header import SafetensorsHeader, TensorInfo, gc_paused, read_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,7 +74,7 @@ class CheckpointView:
 
     def read_values(self, name: str) -> np.ndarray:
         """float64 values of one small tensor, reading only its bytes (local checkpoints only)."""
-        from validators.values import decode_values
+        from quantgate.validators.values import decode_values
 
         info = self.tensors.get(name)
         if info is None:
@@ -116,7 +116,7 @@ def open_checkpoint(target: str, *, revision: str | None = None, token: str | No
     apply to Hub repos only; the token is never written into messages.
     """
     if target.startswith(HUB_SCHEME) or not _exists(target):   # the Hub client only when it may be needed
-        from validators import hub
+        from quantgate.validators import hub
 
         hub_ref = hub.parse_hub_target(target, revision)
         if hub_ref is not None:

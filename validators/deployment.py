@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from validators.errors import UsageError
-from validators.layout_table import TEXT_CONFIG_KEYS
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout_table import TEXT_CONFIG_KEYS
 
 if TYPE_CHECKING:
-    from validators.rules._context import Analysis, ModClass
-    from validators.schemes import SchemeSpec
+    from quantgate.validators.rules._context import Analysis, ModClass
+    from quantgate.validators.schemes import SchemeSpec
 
 #: shapes probed when no --tensor-parallel-size is given (the report says where loading stops)
 PROBE_SIZES: tuple[int, ...] = (2, 4, 8, 16)

@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from validators.findings import Finding
-from validators.quant_config import QuantConfig, _as_str_list
-from validators.schemes import MXFP4
+from quantgate.validators.findings import Finding
+from quantgate.validators.quant_config import QuantConfig, _as_str_list
+from quantgate.validators.schemes import MXFP4
 
 if TYPE_CHECKING:
-    from validators.layout import Module
+    from quantgate.validators.layout import Module
 
 #: E8M0 exponent byte that encodes NaN (OCP MX spec; every other byte is 2**(b - 127))
 E8M0_NAN = 0xFF
@@ -66,7 +66,7 @@ def parse_mxfp4(data: dict, source: str, findings: list[Finding]) -> QuantConfig
 
 def declared(qc: QuantConfig, module: "Module", engine_name: str) -> list:
     """MXFP4 is only ever declared for routed experts (every FusedMoE); Linear stays BF16."""
-    from validators.schemes import SCHEMES
+    from quantgate.validators.schemes import SCHEMES
 
     if getattr(module.kind, "value", module.kind) != "expert":
         return []

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from validators.findings import Finding
-from validators.quant_config import QuantConfig, _as_int, _as_str_list, _finding
-from validators.schemes import AWQ, GPTQ
+from quantgate.validators.findings import Finding
+from quantgate.validators.quant_config import QuantConfig, _as_int, _as_str_list, _finding
+from quantgate.validators.schemes import AWQ, GPTQ
 
 #: (bits, sym) pairs vLLM's gptq_marlin accepts (`GPTQMarlinConfig.TYPE_MAP`)
 GPTQ_MARLIN_TYPES: frozenset[tuple[int, bool]] = frozenset({(4, True), (8, True)})
@@ -255,7 +255,7 @@ def _config(dialect: str, params: WNA16Params, data: dict, source: str) -> Quant
 def declared(qc: QuantConfig, module: Any, engine_name: str) -> list:
     """The scheme specs the config promises for a module the engine quantizes (per-module `bits`
     overrides from `dynamic` `+:` rules, matched on the engine prefix like vLLM)."""
-    from validators.schemes import SCHEMES
+    from quantgate.validators.schemes import SCHEMES
 
     params: WNA16Params = qc.params
     bits = params.override(engine_name, "bits", params.bits)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from validators.engines import GEMMA4_INTERNAL
-from validators.errors import UsageError
+from quantgate.validators.engines import GEMMA4_INTERNAL
+from quantgate.validators.errors import UsageError
 
 ENGINE_LABELS: dict[str, str] = {"vllm": "vLLM", "sglang": "SGLang"}
 #: the newest release whose source the table was read from: the default of `--engine-version`

@@ -3,7 +3,7 @@
 Two tables: every `quant_method` vLLM registers (`vllm/model_executor/layers/quantization/__init__.py`
 `QuantizationMethods`, read 2026; SGLang's extras noted) and every compressed-tensors `format` vLLM
 loads (`compressed_tensors.py` / CT `CompressionFormat`, reference llmcompressor_and_services.md §A1).
-Each entry is either modelled (a dialect with a tensor set in `validators.schemes.SCHEMES` and rules)
+Each entry is either modelled (a dialect with a tensor set in `quantgate.validators.schemes.SCHEMES` and rules)
 or explicitly not modelled: a checkpoint in a not-modelled format must get the `unknown` verdict,
 never a confident one (issue 10 part 2): `is_modelled(qc)` / `not_modelled(qc)` are the one answer
 the rule runner (rules/__init__.py), the analysis and QG190 (rules/dialects.py) read.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from validators.quant_config import QuantConfig
+    from quantgate.validators.quant_config import QuantConfig
 
 VLLM_INIT = "vllm quantization/__init__.py QuantizationMethods"
 CT_FORMAT_SRC = "compressed-tensors config/base.py CompressionFormat; vllm compressed_tensors.py"
@@ -96,7 +96,7 @@ def method_support(quant_method: str) -> FormatSupport | None:
 
 def is_modelled_method(quant_method: str) -> bool:
     """Modelled in this build: its dialect has specs in the scheme table."""
-    from validators.schemes import DIALECTS_WITH_SCHEMES
+    from quantgate.validators.schemes import DIALECTS_WITH_SCHEMES
 
     entry = method_support(quant_method)
     return entry is not None and entry.modelled and entry.dialect in DIALECTS_WITH_SCHEMES
@@ -117,7 +117,7 @@ def not_modelled(qc: "QuantConfig | None") -> FormatSupport | None:
     if isinstance(bits, int) and bits in _engine_bits(qc.dialect):
         # GPTQ/AWQ: a width the engine accepts is modelled only with a tensor set (a width the engine
         # rejects is a confident `fails`, QG141)
-        from validators.schemes import SCHEMES
+        from quantgate.validators.schemes import SCHEMES
 
         if not any(s.dialect == qc.dialect and s.weight_bits == bits for s in SCHEMES):
             return FormatSupport(f"{qc.dialect} {bits}-bit", False, None, entry.source,
@@ -132,7 +132,7 @@ def not_modelled(qc: "QuantConfig | None") -> FormatSupport | None:
 
 
 def _engine_bits(dialect: str) -> frozenset[int]:
-    from validators.dialects_wna16 import AWQ_BITS, GPTQ_BITS
+    from quantgate.validators.dialects_wna16 import AWQ_BITS, GPTQ_BITS
 
     return {"gptq": GPTQ_BITS, "awq": AWQ_BITS}.get(dialect, frozenset())
 

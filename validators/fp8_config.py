@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from validators.findings import Finding
-from validators.quant_config import QuantConfig, _as_str_list, _finding
-from validators.schemes import FP8_NATIVE, SchemeSpec, fp8_native_for
+from quantgate.validators.findings import Finding
+from quantgate.validators.quant_config import QuantConfig, _as_str_list, _finding
+from quantgate.validators.schemes import FP8_NATIVE, SchemeSpec, fp8_native_for
 
 ACTIVATION_SCHEMES: tuple[str, ...] = ("static", "dynamic")
 #: the exclusion keys both engines read, in order: the first non-empty list wins (vLLM

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from validators import engine_facts
-from validators.engine_facts import FP8_SKIP_MATCHING, Fact
-from validators.engines import (
+from quantgate.validators import engine_facts
+from quantgate.validators.engine_facts import FP8_SKIP_MATCHING, Fact
+from quantgate.validators.engines import (
     ArchNaming,
     ExclusionHit,
     FusedShardConflict,
@@ -36,7 +36,7 @@ from validators.engines import (
 )
 
 if TYPE_CHECKING:
-    from validators.layout import Module
+    from quantgate.validators.layout import Module
 
 EXACT, SUBSTRING, DOT_BOUNDARY = "exact", "substring", "dot_boundary"
 #: SGLang's `_FALLBACK_FUSED_SHARDS` beyond the model's packed mapping (PR #23467)

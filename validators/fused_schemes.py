@@ -4,7 +4,7 @@ ModelOpt does not unfuse `GptOssExperts` / `Llama4TextExperts`: it writes `exper
 [E, in/2, out], `experts.gate_up_proj_weight_scale` F8_E4M3 [E, in/16, out] and 0-d `_weight_scale_2` /
 `_input_scale` (reference modelopt.md §2, `maybe_transpose_expert_weight_dimensions`). Seen one expert at
 a time, back in nn.Linear orientation, those are the table's per-linear [out, in] tensors, so the
-single scheme table of `validators.schemes` identifies them too.
+single scheme table of `quantgate.validators.schemes` identifies them too.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from validators.schemes import WEIGHT_SUFFIXES, SchemeSpec, match_scheme
+from quantgate.validators.schemes import WEIGHT_SUFFIXES, SchemeSpec, match_scheme
 
 if TYPE_CHECKING:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
 
 @dataclass(frozen=True)

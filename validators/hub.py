@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from validators.checkpoint import (
+from quantgate.validators.checkpoint import (
     CONFIG_FILE,
     HUB_SCHEME,
     INDEX_FILE,
@@ -33,8 +33,8 @@ from validators.checkpoint import (
     CheckpointView,
     parse_json_object,
 )
-from validators.errors import CheckpointReadError, HeaderError, UsageError
-from validators.integrity import (
+from quantgate.validators.errors import CheckpointReadError, HeaderError, UsageError
+from quantgate.validators.integrity import (
     Problem,
     check_index,
     check_shard_name,
@@ -42,7 +42,7 @@ from validators.integrity import (
     problem,
     shard_reference_counts,
 )
-from validators.safetensors_header import (
+from quantgate.validators.safetensors_header import (
     LENGTH_PREFIX_BYTES,
     SafetensorsHeader,
     gc_paused,

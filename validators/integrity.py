@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
-from validators.safetensors_header import SafetensorsHeader, TensorInfo
+from quantgate.validators.safetensors_header import SafetensorsHeader, TensorInfo
 
 SHOWN_NAMES = 3     # tensor names quoted in a message before "and N more"
 

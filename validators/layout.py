@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from validators.layout_table import (
+from quantgate.validators.layout_table import (
     COMPILED_GLOBAL_ROWS,
     COMPILED_TAIL_ROWS,
     CONTEXT_KINDS,
@@ -36,13 +36,13 @@ from validators.layout_table import (
     FusedWeight,
     Kind,
 )
-from validators.safetensors_header import gc_paused
-from validators.layout_schemes import fused_weight as _fused_weight
-from validators.layout_schemes import scheme_logical_shape as _scheme_logical_shape
-from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES, scheme
+from quantgate.validators.safetensors_header import gc_paused
+from quantgate.validators.layout_schemes import fused_weight as _fused_weight
+from quantgate.validators.layout_schemes import scheme_logical_shape as _scheme_logical_shape
+from quantgate.validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES, SCHEMES, WEIGHT_SUFFIXES, scheme
 
 if TYPE_CHECKING:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
 __all__ = ["SCALE_SUFFIXES", "FusedSlice", "Kind", "Layout", "Module", "build_layout"]
 

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from validators.layout_table import FUSED_WEIGHTS, MAX_FUSED_EXPERTS, FusedWeight
-from validators.schemes import WEIGHT_SUFFIXES, match_scheme
+from quantgate.validators.layout_table import FUSED_WEIGHTS, MAX_FUSED_EXPERTS, FusedWeight
+from quantgate.validators.schemes import WEIGHT_SUFFIXES, match_scheme
 
 if TYPE_CHECKING:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
 
 def scheme_logical_shape(tensors: Mapping[str, TensorInfo]) -> tuple[int | None, int | None]:
@@ -25,7 +25,7 @@ def scheme_logical_shape(tensors: Mapping[str, TensorInfo]) -> tuple[int | None,
 
 @lru_cache(maxsize=4096)
 def _logical_cached(key: tuple) -> tuple[int | None, int | None]:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
     infos = {s: TensorInfo(s, dtype, shape, "", 0, 0) for s, dtype, shape in key}
     spec = match_scheme(None, infos)

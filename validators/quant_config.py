@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from validators.findings import Finding, Severity, VerdictStatus
+from quantgate.validators.findings import Finding, Severity, VerdictStatus
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -279,7 +279,7 @@ def _parse_one(data: Any, source: str, findings: list[Finding]) -> QuantConfig |
         return _parse_modelopt_flat(data, source, findings)
     if method == COMPRESSED_TENSORS:
         return _parse_ct(data, source, findings)
-    from validators.dialects import parse_registered  # dialect modules build on this one
+    from quantgate.validators.dialects import parse_registered  # dialect modules build on this one
 
     parsed = parse_registered(method, data, source, findings)
     if parsed is not None:

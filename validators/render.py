@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from typing import IO
 
-from validators.findings import Finding, Severity
-from validators.grouping import fold_names
-from validators.report import Report
+from quantgate.validators.findings import Finding, Severity
+from quantgate.validators.grouping import fold_names
+from quantgate.validators.report import Report
 
 FORMATS: tuple[str, ...] = ("text", "json", "markdown", "html")
 MAX_MODULE_LINES = 6                      # folded module lines shown per finding in text/markdown
@@ -32,7 +32,7 @@ def use_color(stream: IO[str]) -> bool:
 
 
 def rule_name(code: str) -> str:
-    from validators.rules import RULES, load_rules
+    from quantgate.validators.rules import RULES, load_rules
 
     load_rules()
     rule = RULES.get(code)
@@ -139,7 +139,7 @@ def render_markdown(report: Report) -> str:
 
 
 def render_html(report: Report) -> str:
-    from validators.render_html import render_html as _html
+    from quantgate.validators.render_html import render_html as _html
 
     return _html(report)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import html
 from collections import defaultdict
 
-from validators.findings import Severity
-from validators.report import ModuleRow, Report
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import ModuleRow, Report
 
 STATE_COLORS: dict[str, str] = {
     "quantized": "#2e7d32", "excluded": "#a7a7a7", "bf16_not_excluded": "#f9a825", "unquantized": "#90caf9",
@@ -146,7 +146,7 @@ def _legend(rows: list[ModuleRow]) -> str:
 
 
 def render_html(report: Report) -> str:
-    from validators.render import SUMMARY_STATES, module_lines, rule_name
+    from quantgate.validators.render import SUMMARY_STATES, module_lines, rule_name
 
     s = report.summary
     out = ["<!doctype html><html lang=en><head><meta charset=utf-8>",

@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from validators.engine_facts import NEWEST, resolve_versions
-from validators.findings import ENGINES, Finding, Severity, VerdictStatus
-from validators.grouping import fold_names
+from quantgate.validators.engine_facts import NEWEST, resolve_versions
+from quantgate.validators.findings import ENGINES, Finding, Severity, VerdictStatus
+from quantgate.validators.grouping import fold_names
 
 if TYPE_CHECKING:
-    from validators.checkpoint import CheckpointView
-    from validators.deployment import Deployment
+    from quantgate.validators.checkpoint import CheckpointView
+    from quantgate.validators.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ class Report:
 
 
 def quantgate_version() -> str:
-    """The quantgate version (`validators.__version__`, kept equal to pyproject.toml's)."""
-    from validators import __version__
+    """The quantgate version (`quantgate.validators.__version__`, kept equal to pyproject.toml's)."""
+    from quantgate.validators import __version__
 
     return __version__
 
@@ -161,7 +161,7 @@ def _codes(findings: Sequence[Finding]) -> list[str]:
 
 
 def _module_rows(ctx, findings: Sequence[Finding]) -> list[ModuleRow]:
-    from validators.rules._context import BF16, QUANTIZED
+    from quantgate.validators.rules._context import BF16, QUANTIZED
 
     a = ctx.analysis
     covs = [a.coverage(e) for e in ctx.engines] if a.active else []
@@ -177,7 +177,7 @@ def _module_rows(ctx, findings: Sequence[Finding]) -> list[ModuleRow]:
 
 def summarize(ctx, view: "CheckpointView") -> dict:
     """Modules by kind x state, counted per module class (no per-module work)."""
-    from validators.rules._context import BF16, QUANTIZED
+    from quantgate.validators.rules._context import BF16, QUANTIZED
 
     a = ctx.analysis
     covs = [a.coverage(e) for e in ctx.engines] if a.active else []
@@ -223,10 +223,10 @@ def validate_view(view: "CheckpointView", *, engines: Sequence[str] = ENGINES, d
                   deployment: "Deployment | None" = None) -> Report:
     """Run every rule over an opened checkpoint, for the given engine releases (default: the newest
     `engine_facts` was read from) and, when given, the serving shape (tensor / expert parallel)."""
-    from validators.layout import build_layout
-    from validators.quant_config import parse_quant_config
-    from validators.rules import Context, run_rules
-    from validators.rules._context import Analysis
+    from quantgate.validators.layout import build_layout
+    from quantgate.validators.quant_config import parse_quant_config
+    from quantgate.validators.rules import Context, run_rules
+    from quantgate.validators.rules._context import Analysis
 
     engines = tuple(e for e in ENGINES if e in engines)
     versions = resolve_versions(engine_versions)
@@ -254,9 +254,9 @@ def validate(target: str, *, engines: Sequence[str] = ENGINES, deep: bool | None
     `deep=None` reads scale values for local checkpoints and skips them for the Hub (no downloads).
     `engine_versions` ({"vllm": "0.10.2"}) picks engine releases; `deployment` the serving shape.
     """
-    from validators.checkpoint import open_checkpoint
-    from validators.errors import CheckpointReadError
-    from validators.safetensors_header import gc_paused
+    from quantgate.validators.checkpoint import open_checkpoint
+    from quantgate.validators.errors import CheckpointReadError
+    from quantgate.validators.safetensors_header import gc_paused
 
     view = open_checkpoint(target, revision=revision, token=token)
     if not view.tensors:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from validators.errors import HeaderError
-from validators.safetensors_header import (
+from quantgate.validators.errors import HeaderError
+from quantgate.validators.safetensors_header import (
     _DTYPE_ENTRY,
     METADATA_KEY,
     TensorInfo,

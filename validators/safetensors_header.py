@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from validators.errors import HeaderError
+from quantgate.validators.errors import HeaderError
 
 # Bits per element of every dtype safetensors (Rust `Dtype`) defines. F4/F6 are packed, so a
 # tensor's byte size is numel * bits / 8 and must come out whole.
@@ -154,7 +154,7 @@ def parse_header_bytes(raw: bytes | bytearray, *, file_name: str, data_size: int
     `data_size` is the size of the data section (file size - 8 - len(raw)); None skips the checks
     that need it (the tensors must still tile [0, end) without holes or overlaps).
     """
-    from validators.safetensors_fast import parse_fast  # imports this module: not at the top
+    from quantgate.validators.safetensors_fast import parse_fast  # imports this module: not at the top
 
     with gc_paused():
         parsed = parse_fast(raw, file_name, data_size)

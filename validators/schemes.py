@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # validators/ must import fast; TensorInfo is only needed for type hints
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
 ShapeFn = Callable[[int, int], tuple[int, ...]]
 
@@ -292,8 +292,8 @@ SCHEMES: tuple[SchemeSpec, ...] = (
 
 # The engines' other formats (formats_beyond_two.md), entries of this one table kept in their own files:
 # Hugging Face native fp8 (§2); MXFP4 (GPT-OSS), GPTQ, AWQ, CT mxfp4/mxfp8 (§1, §3-5).
-from validators.schemes_fp8 import FP8_NATIVE_SCHEMES, fp8_native_for, fp8_native_spec  # noqa: E402,F401
-from validators.schemes_beyond import BEYOND_SCHEMES  # noqa: E402 - needs the classes above
+from quantgate.validators.schemes_fp8 import FP8_NATIVE_SCHEMES, fp8_native_for, fp8_native_spec  # noqa: E402,F401
+from quantgate.validators.schemes_beyond import BEYOND_SCHEMES  # noqa: E402 - needs the classes above
 
 SCHEMES = SCHEMES + FP8_NATIVE_SCHEMES + BEYOND_SCHEMES
 DIALECTS_WITH_SCHEMES: frozenset[str] = frozenset(s.dialect for s in SCHEMES)

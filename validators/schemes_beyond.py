@@ -1,6 +1,6 @@
 """Scheme-table entries for the engines' formats beyond ModelOpt and compressed-tensors.
 
-Part of the single scheme table (`validators.schemes.SCHEMES` appends `BEYOND_SCHEMES`); kept in
+Part of the single scheme table (`quantgate.validators.schemes.SCHEMES` appends `BEYOND_SCHEMES`); kept in
 its own file so schemes.py stays small. Sources: reference formats_beyond_two.md §1, §3-5 and
 llmcompressor_and_services.md §A2.
 
@@ -20,7 +20,7 @@ matches the config's `group_size` is rule QG340's business (validators/rules/wna
 
 from __future__ import annotations
 
-from validators.schemes import (  # import this module only through validators.schemes (cycle)
+from quantgate.validators.schemes import (  # import this module only through validators.schemes (cycle)
     AWQ,
     COMPRESSED_TENSORS,
     GPTQ,

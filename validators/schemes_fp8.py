@@ -1,5 +1,5 @@
 """Scheme-table entries for Hugging Face native fp8 (config.json quant_method "fp8": DeepSeek-V3/R1,
-Qwen3-*-FP8), part of the single scheme table (`validators.schemes.SCHEMES` appends
+Qwen3-*-FP8), part of the single scheme table (`quantgate.validators.schemes.SCHEMES` appends
 `FP8_NATIVE_SCHEMES`). Source: reference formats_beyond_two.md §2, vLLM `fp8.py`.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from validators.schemes import (  # import this module only through validators.schemes (cycle)
+from quantgate.validators.schemes import (  # import this module only through validators.schemes (cycle)
     FP8_BLOCK,
     FP8_NATIVE,
     SchemeSpec,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
-from validators.errors import CheckpointReadError
+from quantgate.validators.errors import CheckpointReadError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -12,10 +12,10 @@ planner.py    plan_auto(...) -> AutoPlan; to_plan(AutoPlan, layout) -> exporter.
 
 from __future__ import annotations
 
-from exporter.auto.groups import BF16, DecisionGroup, candidate_specs, decision_groups, effective_bits
-from exporter.auto.optimize import InfeasibleBudgetError, Selection, select
-from exporter.auto.planner import AutoPlan, plan_auto, to_plan
-from exporter.auto.scores_file import ScoresFileError, ScoreTable
+from quantgate.exporter.auto.groups import BF16, DecisionGroup, candidate_specs, decision_groups, effective_bits
+from quantgate.exporter.auto.optimize import InfeasibleBudgetError, Selection, select
+from quantgate.exporter.auto.planner import AutoPlan, plan_auto, to_plan
+from quantgate.exporter.auto.scores_file import ScoresFileError, ScoreTable
 
 __all__ = [
     "BF16",

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from exporter.numerics.fp8 import dequantize_fp8, fp8_scale, quantize_fp8
-from exporter.numerics.nvfp4 import dequantize_nvfp4, quantize_nvfp4, shared_global_scale
-from validators.layout import Kind
+from quantgate.exporter.numerics.fp8 import dequantize_fp8, fp8_scale, quantize_fp8
+from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4, quantize_nvfp4, shared_global_scale
+from quantgate.validators.layout import Kind
 
 #: Per-tensor scale of a fused group from its members' weights (None: each member its own).
 SharedScale = Callable[[Sequence[Tensor]], Tensor]
@@ -52,7 +52,7 @@ FAKE_QUANT: dict[str, tuple[FakeQuant, SharedScale]] = {
 
 def _shared_scale_kinds() -> dict[str, frozenset[Kind]]:
     """The writer's table of which kinds share the per-tensor weight scale in a fused group."""
-    from exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS
+    from quantgate.exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS
 
     table = dict(SHARED_WEIGHT_SCALE_KINDS)
     table.setdefault("W4A16_NVFP4", table.get("NVFP4", frozenset()))

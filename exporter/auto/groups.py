@@ -6,7 +6,7 @@ layout's `moe_group`: vLLM builds one FusedMoE, with one quant method, per layer
 group is the connected component of modules linked by either key, so an expert's gate/up pair
 and the layer's other experts land in the same group.
 
-Only decoder Linears are candidates (the kinds `exporter.recipes` quantizes); routers, lm_head,
+Only decoder Linears are candidates (the kinds `quantgate.exporter.recipes` quantizes); routers, lm_head,
 embeddings, towers and projectors always stay BF16 and are not part of the bit budget. A group
 may take a scheme only when every member's shape can hold it (NVFP4 needs in_features % 16 == 0);
 a group one of whose members `--exclude` names keeps BF16 only, but still counts in the budget:
@@ -19,10 +19,10 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from exporter.recipes import DECODER_LINEAR_KINDS, DIALECT
-from validators.errors import UsageError
-from validators.layout import Layout, Module
-from validators.schemes import MIXED_PRECISION_ALGOS, SchemeSpec, bits_per_weight, scheme
+from quantgate.exporter.recipes import DECODER_LINEAR_KINDS, DIALECT
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Layout, Module
+from quantgate.validators.schemes import MIXED_PRECISION_ALGOS, SchemeSpec, bits_per_weight, scheme
 
 #: The name BF16 (no quantization) goes by in candidate lists, score tables and plans.
 BF16 = "BF16"

@@ -28,8 +28,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from exporter.auto.groups import BF16, DecisionGroup, effective_bits, scheme_bits
-from validators.errors import UsageError
+from quantgate.exporter.auto.groups import BF16, DecisionGroup, effective_bits, scheme_bits
+from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 

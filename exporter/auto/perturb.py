@@ -16,11 +16,11 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 
-from exporter.auto.fakequant import fake_quant_fused
-from exporter.auto.groups import BF16, DecisionGroup
-from exporter.auto.runtime import WeightRef
-from exporter.recipes import DIALECT
-from validators.schemes import scheme
+from quantgate.exporter.auto.fakequant import fake_quant_fused
+from quantgate.exporter.auto.groups import BF16, DecisionGroup
+from quantgate.exporter.auto.runtime import WeightRef
+from quantgate.exporter.recipes import DIALECT
+from quantgate.validators.schemes import scheme
 
 
 def quant_algo(scheme_name: str) -> str:

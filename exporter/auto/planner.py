@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.auto.groups import BF16, DecisionGroup, candidate_specs, decision_groups, is_quantizable
-from exporter.auto.optimize import Selection, select
-from exporter.auto.scores_file import ScoreTable, fingerprint
-from exporter.auto.scoring import check_method, score_groups
-from exporter.progress import ProgressCallback, emit
-from exporter.recipes import ALWAYS_EXCLUDED_REASON, DECODER_LINEAR_KINDS, DIALECT, Assignment, Plan
-from validators.layout import Layout
-from validators.schemes import scheme
+from quantgate.exporter.auto.groups import BF16, DecisionGroup, candidate_specs, decision_groups, is_quantizable
+from quantgate.exporter.auto.optimize import Selection, select
+from quantgate.exporter.auto.scores_file import ScoreTable, fingerprint
+from quantgate.exporter.auto.scoring import check_method, score_groups
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.exporter.recipes import ALWAYS_EXCLUDED_REASON, DECODER_LINEAR_KINDS, DIALECT, Assignment, Plan
+from quantgate.validators.layout import Layout
+from quantgate.validators.schemes import scheme
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def plan_auto(
     """Plan `source` (an exporter Source or a model directory / Hub id) at `bits` effective bits.
 
     `model`: an already loaded transformers model of `source` to score with (else loaded here, only
-    when scores must be computed). `session`: an `exporter.calib_session.ModelSession` to take the
+    when scores must be computed). `session`: an `quantgate.exporter.calib_session.ModelSession` to take the
     model from instead, so that calibration afterwards reuses the same load (the pipeline's way).
     `data`/`seed`/`score_*`: the scoring tokens, as calibration data.
     """
@@ -137,7 +137,7 @@ def plan_auto(
 def _open(source: Any, revision: str | None, token: str | None) -> Any:
     if hasattr(source, "layout") and hasattr(source, "view"):
         return source
-    from exporter.source import open_source
+    from quantgate.exporter.source import open_source
 
     return open_source(str(source), revision=revision, token=token)
 
@@ -167,7 +167,7 @@ def _score(
     progress: ProgressCallback | None,
     session: Any | None = None,
 ) -> ScoreTable:
-    from exporter.calib_session import ModelSession, ModelState, check_untouched
+    from quantgate.exporter.calib_session import ModelSession, ModelState, check_untouched
 
     model_ref = str(src.path)
     start = time.perf_counter()

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from exporter.calib_experts import DENSE_EXPERTS, find_experts_modules
-from exporter.calib_targets import bind_targets, target_from_module
-from validators.errors import UnsupportedArchitectureError
-from validators.layout import Kind, Layout, Module
+from quantgate.exporter.calib_experts import DENSE_EXPERTS, find_experts_modules
+from quantgate.exporter.calib_targets import bind_targets, target_from_module
+from quantgate.validators.errors import UnsupportedArchitectureError
+from quantgate.validators.layout import Kind, Layout, Module
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def bind_weights(
 
     Raises UnsupportedArchitectureError when a module has no runtime counterpart, when a view's shape
     disagrees with the layout, or when a checked view differs from the checkpoint (`source`: an
-    `exporter.source.Source`).
+    `quantgate.exporter.source.Source`).
     """
     modules = [layout.modules[n] for n in names]
     experts_modules = find_experts_modules(model)

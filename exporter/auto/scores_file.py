@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.auto.groups import DecisionGroup
-from exporter.jsonfile import check_format, read_json, write_json_atomic
-from validators.errors import UsageError
+from quantgate.exporter.auto.groups import DecisionGroup
+from quantgate.exporter.jsonfile import check_format, read_json, write_json_atomic
+from quantgate.validators.errors import UsageError
 
 SCORES_FORMAT = "quantgate.auto_scores"
 SCORES_VERSION = 1

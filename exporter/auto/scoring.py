@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporter.auto.groups import BF16, DecisionGroup
-from exporter.auto.perturb import assignment, quantized, weight_errors
-from exporter.auto.runtime import WeightRef, bind_weights
-from exporter.calib_model import forward_kwargs, input_device
-from exporter.progress import ProgressCallback, emit
-from validators.errors import UsageError
-from validators.layout import Layout
+from quantgate.exporter.auto.groups import BF16, DecisionGroup
+from quantgate.exporter.auto.perturb import assignment, quantized, weight_errors
+from quantgate.exporter.auto.runtime import WeightRef, bind_weights
+from quantgate.exporter.calib_model import forward_kwargs, input_device
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Layout
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from exporter.auto.groups import candidate_specs, decision_groups
-from exporter.auto.optimize import check_feasible
-from exporter.auto.planner import AutoPlan, plan_auto, to_plan
-from exporter.auto_options import check_candidates
-from exporter.progress import ProgressCallback
-from exporter.recipes import Plan
-from validators.errors import UsageError
+from quantgate.exporter.auto.groups import candidate_specs, decision_groups
+from quantgate.exporter.auto.optimize import check_feasible
+from quantgate.exporter.auto.planner import AutoPlan, plan_auto, to_plan
+from quantgate.exporter.auto_options import check_candidates
+from quantgate.exporter.progress import ProgressCallback
+from quantgate.exporter.recipes import Plan
+from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def plan_for_request(req: Any, source: Any, progress: ProgressCallback | None = 
     """(exporter Plan, AutoPlan) for a QuantizeRequest with recipe `auto` (options already checked).
 
     An unreachable budget is refused before the model is loaded or scored. `session`: the job's
-    `exporter.calib_session.ModelSession`; the model scoring loads stays there for calibration.
+    `quantgate.exporter.calib_session.ModelSession`; the model scoring loads stays there for calibration.
     """
     candidates = check_candidates(req.candidates)
     check_feasible(decision_groups(source.layout, candidate_specs(candidates), tuple(req.exclude)), float(req.bits))
@@ -67,7 +67,7 @@ def plan_record(auto: AutoPlan) -> dict[str, Any]:
 
 
 def write_auto_files(out_dir: Path, auto: AutoPlan) -> None:
-    from exporter.jsonfile import write_json_atomic
+    from quantgate.exporter.jsonfile import write_json_atomic
 
     write_json_atomic(out_dir / AUTO_PLAN_FILE, plan_record(auto), indent=1)
     auto.scores.save(out_dir / AUTO_SCORES_FILE)

@@ -9,17 +9,17 @@
 
 from __future__ import annotations
 
-from exporter.numerics.common import NumericsError
-from exporter.numerics.fp8 import (
+from quantgate.exporter.numerics.common import NumericsError
+from quantgate.exporter.numerics.fp8 import (
     E4M3_MAX,
     activation_scale,
     dequantize_fp8,
     fp8_scale,
     quantize_fp8,
 )
-from exporter.numerics.int4 import W4A16_GROUP_SIZE, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
-from exporter.numerics.int8 import dequantize_w8a8_int8, quantize_w8a8_int8
-from exporter.numerics.nvfp4 import (
+from quantgate.exporter.numerics.int4 import W4A16_GROUP_SIZE, dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+from quantgate.exporter.numerics.int8 import dequantize_w8a8_int8, quantize_w8a8_int8
+from quantgate.exporter.numerics.nvfp4 import (
     BLOCK,
     ct_global_scale,
     dequantize_nvfp4,

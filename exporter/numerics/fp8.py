@@ -8,7 +8,7 @@ ModelOpt's FP8 export (``reference/lab_modelopt.md`` §6):
   is rounded to BF16 before the e4m3 cast (the division's dtype is the weight's). An fp32-only
   implementation differs from ModelOpt in 53 of the 2048 elements of the shared fixture, so we
   reproduce the double rounding. On CUDA the scale itself is rounded to BF16 first
-  (`exporter.numerics.modes.weight_over_scale`).
+  (`quantgate.exporter.numerics.modes.weight_over_scale`).
 - ``input_scale = input_amax / 448`` (``activation_scale``; on CUDA ``amax * fl32(1/448)``).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import (
+from quantgate.exporter.numerics.common import (
     NumericsError,
     abs_max,
     as_scalar_scale,
@@ -26,8 +26,8 @@ from exporter.numerics.common import (
     require_finite,
     row_chunks,
 )
-from exporter.numerics.e2m1 import E2M1_MAX
-from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div, weight_over_scale
+from quantgate.exporter.numerics.e2m1 import E2M1_MAX
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div, weight_over_scale
 
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -54,7 +54,7 @@ def quantize_fp8(w: Tensor, weight_scale: Tensor | None = None,
     w [out, in] (bf16/fp16/fp32) -> (q float8_e4m3fn [out, in], weight_scale fp32 []).
     ``weight_scale`` may be passed to share one scale across a fused group (compute it with
     `fp8_scale` on the group's max amax); it must cover this weight (amax <= 448 * scale).
-    ``numerics`` (`exporter.numerics.modes`) picks how the scale and ``W / weight_scale`` are rounded.
+    ``numerics`` (`quantgate.exporter.numerics.modes`) picks how the scale and ``W / weight_scale`` are rounded.
     """
     check_weight(w, what="FP8")
     amax = abs_max(w).float()  # []

@@ -14,7 +14,7 @@ BLOCK_OUT x BLOCK_IN weights, all in float32:
 
 Ragged edges: transformers quantizes only weights whose out and in dims are whole multiples of the
 block (anything else passes through unquantized), so these functions refuse other shapes with
-`NumericsError`; the plan keeps such modules BF16 and excludes them (`exporter.recipes`).
+`NumericsError`; the plan keeps such modules BF16 and excludes them (`quantgate.exporter.recipes`).
 
 Shapes: any leading dims, ``w [..., out, in]`` -> ``q [..., out, in]``,
 ``scale_inv [..., out / BLOCK_OUT, in / BLOCK_IN]``.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import FLOAT_DTYPES, NumericsError
+from quantgate.exporter.numerics.common import FLOAT_DTYPES, NumericsError
 
 E4M3_MAX = 448.0                    # largest finite float8_e4m3fn (torch.finfo(float8_e4m3fn).max)
 FP8_DTYPE = torch.float8_e4m3fn

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import NumericsError
-from exporter.numerics.e2m1 import pack_nibbles, require_little_endian, unpack_nibbles
-from exporter.numerics.int8 import dequantize_symmetric_int, quantize_symmetric_int
+from quantgate.exporter.numerics.common import NumericsError
+from quantgate.exporter.numerics.e2m1 import pack_nibbles, require_little_endian, unpack_nibbles
+from quantgate.exporter.numerics.int8 import dequantize_symmetric_int, quantize_symmetric_int
 
 W4A16_GROUP_SIZE = 128
 INT4_BITS = 4

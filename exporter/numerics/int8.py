@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import (
+from quantgate.exporter.numerics.common import (
     NumericsError,
     abs_max,
     check_weight,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import NumericsError
+from quantgate.exporter.numerics.common import NumericsError
 
 MODELOPT_CUDA = "modelopt-cuda"
 MODELOPT_CPU = "modelopt-cpu"

@@ -3,7 +3,7 @@
 ModelOpt 0.47 (``NVFP4QTensor``, dynamic block path used by ``_export_quantized_weight``; see
 ``reference/lab_modelopt.md`` §6 and ``reference/modelopt.md`` §3), reproduced op for op:
 1. ``weight_scale_2 = amax.float() / 2688`` (fp32 ``[]``), amax = max|W| (or a fused group's max);
-   on CUDA ModelOpt computes it as ``amax * fl32(1/2688)`` (`exporter.numerics.modes`).
+   on CUDA ModelOpt computes it as ``amax * fl32(1/2688)`` (`quantgate.exporter.numerics.modes`).
 2. ``block_scale = block_amax.float() / (6 * weight_scale_2)`` in fp32; a zero quotient becomes
    1.0; then clamped to [2^-9, 448] and cast to float8_e4m3fn (round to nearest even).
 3. ``codes = e2m1(W / (float(block_scale) * weight_scale_2))``: the product of the two scales is
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import (
+from quantgate.exporter.numerics.common import (
     NumericsError,
     abs_max,
     as_scalar_scale,
@@ -30,9 +30,9 @@ from exporter.numerics.common import (
     require_finite,
     row_chunks,
 )
-from exporter.numerics.e2m1 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
-from exporter.numerics.fp8 import E4M3_MAX, FP8_DTYPE, activation_scale
-from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
+from quantgate.exporter.numerics.e2m1 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from quantgate.exporter.numerics.fp8 import E4M3_MAX, FP8_DTYPE, activation_scale
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
 
 BLOCK = 16  # input elements per e4m3 block scale
 BLOCK_SCALE_MIN = 2.0**-9  # smallest positive e4m3fn value (a subnormal)
@@ -87,7 +87,7 @@ def quantize_nvfp4(w: Tensor, weight_scale_2: Tensor | None = None,
     w [out, in] (bf16/fp16/fp32, in % 16 == 0) ->
     (packed uint8 [out, in/2], block_scale float8_e4m3fn [out, in/16], weight_scale_2 fp32 []).
     Pass ``weight_scale_2`` (e.g. from `shared_global_scale`) when a fused group shares it;
-    ``numerics`` (`exporter.numerics.modes`) only affects the global scale computed here.
+    ``numerics`` (`quantgate.exporter.numerics.modes`) only affects the global scale computed here.
     """
     check_weight(w, what="NVFP4", in_divisor=BLOCK)
     out_f, in_f = w.shape

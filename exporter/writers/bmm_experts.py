@@ -14,7 +14,7 @@ export keeps the fused name with prefixed scales:
   F32 [] (one input quantizer per projection: the max over experts).
 * FP8: `<t>` F8_E4M3 [E, in, out], `<t>_weight_scale` F32 [] and `<t>_input_scale` F32 [].
 
-Biases and routers pass through unchanged. The numerics are `exporter.numerics` applied to each
+Biases and routers pass through unchanged. The numerics are `quantgate.exporter.numerics` applied to each
 expert's transposed [out, in] slice with the tensor's shared per-tensor scale; nothing here is a
 second implementation of a number format.
 
@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from exporter.numerics.modes import DEFAULT_NUMERICS
-from exporter.recipes import Plan
-from exporter.source import Source
-from exporter.writers.sharding import OutTensor, Unit
-from validators.errors import UnsupportedArchitectureError
-from validators.layout import Module
-from validators.schemes import MODELOPT, SchemeSpec
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.validators.errors import UnsupportedArchitectureError
+from quantgate.validators.layout import Module
+from quantgate.validators.schemes import MODELOPT, SchemeSpec
 
 if TYPE_CHECKING:
-    from exporter.writers.common import InputScales
+    from quantgate.exporter.writers.common import InputScales
 
 #: Larger 3-D tensors (Llama4 Maverick's gate_up_proj is 21 GB in BF16) are streamed expert by expert.
 WHOLE_READ_MAX = 1 << 30
@@ -140,8 +140,8 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
 
 def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
     """The modelopt units: one `BmmJob` unit per quantized transposed 3-D expert tensor, everything
-    else as `exporter.writers.common.build_units` lays it out."""
-    from exporter.writers.common import build_units
+    else as `quantgate.exporter.writers.common.build_units` lays it out."""
+    from quantgate.exporter.writers.common import build_units
 
     groups = {t: ms for t, ms in _bmm_groups(source, plan).items() if plan.assignments[ms[0].name].quantized}
     if not groups:
@@ -162,8 +162,8 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
                  weight: torch.Tensor | None = None, numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
     """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
     already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
-    from exporter.numerics.fp8 import activation_scale
-    from exporter.numerics.nvfp4 import weight_amax
+    from quantgate.exporter.numerics.fp8 import activation_scale
+    from quantgate.exporter.numerics.nvfp4 import weight_amax
 
     cuda = device.type == "cuda"
 
@@ -190,7 +190,7 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
 def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
     """One weight_scale_2 for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
     quantized as its [out, in] matrix, in blocks of 16 along in, and stored transposed back."""
-    from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
+    from quantgate.exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
 
     ws2 = nvfp4_global_scale(amax, numerics)
     packed, block = [], []
@@ -204,7 +204,7 @@ def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -
 
 def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
     """One per-tensor weight_scale for the whole tensor; each expert quantized as its [out, in] matrix."""
-    from exporter.numerics.fp8 import fp8_scale, quantize_fp8
+    from quantgate.exporter.numerics.fp8 import fp8_scale, quantize_fp8
 
     scale = fp8_scale(amax, numerics).reshape(())
     q = [quantize_fp8(w.t(), scale, numerics)[0].t() for w in experts]

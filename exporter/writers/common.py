@@ -3,7 +3,7 @@
 A writer (`exporter/writers/modelopt.py`, `exporter/writers/compressed_tensors.py`) turns a `Plan` into
 units (`build_units`: one per fused group of quantized modules, one per pass-through tensor), reads a
 group's weights (`read_group`), quantizes them its own way, and writes its own config files. The
-streaming shard loop in `exporter.pipeline` drives any `DialectWriter`.
+streaming shard loop in `quantgate.exporter.pipeline` drives any `DialectWriter`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from exporter.calib_stats import ActivationStats
-from exporter.recipes import Plan
-from exporter.source import Source, slice_fused
-from exporter.writers.sharding import OutTensor, Unit
-from validators.errors import QuantgateError
-from validators.layout import Kind, Module
-from validators.schemes import SchemeSpec
+from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source, slice_fused
+from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.layout import Kind, Module
+from quantgate.validators.schemes import SchemeSpec
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Reference: shared/reference/lab_llmc_vllm.md Part 1 (verbatim configs and tensor layout of
 llm-compressor 0.14 / compressed-tensors 0.19) and llmcompressor_and_services.md §A1-§A3. Tensor
-suffixes, dtypes and shapes come from `validators.schemes` (the table the validator checks against).
+suffixes, dtypes and shapes come from `quantgate.validators.schemes` (the table the validator checks against).
 
 What is written:
 * config.json gains `quantization_config` (no hf_quant_config.json in this dialect): one config
@@ -31,37 +31,37 @@ from typing import Any
 
 import torch
 
-from exporter.jsonfile import write_json_atomic
-from exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
-from exporter.numerics.int4 import quantize_w4a16
-from exporter.numerics.int8 import quantize_w8a8_int8
-from exporter.numerics.modes import DEFAULT_NUMERICS
-from exporter.numerics.nvfp4 import (
+from quantgate.exporter.jsonfile import write_json_atomic
+from quantgate.exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
+from quantgate.exporter.numerics.int4 import quantize_w4a16
+from quantgate.exporter.numerics.int8 import quantize_w8a8_int8
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.numerics.nvfp4 import (
     ct_global_scale,
     nvfp4_input_scale,
     quantize_nvfp4,
     shared_global_scale,
     weight_amax,
 )
-from exporter.recipes import Plan
-from exporter.source import Source
-from exporter.writers.common import (
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers.common import (
     InputScales,
     QuantJob,
     build_units,
     exclude_candidates,
     read_group,
 )
-from exporter.writers.sharding import OutTensor, Unit
-from validators.engines import ENGINE_SEMANTICS
-from validators.errors import QuantgateError
-from validators.layout import Kind, Module
-from validators.schemes import COMPRESSED_TENSORS, SchemeSpec
+from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.layout import Kind, Module
+from quantgate.validators.schemes import COMPRESSED_TENSORS, SchemeSpec
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"
-#: The compressed-tensors release whose quantization math `exporter.numerics` reproduces bit for bit.
+#: The compressed-tensors release whose quantization math `quantgate.exporter.numerics` reproduces bit for bit.
 CT_VERSION = "0.20.0"
 MIXED_FORMAT = "mixed-precision"
 LINEAR_TARGET = "Linear"
@@ -182,7 +182,7 @@ def ignore_list(source: Source, plan: Plan) -> list[str]:
     through the model's hf_to_vllm_mapper prefixes only, never through renames inside the model's
     weight iterator (Gemma4 `experts` -> `moe.experts`), and resolves a MoE layer through expert 0's
     `ENGINE_MOE_PROBES` under its engine prefix (Mixtral's `w1/w2/w3` are never consulted). So every
-    BF16 module is also listed under its engine name (`validators.engines`, the name space the
+    BF16 module is also listed under its engine name (`quantgate.validators.engines`, the name space the
     ModelOpt writer's `exclude_modules` are proven in) and every BF16 MoE layer by its probes.
     """
     excluded, _, always = exclude_candidates(source, plan)

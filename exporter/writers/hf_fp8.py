@@ -2,7 +2,7 @@
 
 Reference: shared/reference/formats_beyond_two.md §2 (vLLM `quantization/fp8.py::Fp8Config`, SGLang
 `layers/quantization/fp8.py`) and transformers' `FineGrainedFP8Config` / `Fp8Quantize`, the producer
-our numerics (`exporter.numerics.fp8_block`) match bit for bit.
+our numerics (`quantgate.exporter.numerics.fp8_block`) match bit for bit.
 
 What is written:
 * config.json gains `quantization_config` = {"activation_scheme": "dynamic", "fmt": "e4m3",
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from exporter.jsonfile import write_json_atomic
-from exporter.numerics.fp8_block import quantize_fp8_block
-from exporter.recipes import Plan
-from exporter.source import Source
-from exporter.writers.common import InputScales, QuantJob, build_units, read_group
-from exporter.writers.compressed_tensors import ignore_list
-from exporter.writers.sharding import Unit
-from validators.errors import QuantgateError
-from validators.schemes import FP8_NATIVE, SchemeSpec
+from quantgate.exporter.jsonfile import write_json_atomic
+from quantgate.exporter.numerics.fp8_block import quantize_fp8_block
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers.common import InputScales, QuantJob, build_units, read_group
+from quantgate.exporter.writers.compressed_tensors import ignore_list
+from quantgate.exporter.writers.sharding import Unit
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.schemes import FP8_NATIVE, SchemeSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: t
     """Quantize each module of one group independently (block scales are never shared).
 
     `numerics` (ModelOpt's CPU/CUDA rounding modes) does not apply: the reference producer of this
-    format is transformers' Fp8Quantize, which `exporter.numerics.fp8_block` reproduces."""
+    format is transformers' Fp8Quantize, which `quantgate.exporter.numerics.fp8_block` reproduces."""
     spec = _writable(job.spec)
     weights = dict(weights) if weights is not None else read_group(job, source, device)
     out: dict[str, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """The ModelOpt dialect writer: tensors, scale sharing and configs as ModelOpt 0.47 spells them.
 
 Reference: shared/reference/lab_modelopt.md §3 (verbatim configs, tensor names, scale sharing) and
-modelopt.md §1-§5. Tensor suffixes, dtypes and shapes come from `validators.schemes` (the table the
+modelopt.md §1-§5. Tensor suffixes, dtypes and shapes come from `quantgate.validators.schemes` (the table the
 validator checks against), never from this file.
 
 Naming: each quantized module is written under its layout name. For fused 3-D experts those are the
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from exporter.excludes import ExcludeSynthesis, synthesize_excludes
-from exporter.numerics.modes import DEFAULT_NUMERICS
-from exporter.recipes import Plan
-from exporter.source import Source
-from exporter.writers.common import (  # noqa: F401 - shared pieces, re-exported for callers
+from quantgate.exporter.excludes import ExcludeSynthesis, synthesize_excludes
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers.common import (  # noqa: F401 - shared pieces, re-exported for callers
     EXPERT_INPUT_ROLES,
     CopyJob,
     InputScales,
@@ -38,9 +38,9 @@ from exporter.writers.common import (  # noqa: F401 - shared pieces, re-exported
     read_group,
     tied_lm_head_tensors,
 )
-from validators.errors import QuantgateError
-from validators.layout import Kind
-from validators.schemes import SchemeSpec
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.layout import Kind
+from quantgate.validators.schemes import SchemeSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,16 @@ Quantizer = Callable[..., tuple[torch.Tensor, ...]]
 def _quantizer(spec: SchemeSpec) -> tuple[Quantizer, tuple[str, ...]]:
     """The numerics function for a scheme and the suffixes of what it returns, in order."""
     if spec.quant_algo == "NVFP4":
-        from exporter.numerics.nvfp4 import quantize_nvfp4
+        from quantgate.exporter.numerics.nvfp4 import quantize_nvfp4
         return quantize_nvfp4, ("weight", "weight_scale", "weight_scale_2")
     if spec.quant_algo == "FP8":
-        from exporter.numerics.fp8 import quantize_fp8
+        from quantgate.exporter.numerics.fp8 import quantize_fp8
         return quantize_fp8, ("weight", "weight_scale")
     raise QuantgateError(f"no quantizer for scheme {spec.name}")
 
 
 def _activation_scale(amax: float, spec: SchemeSpec, numerics: str = DEFAULT_NUMERICS) -> torch.Tensor:
-    from exporter.numerics.fp8 import activation_scale
+    from quantgate.exporter.numerics.fp8 import activation_scale
 
     scale = activation_scale(torch.tensor(amax, dtype=torch.float32), spec.quant_algo, numerics)
     return scale.to(torch.float32).reshape(())
@@ -130,10 +130,10 @@ def group_weight_scale(spec: SchemeSpec, weights: Sequence[torch.Tensor],
                        numerics: str = DEFAULT_NUMERICS) -> torch.Tensor:
     """The per-tensor weight scale a fused group shares: from the largest member amax."""
     if spec.quant_algo == "NVFP4":
-        from exporter.numerics.nvfp4 import shared_global_scale
+        from quantgate.exporter.numerics.nvfp4 import shared_global_scale
         return shared_global_scale(list(weights), numerics)
-    from exporter.numerics.fp8 import fp8_scale
-    from exporter.numerics.nvfp4 import weight_amax
+    from quantgate.exporter.numerics.fp8 import fp8_scale
+    from quantgate.exporter.numerics.nvfp4 import weight_amax
     return fp8_scale(torch.stack([weight_amax(w) for w in weights]).max(), numerics)
 
 
@@ -166,7 +166,7 @@ def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: t
 
 def write_configs(out_dir: Path, source: Source, spec: SchemeSpec, exclude: Sequence[str]) -> None:
     """config.json (source config + quantization_config) and hf_quant_config.json."""
-    from exporter.jsonfile import write_json_atomic
+    from quantgate.exporter.jsonfile import write_json_atomic
 
     config = dict(source.config)
     config["quantization_config"] = quantization_config(spec, exclude)

@@ -4,7 +4,7 @@
 fifty small kernels and a few host synchronisations. On a GPU those launches and syncs, not the
 arithmetic, bound the weight pass (a 2048x1024 expert matrix quantizes in microseconds). Here the
 weights of many consecutive groups (e.g. one MoE layer's experts) are stacked by shape and
-quantized together: the same element-wise operations as `exporter.numerics.nvfp4`, applied to
+quantized together: the same element-wise operations as `quantgate.exporter.numerics.nvfp4`, applied to
 `[B, out, in]` with one global scale per matrix, so the bytes are identical to `quantize_group`'s
 (tests/exporter/test_modelopt_batched.py checks every tensor), with one host sync per batch for the
 finite check and the fused-group scale sharing, and one asynchronous device-to-host copy into
@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
-from exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
-from exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
-from exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
-from exporter.source import Source
-from exporter.writers.common import InputScales, QuantJob, read_group
-from exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS, _activation_scale
-from exporter.writers.sharding import Unit
+from quantgate.exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
+from quantgate.exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
+from quantgate.exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
+from quantgate.exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS, _activation_scale
+from quantgate.exporter.writers.sharding import Unit
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], sou
     """`UnitFeed` keyword arguments that batch this weight pass, or {} where it should not."""
     if device.type not in BATCH_DEVICES or dialect not in BATCH_DIALECTS:
         return {}
-    from exporter.unit_feed import device_stream
+    from quantgate.exporter.unit_feed import device_stream
 
     def work_batch(members: list[Unit]) -> list[dict[str, Tensor]]:
         with device_stream(device):

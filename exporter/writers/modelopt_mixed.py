@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exporter.recipes import Plan
-from exporter.writers.modelopt import WRITABLE_ALGOS, producer, write_configs
-from validators.errors import QuantgateError
-from validators.schemes import MIXED_PRECISION, MIXED_PRECISION_ALGOS, SchemeSpec
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.writers.modelopt import WRITABLE_ALGOS, producer, write_configs
+from quantgate.validators.errors import QuantgateError
+from quantgate.validators.schemes import MIXED_PRECISION, MIXED_PRECISION_ALGOS, SchemeSpec
 
 #: quant_algos a MIXED_PRECISION export can carry: vLLM's accepted per-layer algos we can write.
 MIXED_WRITABLE_ALGOS: frozenset[str] = frozenset(MIXED_PRECISION_ALGOS) & WRITABLE_ALGOS
@@ -110,7 +110,7 @@ def write_quant_configs(out_dir: Path, source: Any, plan: Plan, exclude: Sequenc
     if len(schemes) == 1:
         write_configs(out_dir, source, next(iter(schemes.values())), exclude)
         return
-    from exporter.jsonfile import write_json_atomic
+    from quantgate.exporter.jsonfile import write_json_atomic
 
     config = dict(source.config)
     config["quantization_config"] = mixed_quantization_config(plan, exclude)

@@ -1,21 +1,21 @@
-"""Dialect name -> the writer the streaming weight pass drives (`exporter.pipeline.export_modelopt`)."""
+"""Dialect name -> the writer the streaming weight pass drives (`quantgate.exporter.pipeline.export_modelopt`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.numerics.modes import DEFAULT_NUMERICS
-from exporter.recipes import Plan
-from exporter.source import Source
-from exporter.writers import bmm_experts, compressed_tensors, hf_fp8, modelopt
-from exporter.writers.common import DialectWriter
-from validators.errors import UsageError
-from validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.writers import bmm_experts, compressed_tensors, hf_fp8, modelopt
+from quantgate.exporter.writers.common import DialectWriter
+from quantgate.validators.errors import UsageError
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT
 
 
 def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
-    from exporter.writers.modelopt_mixed import write_quant_configs
+    from quantgate.exporter.writers.modelopt_mixed import write_quant_configs
 
     excludes = modelopt.build_excludes(source, plan)   # looked up at call time (tests patch it)
 

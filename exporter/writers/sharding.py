@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 import torch
 from safetensors.torch import save_file
 
-from validators.safetensors_header import DTYPE_BITS
+from quantgate.validators.safetensors_header import DTYPE_BITS
 
 log = logging.getLogger(__name__)
 

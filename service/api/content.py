@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from service.schemas import EventPublic
-from service.store import Store
+from quantgate.service.schemas import EventPublic
+from quantgate.service.store import Store
 
 __all__ = ["best_match", "job_event_stream"]
 

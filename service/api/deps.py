@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from service.executors.base import Executor
-from service.metrics import Metrics
-from service.security import token_matches
-from service.settings import Settings
-from service.store import JobRecord, Store
+from quantgate.service.executors.base import Executor
+from quantgate.service.metrics import Metrics
+from quantgate.service.security import token_matches
+from quantgate.service.settings import Settings
+from quantgate.service.store import JobRecord, Store
 
 __all__ = [
     "ExecutorDep",

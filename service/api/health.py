@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import ExecutorDep, StoreDep
+from quantgate.service.api.deps import ExecutorDep, StoreDep
 
 router = APIRouter(tags=["health"])
 

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from service.api.content import best_match, job_event_stream
-from service.api.deps import ExecutorDep, JobDep, SettingsDep, StoreDep
-from service.ids import is_id, new_id
-from service.schemas import EventList, EventPublic, JobCreate, JobList, JobPublic
-from service.security import classify_source, resolve_under_roots
-from service.settings import Settings
-from service.store import IdempotencyConflict, OutputTaken
+from quantgate.service.api.content import best_match, job_event_stream
+from quantgate.service.api.deps import ExecutorDep, JobDep, SettingsDep, StoreDep
+from quantgate.service.ids import is_id, new_id
+from quantgate.service.schemas import EventList, EventPublic, JobCreate, JobList, JobPublic
+from quantgate.service.security import classify_source, resolve_under_roots
+from quantgate.service.settings import Settings
+from quantgate.service.store import IdempotencyConflict, OutputTaken
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -45,9 +45,9 @@ def _resolved_request(body: JobCreate, settings: Settings) -> dict[str, Any]:
 def _check_source(source: str) -> None:
     """What the worker would refuse at once (missing, unreadable config or headers, unsupported layout)
     answers 422 now with the worker's own message; the worker checks again (the files may change)."""
-    from exporter.source_checks import check_local_source  # torch-free: the validator's header pass
-    from exporter.quantized_source import AlreadyQuantizedError
-    from validators.errors import CheckpointReadError, UnsupportedArchitectureError
+    from quantgate.exporter.source_checks import check_local_source  # torch-free: the validator's header pass
+    from quantgate.exporter.quantized_source import AlreadyQuantizedError
+    from quantgate.validators.errors import CheckpointReadError, UnsupportedArchitectureError
 
     try:
         check_local_source(source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import MetricsDep
+from quantgate.service.api.deps import MetricsDep
 
 router = APIRouter(tags=["metrics"])
 

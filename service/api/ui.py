@@ -20,8 +20,8 @@ from importlib import resources
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
-from service.api.deps import SettingsDep, StoreDep, require_token
-from service.store import JobRecord
+from quantgate.service.api.deps import SettingsDep, StoreDep, require_token
+from quantgate.service.store import JobRecord
 
 __all__ = ["PAGE_SIZE", "router"]
 
@@ -38,8 +38,8 @@ def _template() -> str:
 
 
 def _recipe_options() -> str:
-    from exporter.auto_options import AUTO_RECIPE  # torch-free tables
-    from exporter.recipes import RECIPES
+    from quantgate.exporter.auto_options import AUTO_RECIPE  # torch-free tables
+    from quantgate.exporter.recipes import RECIPES
 
     return "".join(f"<option>{html.escape(name)}</option>" for name in (*RECIPES, AUTO_RECIPE))
 

@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from service.api.content import best_match
-from service.api.deps import MetricsDep, SettingsDep, StoreDep
-from service.ids import new_id
-from service.schemas import ValidationCreate, ValidationPublic
-from service.security import resolve_under_roots
-from service.store import ValidationRecord
+from quantgate.service.api.content import best_match
+from quantgate.service.api.deps import MetricsDep, SettingsDep, StoreDep
+from quantgate.service.ids import new_id
+from quantgate.service.schemas import ValidationCreate, ValidationPublic
+from quantgate.service.security import resolve_under_roots
+from quantgate.service.store import ValidationRecord
 
 router = APIRouter(prefix="/v1/validations", tags=["validations"])
 
@@ -24,10 +24,10 @@ def _run_validator(target: str, revision: str | None, token: str | None,
                    body: ValidationCreate | None = None) -> tuple[Any, str]:
     """(report, html) from the validator; unreadable targets become 422 with the validator's message.
     `body` carries the optional engine releases and serving shape."""
-    from validators.deployment import Deployment
-    from validators.errors import CheckpointReadError, UnsupportedArchitectureError, UsageError
-    from validators.render import render_html
-    from validators.report import validate
+    from quantgate.validators.deployment import Deployment
+    from quantgate.validators.errors import CheckpointReadError, UnsupportedArchitectureError, UsageError
+    from quantgate.validators.render import render_html
+    from quantgate.validators.report import validate
 
     try:
         deployment = None

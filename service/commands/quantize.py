@@ -129,7 +129,7 @@ def _register_push(p: argparse.ArgumentParser) -> None:
 
 def _auto_fields(args: argparse.Namespace) -> dict:
     """QuantizeRequest fields from the auto options; auto-only options with another recipe are an error."""
-    from exporter.auto_options import CLI_NAMES, check_only_for_auto, parse_candidates
+    from quantgate.exporter.auto_options import CLI_NAMES, check_only_for_auto, parse_candidates
 
     check_only_for_auto(args.recipe, {"candidates": args.candidates, "method": args.method,
                                       "score_samples": args.score_samples}, CLI_NAMES)
@@ -145,13 +145,13 @@ def _auto_fields(args: argparse.Namespace) -> dict:
 
 def _default_dialect(recipe: str) -> str:
     """The recipe's own dialect when --dialect is not given (an unknown recipe is reported later)."""
-    from exporter.recipes import RECIPES, default_dialect
+    from quantgate.exporter.recipes import RECIPES, default_dialect
 
     return default_dialect(recipe) if recipe in RECIPES else DIALECT_NAMES[0]
 
 
 def _progress_sink(mode: str):
-    from exporter.progress import BarProgress, JsonLinesProgress
+    from quantgate.exporter.progress import BarProgress, JsonLinesProgress
 
     if mode == "json":
         return StdoutProgress(JsonLinesProgress(sys.stdout))
@@ -191,9 +191,9 @@ class StdoutProgress:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporter.pipeline import QuantizeRequest, run_quantize
-    from exporter.progress import emit, process_seconds
-    from validators.errors import QuantgateError
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.progress import emit, process_seconds
+    from quantgate.validators.errors import QuantgateError
 
     import_seconds = process_seconds()   # interpreter start + imports, before the job begins
 
@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _push_target(args: argparse.Namespace):
     """The push target of --push-to-hub (checked before any work), or None."""
-    from exporter.publish import PushTarget, check_repo_id
-    from validators.errors import UsageError
+    from quantgate.exporter.publish import PushTarget, check_repo_id
+    from quantgate.validators.errors import UsageError
 
     if args.push_to_hub is None:
         if args.private or args.push_revision:
@@ -247,7 +247,7 @@ def _push(args: argparse.Namespace, result, target, sink) -> int:
     """Push the validated export; exit 2 when the Hub refuses the token, 1 when the upload fails."""
     import json
 
-    from exporter.publish import PushError, PushRejected, publish_export
+    from quantgate.exporter.publish import PushError, PushRejected, publish_export
 
     try:
         push, _card = publish_export(result.output, target, source=args.source, source_revision=args.revision,
@@ -285,7 +285,7 @@ def _summarize(result, json_mode: bool) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if result.auto:
-        from exporter.auto.stage import describe
+        from quantgate.exporter.auto.stage import describe
 
         print(describe(result.auto), file=sys.stderr)
     if result.ok:

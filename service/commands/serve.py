@@ -120,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import DataDirLocked, create_app, open_service
-    from service.executors.base import ExecutorUnavailable
-    from service.settings import Settings
+    from quantgate.service.app import DataDirLocked, create_app, open_service
+    from quantgate.service.executors.base import ExecutorUnavailable
+    from quantgate.service.settings import Settings
 
     try:
         settings = Settings(**_overrides(args))
     except ValidationError as exc:
-        from service.messages import error_message
+        from quantgate.service.messages import error_message
 
         for error in exc.errors():
             sys.stderr.write(f"quantgate serve: {error_message(error)}\n")

@@ -65,13 +65,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from validators.errors import QuantgateError
+    from quantgate.validators.errors import QuantgateError
 
     try:
-        from validators.deployment import Deployment
-        from validators.engine_facts import parse_engine_versions
-        from validators.render import render, use_color
-        from validators.report import validate
+        from quantgate.validators.deployment import Deployment
+        from quantgate.validators.engine_facts import parse_engine_versions
+        from quantgate.validators.render import render, use_color
+        from quantgate.validators.report import validate
 
         versions = parse_engine_versions(args.engine_versions)
         deployment = Deployment(args.tensor_parallel_size, args.expert_parallel) \

@@ -20,9 +20,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.executors.outputs import purge_expired
-from service.settings import Settings
-from service.store import JobRecord, Store
+from quantgate.service.executors.outputs import purge_expired
+from quantgate.service.settings import Settings
+from quantgate.service.store import JobRecord, Store
 
 __all__ = ["ClusterInfo", "DispatchingExecutor", "Executor", "ExecutorUnavailable", "SlotUsage"]
 

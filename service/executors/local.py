@@ -1,5 +1,5 @@
 """The local executor: a dispatcher thread hands queued jobs to free slots (GPUs, or one CPU slot),
-each job runs as `python -m service.worker SPEC` in its own process group with
+each job runs as `python -m quantgate.service.worker SPEC` in its own process group with
 `CUDA_VISIBLE_DEVICES` set to its slot, and a monitor thread per job relays the worker's JSON
 lines into the store and settles the job when the process exits.
 """
@@ -16,13 +16,13 @@ from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.executors.base import DispatchingExecutor, SlotUsage
-from service.executors.outcome import interpret
-from service.executors.process import WorkerProcess
-from service.executors.recovery import recover
-from service.executors.relay import SPEC_FILE, EventRelay, fail_job, settle, write_spec
-from service.settings import Settings
-from service.store import JobRecord, Store
+from quantgate.service.executors.base import DispatchingExecutor, SlotUsage
+from quantgate.service.executors.outcome import interpret
+from quantgate.service.executors.process import WorkerProcess
+from quantgate.service.executors.recovery import recover
+from quantgate.service.executors.relay import SPEC_FILE, EventRelay, fail_job, settle, write_spec
+from quantgate.service.settings import Settings
+from quantgate.service.store import JobRecord, Store
 
 __all__ = ["CPU_SLOT", "LocalExecutor", "detect_devices", "worker_env"]
 
@@ -176,7 +176,7 @@ class LocalExecutor(DispatchingExecutor):
             )
         hf_token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
         process = WorkerProcess(
-            [self.settings.worker_python, "-m", "service.worker", str(spec_path)],
+            [self.settings.worker_python, "-m", "quantgate.service.worker", str(spec_path)],
             env=worker_env(self.environ, device=device, hf_token=hf_token),
             log_path=log_path,
             secrets=self._secrets,

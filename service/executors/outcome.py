@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.executors.process import describe_exit
-from service.worker import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED
+from quantgate.service.executors.process import describe_exit
+from quantgate.service.worker import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED
 
 __all__ = ["Outcome", "interpret"]
 

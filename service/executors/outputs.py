@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from service.store import Store
+from quantgate.service.store import Store
 
 __all__ = ["partial_outputs", "purge_expired", "remove_job_outputs"]
 

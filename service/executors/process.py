@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from service.security import redact
+from quantgate.service.security import redact
 
 __all__ = ["WorkerProcess", "describe_exit", "process_alive"]
 
@@ -77,7 +77,7 @@ def process_alive(pid: int) -> bool:
 
 
 class WorkerProcess:
-    """A running `python -m service.worker SPEC` in its own process group."""
+    """A running `python -m quantgate.service.worker SPEC` in its own process group."""
 
     def __init__(
         self,

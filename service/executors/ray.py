@@ -5,7 +5,7 @@ A dispatcher thread reads the cluster (`ray.nodes()`, `ray.available_resources()
 no node can ever fit (more GPUs than the largest node has) waits too, and fails `unschedulable`
 after `unschedulable_timeout_seconds`. A job that fits is claimed and handed to a `JobRunner`
 actor (ray_task.py) created with `num_gpus` = the job's `gpus` and `num_cpus` =
-`ray_cpus_per_job`; the actor runs `python -m service.worker SPEC` on its node and streams the
+`ray_cpus_per_job`; the actor runs `python -m quantgate.service.worker SPEC` on its node and streams the
 worker's JSON lines back (a streaming generator), which a monitor thread per job stores exactly
 as for local jobs (`EventRelay`, `settle`).
 
@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.executors.base import ClusterInfo, DispatchingExecutor, ExecutorUnavailable, SlotUsage
-from service.executors.outcome import interpret
-from service.executors.ray_cluster import NOTHING, Need, Snapshot, place, probe, snapshot_from_ray
-from service.executors.ray_task import JobRunner
-from service.executors.recovery import kill_orphaned_group, recover
-from service.executors.relay import EventRelay, fail_job, settle, settle_lost, write_spec
-from service.settings import Settings
-from service.store import JobRecord, Store
+from quantgate.service.executors.base import ClusterInfo, DispatchingExecutor, ExecutorUnavailable, SlotUsage
+from quantgate.service.executors.outcome import interpret
+from quantgate.service.executors.ray_cluster import NOTHING, Need, Snapshot, place, probe, snapshot_from_ray
+from quantgate.service.executors.ray_task import JobRunner
+from quantgate.service.executors.recovery import kill_orphaned_group, recover
+from quantgate.service.executors.relay import EventRelay, fail_job, settle, settle_lost, write_spec
+from quantgate.service.settings import Settings
+from quantgate.service.store import JobRecord, Store
 
 try:
     import ray

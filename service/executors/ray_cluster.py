@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.executors.base import ClusterInfo, ExecutorUnavailable
+from quantgate.service.executors.base import ClusterInfo, ExecutorUnavailable
 
 __all__ = ["Need", "NodeCapacity", "Placement", "Snapshot", "place", "probe", "snapshot_from_ray"]
 

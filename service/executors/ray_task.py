@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.executors.local import CPU_SLOT, worker_env
-from service.executors.process import WorkerProcess
+from quantgate.service.executors.local import CPU_SLOT, worker_env
+from quantgate.service.executors.process import WorkerProcess
 
 __all__ = ["LOG_TAIL_BYTES", "JobRunner", "read_tail"]
 
@@ -76,7 +76,7 @@ class JobRunner:
                     yield {"kind": "exit", "returncode": -15, "stderr_tail": [], "report_html": None}
                     return
                 process = WorkerProcess(
-                    [sys.executable, "-m", "service.worker", str(spec_path)],
+                    [sys.executable, "-m", "quantgate.service.worker", str(spec_path)],
                     env=worker_env(os.environ, device=device, hf_token=hf_token),
                     log_path=log_path,
                     secrets=(hf_token,) if hf_token else (),

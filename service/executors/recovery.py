@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.executors.outputs import remove_job_outputs
-from service.executors.process import process_alive
-from service.executors.relay import fail_job
-from service.store import ACTIVE, JobRecord, Store
+from quantgate.service.executors.outputs import remove_job_outputs
+from quantgate.service.executors.process import process_alive
+from quantgate.service.executors.relay import fail_job
+from quantgate.service.store import ACTIVE, JobRecord, Store
 
 __all__ = ["RecoveryReport", "kill_orphaned_group", "recover"]
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "service.worker"
+WORKER_MODULE = "quantgate.service.worker"
 ORPHAN_EXIT_TIMEOUT_S = 10.0
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.executors.outcome import Outcome
-from service.executors.outputs import remove_job_outputs
-from service.store import JobRecord, Store
+from quantgate.service.executors.outcome import Outcome
+from quantgate.service.executors.outputs import remove_job_outputs
+from quantgate.service.store import JobRecord, Store
 
 __all__ = [
     "MAX_LOG_EVENTS",

@@ -20,7 +20,7 @@ DEVICE = os.environ.get("QUANTGATE_TEST_DEVICE", "cpu")
 @pytest.fixture(scope="session")
 def exported(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable:
     """`exported(arch, recipe)` -> (source dir, QuantizeResult); each pair is exported at most once."""
-    from exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
     root = tmp_path_factory.mktemp("exports")
     cache: dict[tuple[str, str], tuple[Path, object]] = {}

@@ -28,8 +28,8 @@ _ROOT: list[Path] = []
 @pytest.fixture(scope="session", name="ct_exported")
 def ct_exported_fixture(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable:
     """`ct_exported(arch, recipe)` -> (source dir, QuantizeResult) in the compressed-tensors dialect."""
-    from exporter.pipeline import QuantizeRequest, run_quantize
-    from exporter.recipes import get_recipe
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.recipes import get_recipe
 
     if not _ROOT:
         _ROOT.append(tmp_path_factory.mktemp("ct_exports"))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from exporter.dequant_load import load_dequantized_model, load_model, load_with_weights
-from exporter.source import Source
+from quantgate.exporter.dequant_load import load_dequantized_model, load_model, load_with_weights
+from quantgate.exporter.source import Source
 
 NOISE_SEEDS = (101, 102)
 MARGIN = 2.0

@@ -20,15 +20,15 @@ import pytest
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 from test_export_logits import scheme_eps  # noqa: F401 - fixture
 
-from exporter.auto.groups import is_quantizable
-from exporter.auto_options import EXPORTABLE_ALGOS
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.source import Source, open_source
-from exporter.writers.modelopt import WRITABLE_ALGOS
-from exporter.writers.modelopt_mixed import MIXED_WRITABLE_ALGOS
-from service.cli import main as cli_main
-from validators.errors import UsageError
-from validators.schemes import bits_per_weight, match_scheme
+from quantgate.exporter.auto.groups import is_quantizable
+from quantgate.exporter.auto_options import EXPORTABLE_ALGOS
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.source import Source, open_source
+from quantgate.exporter.writers.modelopt import WRITABLE_ALGOS
+from quantgate.exporter.writers.modelopt_mixed import MIXED_WRITABLE_ALGOS
+from quantgate.service.cli import main as cli_main
+from quantgate.validators.errors import UsageError
+from quantgate.validators.schemes import bits_per_weight, match_scheme
 
 MODELS: dict[str, dict[str, Any]] = {
     "gemma4": {},
@@ -80,7 +80,7 @@ def _stored_algos(export_dir: Path, source: Source) -> dict[str, str | None]:
 
 def _bits_from_bytes(algos: dict[str, str | None], source: Source) -> float:
     """Effective bits recounted from the export's tensors: Σ numel × bits / Σ numel."""
-    from validators.schemes import scheme_for_quant_algo
+    from quantgate.validators.schemes import scheme_for_quant_algo
 
     numel = {n: source.layout.modules[n].out_features * source.layout.modules[n].in_features for n in algos}
     total = sum(numel[n] * bits_per_weight(scheme_for_quant_algo(a) if a else None) for n, a in algos.items())
@@ -172,10 +172,10 @@ def _refuse_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("re-planning from a scores file must not run the model")
 
-    monkeypatch.setattr("exporter.calib_model.load_calibration_model", refuse)
-    monkeypatch.setattr("exporter.calibration.load_calibration_model", refuse)
-    monkeypatch.setattr("exporter.auto.scoring.score_groups", refuse)
-    monkeypatch.setattr("exporter.auto.planner.score_groups", refuse)
+    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.auto.scoring.score_groups", refuse)
+    monkeypatch.setattr("quantgate.exporter.auto.planner.score_groups", refuse)
 
 
 def test_cli_replans_from_scores_without_forward_passes(auto_export: Callable, tmp_path: Path,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.auto import (
+from quantgate.exporter.auto import (
     BF16,
     DecisionGroup,
     InfeasibleBudgetError,
@@ -24,10 +24,10 @@ from exporter.auto import (
     select,
     to_plan,
 )
-from exporter.auto.optimize import min_effective_bits
-from exporter.source import open_source
-from validators.errors import UsageError
-from validators.layout import Kind
+from quantgate.exporter.auto.optimize import min_effective_bits
+from quantgate.exporter.source import open_source
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Kind
 
 SCORING = {
     "method": "gradient",

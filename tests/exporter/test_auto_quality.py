@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from exporter.auto import effective_bits, plan_auto
-from exporter.auto.runtime import bind_weights
-from exporter.auto.scoring import plan_kl
-from exporter.calib_data import calibration_batches
-from exporter.calib_model import load_calibration_model, load_tokenizer
-from exporter.source import open_source
+from quantgate.exporter.auto import effective_bits, plan_auto
+from quantgate.exporter.auto.runtime import bind_weights
+from quantgate.exporter.auto.scoring import plan_kl
+from quantgate.exporter.calib_data import calibration_batches
+from quantgate.exporter.calib_model import load_calibration_model, load_tokenizer
+from quantgate.exporter.source import open_source
 
 log = logging.getLogger(__name__)
 

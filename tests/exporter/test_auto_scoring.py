@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from exporter.auto import ScoresFileError, candidate_specs, decision_groups, plan_auto
-from exporter.auto.fakequant import fake_quant_fused
-from exporter.auto.perturb import quantized
-from exporter.auto.runtime import bind_weights
-from exporter.auto.scoring import plan_kl, score_groups
-from exporter.calib_data import random_tokens
-from exporter.calib_model import load_calibration_model
-from exporter.source import open_source
+from quantgate.exporter.auto import ScoresFileError, candidate_specs, decision_groups, plan_auto
+from quantgate.exporter.auto.fakequant import fake_quant_fused
+from quantgate.exporter.auto.perturb import quantized
+from quantgate.exporter.auto.runtime import bind_weights
+from quantgate.exporter.auto.scoring import plan_kl, score_groups
+from quantgate.exporter.calib_data import random_tokens
+from quantgate.exporter.calib_model import load_calibration_model
+from quantgate.exporter.source import open_source
 
 SAMPLES = random_tokens(1000, 4, 24, exclude=range(16), seed=7)  # ids < 16 hold the specials
 TINY_SCORING = {"score_samples": 3, "score_seq_len": 16, "device": "cpu"}
@@ -75,7 +75,7 @@ def test_experts_fake_quant_lands_on_each_expert_slice(loaded: Callable, arch: s
 
 def test_binding_refuses_runtime_weights_that_differ_from_the_checkpoint(loaded: Callable) -> None:
     """A runtime [gate; up] order other than the one assumed (here: halves swapped) is caught."""
-    from validators.errors import UnsupportedArchitectureError
+    from quantgate.validators.errors import UnsupportedArchitectureError
 
     source, model = loaded("qwen3_moe")
     group = next(g for g in _groups(source) if g.key == "model.layers.0.mlp.experts")
@@ -176,7 +176,7 @@ def test_replanning_from_scores_file_runs_no_forward(
         raise AssertionError("re-planning from a scores file must not run the model")
 
     monkeypatch.setattr(model, "forward", refuse)
-    monkeypatch.setattr("exporter.calib_model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
     for bits in (5.0, 6.0, 12.0):
         plan = plan_auto(source, bits, method="kl_div", scores_file=path, model=model, **TINY_SCORING)
         assert plan.effective_bits <= bits

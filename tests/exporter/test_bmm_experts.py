@@ -18,14 +18,14 @@ import torch
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 from safetensors.torch import load_file, save_file
 
-from exporter.calib_stats import STATS_FILE_NAME, ActivationStats
-from exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
-from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
-from exporter.recipes import make_plan
-from exporter.source import open_source
-from service.cli import main as cli_main
-from validators.layout import Kind
-from validators.report import validate
+from quantgate.exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
+from quantgate.exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
+from quantgate.exporter.recipes import make_plan
+from quantgate.exporter.source import open_source
+from quantgate.service.cli import main as cli_main
+from quantgate.validators.layout import Kind
+from quantgate.validators.report import validate
 
 CALIB = ["--calib-samples", "2", "--calib-seq-len", "16", "--progress", "none", "--device", "cpu"]
 CASES = [(a, r) for a in ("gpt_oss", "llama4") for r in ("nvfp4", "fp8")]
@@ -101,8 +101,8 @@ def test_input_scale_is_the_max_over_experts(exported, arch: str, recipe: str) -
 
 @pytest.mark.parametrize(("arch", "recipe"), CASES)
 def test_dequantized_bmm_logits_within_scheme_bound(exported, arch: str, recipe: str) -> None:
-    from exporter.numerics.fp8 import dequantize_fp8
-    from exporter.numerics.nvfp4 import dequantize_nvfp4
+    from quantgate.exporter.numerics.fp8 import dequantize_fp8
+    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4
 
     source_dir, result = exported(arch, recipe)
     source = open_source(str(source_dir))
@@ -120,8 +120,8 @@ def test_streaming_large_tensors_expert_by_expert_gives_the_same_bytes(exported,
                                                                          arch: str) -> None:
     """Above WHOLE_READ_MAX a 3-D tensor is read one expert at a time (amax pass, then quantize pass):
     the export is byte-identical to reading it whole."""
-    from exporter.pipeline import QuantizeRequest, run_quantize
-    from exporter.writers import bmm_experts
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.writers import bmm_experts
 
     source_dir, whole = exported(arch, "nvfp4")
     monkeypatch.setattr(bmm_experts, "WHOLE_READ_MAX", 0)
@@ -158,7 +158,7 @@ def test_validator_catches_a_malformed_3d_export(exported, tmp_path: Path, mutat
     assert {f["severity"] for f in report["findings"] if f["code"] == "QG308"} == {severity}
     assert {v["status"] for v in report["verdicts"].values()} == {status}
     if mutation == "flipped_orientation":   # the dequantizing loader reads the stored orientation
-        from exporter.dequant_load import dequantized_state_dict
+        from quantgate.exporter.dequant_load import dequantized_state_dict
 
         source = open_source(str(exported("gpt_oss", "nvfp4")[0]))
         assert torch.equal(dequantized_state_dict(bad, source)[t], dequantized_state_dict(result.output, source)[t])
@@ -180,9 +180,9 @@ def test_experts_of_one_tensor_split_between_schemes_are_refused(tiny_model) -> 
     """A 3-D tensor has one quantizer: a plan (e.g. auto's) leaving one of its experts BF16 is refused."""
     from dataclasses import replace
 
-    from exporter.recipes import Assignment
-    from exporter.writers.bmm_experts import check_bmm_plan
-    from validators.errors import UnsupportedArchitectureError
+    from quantgate.exporter.recipes import Assignment
+    from quantgate.exporter.writers.bmm_experts import check_bmm_plan
+    from quantgate.validators.errors import UnsupportedArchitectureError
 
     source = open_source(str(tiny_model("llama4")))
     plan = make_plan(source.layout, "fp8")
@@ -198,9 +198,9 @@ def test_mixed_precision_plans_with_3d_experts_are_refused(tiny_model) -> None:
     a spelling not written here yet, so such a plan (auto with several candidates) is refused."""
     from dataclasses import replace
 
-    from exporter.recipes import Assignment
-    from exporter.writers.bmm_experts import check_bmm_plan
-    from validators.errors import UnsupportedArchitectureError
+    from quantgate.exporter.recipes import Assignment
+    from quantgate.exporter.writers.bmm_experts import check_bmm_plan
+    from quantgate.validators.errors import UnsupportedArchitectureError
 
     source = open_source(str(tiny_model("gpt_oss")))
     plan, fp8 = make_plan(source.layout, "nvfp4"), make_plan(source.layout, "fp8")

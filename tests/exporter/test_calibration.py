@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exporter.calib_data import CalibrationDataError, load_tokens, random_tokens, special_token_ids
-from exporter.calib_experts import find_experts_modules, is_dispatched_experts
-from exporter.calib_stats import STATS_FORMAT, STATS_VERSION, ActivationStats, ActivationStatsError
-from exporter.calibration import CalibrationError, calibrate, calibrate_model, load_calibration_model
-from exporter.recipes import make_plan
-from exporter.source import open_source
+from quantgate.exporter.calib_data import CalibrationDataError, load_tokens, random_tokens, special_token_ids
+from quantgate.exporter.calib_experts import find_experts_modules, is_dispatched_experts
+from quantgate.exporter.calib_stats import STATS_FORMAT, STATS_VERSION, ActivationStats, ActivationStatsError
+from quantgate.exporter.calibration import CalibrationError, calibrate, calibrate_model, load_calibration_model
+from quantgate.exporter.recipes import make_plan
+from quantgate.exporter.source import open_source
 
 transformers = pytest.importorskip("transformers")
 

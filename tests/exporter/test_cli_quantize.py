@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.excludes import ExcludeSynthesis
-from service.cli import main
+from quantgate.exporter.excludes import ExcludeSynthesis
+from quantgate.service.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "service.cli", "quantize", *args], capture_output=True, check=False,
+    return subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", *args], capture_output=True, check=False,
                           text=True, cwd=REPO, env=env, timeout=300)
 
 
@@ -101,7 +101,7 @@ def test_bad_shard_size_is_a_usage_error(tiny_model, tmp_path: Path) -> None:
 
 def test_validation_failure_exits_1(exported, tmp_path: Path, monkeypatch, capsys) -> None:
     """In-process (to inject the fault): an export the validator rejects exits 1 and is kept aside."""
-    from exporter.writers import modelopt
+    from quantgate.exporter.writers import modelopt
 
     source, first = exported("qwen3_moe", "nvfp4")
     monkeypatch.setattr(modelopt, "build_excludes", lambda src, plan: ExcludeSynthesis(patterns=[]))
@@ -117,6 +117,6 @@ def test_validation_failure_exits_1(exported, tmp_path: Path, monkeypatch, capsy
 @pytest.mark.parametrize(("text", "value"), [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("2GiB", 2 << 30),
                                              ("1000", 1000)])
 def test_parse_size(text: str, value: int) -> None:
-    from service.commands.quantize import parse_size
+    from quantgate.service.commands.quantize import parse_size
 
     assert parse_size(text) == value

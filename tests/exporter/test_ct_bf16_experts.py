@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.source import open_source
-from exporter.tiny_models import TINY_ARCHS
-from validators.engines import ENGINE_SEMANTICS
-from validators.layout import Kind
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.source import open_source
+from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.layout import Kind
 
 CALIB = {"calib_samples": 2, "calib_seq_len": 16, "calib_batch_size": 2}
 #: Attention and dense MLPs in multiples of 128 (W4A16 applies), experts' down_proj in_features 64.

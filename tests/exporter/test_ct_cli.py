@@ -9,10 +9,10 @@ import pytest
 import torch
 from ct_helpers import CT_SIZES
 
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.recipes import RECIPES, check_dialect, default_dialect
-from service.cli import main
-from validators.errors import UsageError
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.recipes import RECIPES, check_dialect, default_dialect
+from quantgate.service.cli import main
+from quantgate.validators.errors import UsageError
 
 
 def test_recipe_default_dialects() -> None:
@@ -60,8 +60,8 @@ def test_w4a16_defaults_to_compressed_tensors(tiny_model, tmp_path: Path, capsys
 def test_nvfp4_in_both_dialects_quantizes_the_same_bytes(tiny_model, tmp_path: Path) -> None:
     """The same recipe in either dialect gives identical NVFP4 codes and block scales; the global scales
     are reciprocals (compressed-tensors 2688/amax vs ModelOpt amax/2688)."""
-    from exporter.numerics import ct_global_scale
-    from exporter.source import open_source
+    from quantgate.exporter.numerics import ct_global_scale
+    from quantgate.exporter.source import open_source
 
     source = str(tiny_model("llama", **CT_SIZES))
     calib = {"calib_samples": 4, "calib_seq_len": 32, "calib_batch_size": 2}
@@ -80,7 +80,7 @@ def test_nvfp4_in_both_dialects_quantizes_the_same_bytes(tiny_model, tmp_path: P
 
 def test_job_body_dialect() -> None:
     pydantic = pytest.importorskip("pydantic")
-    from service.schemas import JobCreate
+    from quantgate.service.schemas import JobCreate
 
     assert JobCreate(source="org/m", recipe="w4a16").dialect == "compressed-tensors"
     assert JobCreate(source="org/m", recipe="nvfp4").dialect == "modelopt"

@@ -12,10 +12,10 @@ from ct_helpers import ct_exported_fixture  # noqa: F401  (the session fixture `
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from exporter.source import open_source
-from validators.layout import Kind
-from validators.report import validate
-from validators.schemes import COMPRESSED_TENSORS, ct_group_schemes, scheme
+from quantgate.exporter.source import open_source
+from quantgate.validators.layout import Kind
+from quantgate.validators.report import validate
+from quantgate.validators.schemes import COMPRESSED_TENSORS, ct_group_schemes, scheme
 
 # llm-compressor 0.14.0.1 / compressed-tensors 0.19.0 on a 2-layer Qwen3-MoE (lab_llmc_vllm.md, verbatim).
 LAB_QWEN3_CONFIGS = {
@@ -41,7 +41,7 @@ def _quantization_config(result) -> dict:
 @pytest.mark.parametrize("recipe", sorted(LAB_QWEN3_CONFIGS))
 def test_config_spelled_as_llm_compressor(ct_exported, recipe: str) -> None:
     """Every key, value and list order equals llm-compressor's; only `version` names our CT release."""
-    from exporter.writers.compressed_tensors import CT_VERSION
+    from quantgate.exporter.writers.compressed_tensors import CT_VERSION
 
     _, result = ct_exported("qwen3_moe", recipe)
     ours = _quantization_config(result)

@@ -3,7 +3,7 @@ dequantize round trip within each scheme's error.
 
 The error bounds are derived as in test_export_logits.py (no number hard-coded):
 1. eps: the relative error quantize-dequantize gives a 1024x1024 N(0, 1) BF16 matrix with
-   `exporter.numerics` (W4A16 ~ 0.11, NVFP4 ~ 0.095, FP8 ~ 0.028, W8A8 ~ 0.005).
+   `quantgate.exporter.numerics` (W4A16 ~ 0.11, NVFP4 ~ 0.095, FP8 ~ 0.028, W8A8 ~ 0.005).
 2. Weights: every quantized module's dequantized weight is within WEIGHT_MARGIN * eps of its source
    weight (the tiny models are normal-initialised, so their per-module error is the Gaussian one; a
    wrong scale, a packing-order bug or a swapped module is off by far more).
@@ -18,10 +18,10 @@ import torch
 from ct_helpers import ct_exported_fixture  # noqa: F401  (the session fixture `ct_exported`)
 from logit_bounds import assert_logits_within_noise_bound
 
-from exporter.dequant_load import dequantize_module
-from exporter.recipes import get_recipe, make_plan
-from exporter.source import open_source
-from validators.schemes import COMPRESSED_TENSORS, scheme
+from quantgate.exporter.dequant_load import dequantize_module
+from quantgate.exporter.recipes import get_recipe, make_plan
+from quantgate.exporter.source import open_source
+from quantgate.validators.schemes import COMPRESSED_TENSORS, scheme
 
 ARCHS = ("qwen3_moe", "mixtral", "llama")
 RECIPES = ("w4a16", "w8a8_int8", "nvfp4a16", "nvfp4", "fp8")
@@ -32,7 +32,7 @@ WEIGHT_MARGIN = 1.25
 @pytest.fixture(scope="module")
 def scheme_eps() -> dict[str, float]:
     """Relative quantize-dequantize error of each compressed-tensors scheme on Gaussian weights."""
-    from exporter.numerics import (
+    from quantgate.exporter.numerics import (
         dequantize_fp8,
         dequantize_nvfp4,
         dequantize_w4a16,

@@ -1,8 +1,8 @@
 """Exclude-pattern synthesis at DeepSeek-V3 scale, and the exactness of its fast checker.
 
-`exporter.excludes._Checker` answers "which quantized modules does this pattern exclude in engine E"
+`quantgate.exporter.excludes._Checker` answers "which quantized modules does this pattern exclude in engine E"
 from equivalence classes and a literal prefilter instead of asking the engine about every module.
-These tests prove, against the engines' own matchers (`validators.engines`), that the answers are
+These tests prove, against the engines' own matchers (`quantgate.validators.engines`), that the answers are
 identical on name sets of every naming family we support, and that a ~45k-module model is fast.
 """
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from exporter.excludes import _Checker, candidates, synthesize_excludes
-from validators.engines import ENGINE_SEMANTICS
+from quantgate.exporter.excludes import _Checker, candidates, synthesize_excludes
+from quantgate.validators.engines import ENGINE_SEMANTICS
 
 EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 MLA_PROJ = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

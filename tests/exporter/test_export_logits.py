@@ -3,7 +3,7 @@
 How the bound is derived (no number is hard-coded):
 
 1. The scheme's noise level. Quantize-dequantize a 1024x1024 N(0, 1) BF16 matrix with
-   `exporter.numerics` and measure eps = ||deq(W) - W||_F / ||W||_F, i.e. the scheme's SQNR
+   `quantgate.exporter.numerics` and measure eps = ||deq(W) - W||_F / ||W||_F, i.e. the scheme's SQNR
    (NVFP4 ~ 20.4 dB -> eps ~ 0.095; FP8 e4m3 per-tensor ~ 31 dB -> eps ~ 0.028).
 2. What that noise does to this model. Quantization error of a max-scaled format behaves like
    additive noise uncorrelated with the inputs, with power eps^2 * mean(W^2). Add exactly that
@@ -31,8 +31,8 @@ import pytest
 import torch
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 
-from exporter.recipes import make_plan
-from exporter.source import open_source
+from quantgate.exporter.recipes import make_plan
+from quantgate.exporter.source import open_source
 
 ARCHS = ("gemma4", "gemma4_mm", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v3", "llama")
 RECIPES = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8")
@@ -41,8 +41,8 @@ CASES = [(a, r) for a in ARCHS for r in RECIPES if not (a == "llama" and r == "n
 
 @pytest.fixture(scope="module")
 def scheme_eps() -> dict[str, float]:
-    from exporter.numerics.fp8 import dequantize_fp8, quantize_fp8
-    from exporter.numerics.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+    from quantgate.exporter.numerics.fp8 import dequantize_fp8, quantize_fp8
+    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).bfloat16()
     ref = w.float()

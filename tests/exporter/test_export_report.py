@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from exporter.excludes import ExcludeSynthesis
-from exporter.pipeline import FAILED_SUFFIX, REPORT_HTML, REPORT_JSON, QuantizeRequest, run_quantize
+from quantgate.exporter.excludes import ExcludeSynthesis
+from quantgate.exporter.pipeline import FAILED_SUFFIX, REPORT_HTML, REPORT_JSON, QuantizeRequest, run_quantize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def test_a_validated_export_names_its_final_path(exported) -> None:
 
 
 def test_a_failed_export_names_where_it_is_kept(exported, tmp_path: Path, monkeypatch) -> None:
-    from exporter.writers import modelopt
+    from quantgate.exporter.writers import modelopt
 
     source, first = exported("qwen3_moe", "nvfp4")
     monkeypatch.setattr(modelopt, "build_excludes", lambda src, plan: ExcludeSynthesis(patterns=[]))
@@ -48,7 +48,7 @@ def test_a_failed_export_names_where_it_is_kept(exported, tmp_path: Path, monkey
 def test_shape_warnings_print_once_and_complete(tiny_model, tmp_path: Path) -> None:
     """The demo Gemma4 under w4a16: in_features 64 is not a multiple of the group 128."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(tiny_model("gemma4")),
+    proc = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", str(tiny_model("gemma4")),
                            "--recipe", "w4a16", "--out", str(tmp_path / "q"), "--device", "cpu"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

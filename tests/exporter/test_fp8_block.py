@@ -20,14 +20,14 @@ import pytest
 import torch
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 
-from exporter.numerics.common import NumericsError
-from exporter.numerics.fp8_block import dequantize_fp8_block, quantize_fp8_block
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.recipes import check_dialect, default_dialect, make_plan
-from exporter.source import open_source, slice_fused
-from service.cli import main
-from validators.errors import UsageError
-from validators.layout import Kind
+from quantgate.exporter.numerics.common import NumericsError
+from quantgate.exporter.numerics.fp8_block import dequantize_fp8_block, quantize_fp8_block
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.recipes import check_dialect, default_dialect, make_plan
+from quantgate.exporter.source import open_source, slice_fused
+from quantgate.service.cli import main
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Kind
 
 REPO = Path(__file__).resolve().parents[2]
 #: Sizes that make every decoder Linear a whole number of 128x128 blocks (attention too, except
@@ -84,7 +84,7 @@ def test_numerics_equal_transformers_fp8_quantize(shape: tuple[int, ...]) -> Non
 
 def test_row_steps_do_not_change_the_bytes(monkeypatch) -> None:
     """Large weights are quantized a few row blocks at a time; the bytes are the same as in one step."""
-    from exporter.numerics import fp8_block
+    from quantgate.exporter.numerics import fp8_block
 
     w = torch.randn(2, 512, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
     whole = quantize_fp8_block(w)
@@ -207,7 +207,7 @@ def test_transformers_loads_export_as_our_dequantizer_does(fp8_export, monkeypat
     answered yes."""
     from transformers.quantizers import quantizer_finegrained_fp8
 
-    from exporter.dequant_load import load_dequantized_model, load_model
+    from quantgate.exporter.dequant_load import load_dequantized_model, load_model
 
     monkeypatch.setattr(quantizer_finegrained_fp8, "is_accelerate_available", lambda: True)
     source_dir, result = fp8_export(arch)
@@ -234,7 +234,7 @@ def test_cli_quantize_fp8_block(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("llama", **BLOCK_SIZES["llama"])
     out = tmp_path / "o"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(src), "--recipe", "fp8_block",
+    proc = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", str(src), "--recipe", "fp8_block",
                            "--out", str(out), "--progress", "none"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -255,7 +255,7 @@ def test_cli_fp8_block_as_compressed_tensors_exits_2(tiny_model, tmp_path: Path,
 def test_job_body_accepts_fp8_block() -> None:
     from pydantic import ValidationError
 
-    from service.schemas import JobCreate
+    from quantgate.service.schemas import JobCreate
 
     assert JobCreate.model_validate({"source": "org/model", "recipe": "fp8_block"}).dialect == "fp8"
     with pytest.raises(ValidationError, match="cannot be written in the compressed-tensors dialect"):
@@ -266,10 +266,10 @@ def test_every_dialect_list_names_fp8() -> None:
     """The dialect names are copied by hand in five places (issue 13 item 4): all must know `fp8`."""
     from typing import get_args
 
-    from exporter.pipeline import DIALECTS
-    from exporter.writers.registry import WRITERS
-    from service.commands.quantize import DIALECT_NAMES
-    from service.schemas import JobCreate
+    from quantgate.exporter.pipeline import DIALECTS
+    from quantgate.exporter.writers.registry import WRITERS
+    from quantgate.service.commands.quantize import DIALECT_NAMES
+    from quantgate.service.schemas import JobCreate
 
     schema = {a for a in get_args(JobCreate.model_fields["dialect"].annotation) for a in get_args(a) or (a,)}
     assert set(DIALECT_NAMES) == set(DIALECTS) == set(WRITERS) == schema - {type(None)} and "fp8" in WRITERS

@@ -1,6 +1,6 @@
 """The batched NVFP4 weight pass (GPU path) writes exactly the bytes of the per-group one.
 
-`exporter.writers.modelopt_batched` stacks many groups' weights and quantizes them together. It
+`quantgate.exporter.writers.modelopt_batched` stacks many groups' weights and quantizes them together. It
 is used on CUDA; here it runs on the CPU (the math is device agnostic) and every output tensor is
 compared bit for bit with `modelopt.quantize_group`, then a whole export made with batching is
 compared file by file with the default export.
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.calib_stats import ActivationStats
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.recipes import make_plan
-from exporter.source import open_source
-from exporter.writers import modelopt, modelopt_batched
-from exporter.writers.modelopt_batched import batchable, plan_batches, quantize_batch
-from exporter.writers.sharding import OutTensor, Unit
+from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.recipes import make_plan
+from quantgate.exporter.source import open_source
+from quantgate.exporter.writers import modelopt, modelopt_batched
+from quantgate.exporter.writers.modelopt_batched import batchable, plan_batches, quantize_batch
+from quantgate.exporter.writers.sharding import OutTensor, Unit
 
 CPU = torch.device("cpu")
 

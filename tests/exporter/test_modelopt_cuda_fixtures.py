@@ -17,10 +17,10 @@ import torch
 from numerics_helpers import CUDA, FIXTURES, bits
 from safetensors.torch import load_file
 
-from exporter.numerics.fp8 import activation_scale, quantize_fp8
-from exporter.numerics.modes import MODELOPT_CPU, MODELOPT_CUDA, scalar_div, weight_over_scale
-from exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
-from exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.numerics.fp8 import activation_scale, quantize_fp8
+from quantgate.exporter.numerics.modes import MODELOPT_CPU, MODELOPT_CUDA, scalar_div, weight_over_scale
+from quantgate.exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
 FIXTURE = FIXTURES / "modelopt_cuda"
 RECIPES = ("nvfp4", "fp8")
@@ -64,7 +64,7 @@ def test_numerics_option_reproduces_modelopt_on_the_cpu(tmp_path: Path) -> None:
 
     stats = FIXTURE / "modelopt_nvfp4_calibration.json"
     out = tmp_path / "cpu"
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(FIXTURE / "source"), "--recipe",
+    proc = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", str(FIXTURE / "source"), "--recipe",
                            "nvfp4", "--device", "cpu", "--calib-stats", str(stats), "--numerics", "modelopt-cpu",
                            "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

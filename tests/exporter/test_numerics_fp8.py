@@ -9,14 +9,14 @@ import torch
 from numerics_helpers import CUDA, EXPORTS, FIXTURES, bits, sqnr_db
 from safetensors.torch import load_file
 
-from exporter.numerics.fp8 import (
+from quantgate.exporter.numerics.fp8 import (
     E4M3_MAX,
     activation_scale,
     dequantize_fp8,
     fp8_scale,
     quantize_fp8,
 )
-from exporter.numerics.modes import MODELOPT_CPU
+from quantgate.exporter.numerics.modes import MODELOPT_CPU
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from numerics_helpers import sqnr_db
 
-from exporter.numerics.int4 import dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
-from exporter.numerics.int8 import (
+from quantgate.exporter.numerics.int4 import dequantize_w4a16, pack_int4, quantize_w4a16, unpack_int4
+from quantgate.exporter.numerics.int8 import (
     dequantize_symmetric_int,
     dequantize_w8a8_int8,
     quantize_symmetric_int,

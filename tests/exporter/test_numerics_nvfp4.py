@@ -10,10 +10,10 @@ import torch
 from numerics_helpers import CUDA, EXPORTS, FIXTURES, bits, sqnr_db
 from safetensors.torch import load_file
 
-from exporter.numerics import common
-from exporter.numerics.e2m1 import E2M1_GRID, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
-from exporter.numerics.modes import MODELOPT_CPU, NUMERICS_MODES
-from exporter.numerics.nvfp4 import (
+from quantgate.exporter.numerics import common
+from quantgate.exporter.numerics.e2m1 import E2M1_GRID, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
+from quantgate.exporter.numerics.modes import MODELOPT_CPU, NUMERICS_MODES
+from quantgate.exporter.numerics.nvfp4 import (
     BLOCK,
     BLOCK_SCALE_MIN,
     ct_global_scale,

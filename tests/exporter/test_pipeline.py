@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.calib_stats import ActivationStats
-from exporter.excludes import ExcludeSynthesis
-from exporter.pipeline import FAILED_SUFFIX, REPORT_JSON, QuantizeRequest, run_quantize
-from validators.checkpoint import open_checkpoint
-from validators.engines import ENGINE_SEMANTICS
-from validators.errors import UsageError
-from validators.layout import Kind, build_layout
+from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.excludes import ExcludeSynthesis
+from quantgate.exporter.pipeline import FAILED_SUFFIX, REPORT_JSON, QuantizeRequest, run_quantize
+from quantgate.validators.checkpoint import open_checkpoint
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Kind, build_layout
 
 ARCHS = ("gemma4", "gemma4_mm", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v3", "llama")
 RECIPES = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8")
@@ -242,7 +242,7 @@ def test_tiny_shards_index_and_streaming(exported, tmp_path: Path) -> None:
 def test_failed_validation_keeps_output_aside(exported, tmp_path: Path, monkeypatch) -> None:
     """Drop the exclude list: routers stay BF16 unexcluded, the validator fails the export, and
     nothing appears at the final path."""
-    from exporter.writers import modelopt
+    from quantgate.exporter.writers import modelopt
 
     source, first = exported("qwen3_moe", "nvfp4")
     monkeypatch.setattr(modelopt, "build_excludes", lambda src, plan: ExcludeSynthesis(patterns=[]))

@@ -22,8 +22,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validators"))
 from fake_hub_write import WritableFakeHub, WritableFakeHubServer  # noqa: E402
 
-from exporter.model_card import CardFacts, render_card  # noqa: E402
-from validators import __version__  # noqa: E402
+from quantgate.exporter.model_card import CardFacts, render_card  # noqa: E402
+from quantgate.validators import __version__  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WRITE_TOKEN = "hf_WRITEtokenNEVERprinted0123456789abcd"
@@ -43,7 +43,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Iterator[Writab
 def _cli(hub: WritableFakeHub, tmp: Path, *args: str, token: str = WRITE_TOKEN) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp / "hf-home")}
-    return subprocess.run([sys.executable, "-m", "service.cli", "quantize", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", *args], capture_output=True, text=True,
                           check=False, cwd=REPO, env=env, timeout=600)
 
 
@@ -92,7 +92,7 @@ def test_push_uploads_the_export_and_its_card_once(hub: WritableFakeHub, tmp_pat
         assert WRITE_TOKEN not in text
 
     # the pushed repo validates from the Hub, header-only, like any other
-    check = subprocess.run([sys.executable, "-m", "service.cli", "validate", TARGET, "--format", "json"],
+    check = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "validate", TARGET, "--format", "json"],
                            capture_output=True, text=True, cwd=REPO, timeout=300,
                            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE_TOKEN, "HF_HUB_OFFLINE": "0",
                                 "HF_HOME": str(tmp_path / "hf-home-2")})

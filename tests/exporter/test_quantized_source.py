@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.pipeline import QuantizeRequest, run_quantize
-from exporter.quantized_source import AlreadyQuantizedError, quantized_reason
-from exporter.source import open_source
-from exporter.tiny_models import TINY_ARCHS
-from validators.checkpoint import open_checkpoint
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.quantized_source import AlreadyQuantizedError, quantized_reason
+from quantgate.exporter.source import open_source
+from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.validators.checkpoint import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = "quantize the original BF16 checkpoint"
@@ -32,7 +32,7 @@ FIX = "quantize the original BF16 checkpoint"
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "service.cli", "quantize", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", *args], capture_output=True,
                           check=False, text=True, cwd=REPO, env=env, timeout=300)
 
 
@@ -49,8 +49,8 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded for an already-quantized source")
 
-    monkeypatch.setattr("exporter.calib_model.load_calibration_model", refuse)
-    monkeypatch.setattr("exporter.calibration.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.load_calibration_model", refuse)
 
 
 @pytest.mark.parametrize(("recipe", "label"), [("nvfp4", "ModelOpt NVFP4"), ("fp8", "ModelOpt FP8")])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.recipes import RECIPES, make_plan
-from exporter.source import open_source
-from validators.errors import UsageError
-from validators.layout import Kind, build_layout
-from validators.safetensors_header import TensorInfo
+from quantgate.exporter.recipes import RECIPES, make_plan
+from quantgate.exporter.source import open_source
+from quantgate.validators.errors import UsageError
+from quantgate.validators.layout import Kind, build_layout
+from quantgate.validators.safetensors_header import TensorInfo
 
 ALWAYS_BF16 = {Kind.LM_HEAD, Kind.EMBEDDING, Kind.ROUTER, Kind.VISION, Kind.PROJECTOR, Kind.NORM, Kind.OTHER}
 QUANTIZED_KINDS = {

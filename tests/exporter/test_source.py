@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.source import open_source, slice_fused
-from validators.errors import CheckpointReadError, UnsupportedArchitectureError
-from validators.layout import FusedSlice, Kind
+from quantgate.exporter.source import open_source, slice_fused
+from quantgate.validators.errors import CheckpointReadError, UnsupportedArchitectureError
+from quantgate.validators.layout import FusedSlice, Kind
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gemma4", "gpt_oss", "llama4"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.excludes import candidates, synthesize_excludes
-from exporter.writers.modelopt import hf_quant_config, quantization_config
-from exporter.writers.sharding import OutTensor, ShardWriter, Unit, index_for, plan_shards
-from validators.engines import ENGINE_SEMANTICS
-from validators.schemes import scheme
+from quantgate.exporter.excludes import candidates, synthesize_excludes
+from quantgate.exporter.writers.modelopt import hf_quant_config, quantization_config
+from quantgate.exporter.writers.sharding import OutTensor, ShardWriter, Unit, index_for, plan_shards
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.schemes import scheme
 
 # lab_modelopt.md §3, verbatim (ModelOpt 0.47, Gemma4, NVFP4_DEFAULT); only the producer differs.
 MODELOPT_HF_QUANT_CONFIG = """{

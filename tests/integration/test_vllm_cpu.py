@@ -122,8 +122,8 @@ def runnable(case: Case, info: dict) -> bool:
 @pytest.fixture(scope="module")
 def runs(probe, tiny_model, tmp_path_factory) -> dict[str, dict]:
     """Export every runnable case, write its dequantized twin, load all of them in one vLLM process."""
-    from exporter.dequant_load import save_dequantized
-    from exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.dequant_load import save_dequantized
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
     python, info = probe
     root = tmp_path_factory.mktemp("vllm")
@@ -164,7 +164,7 @@ def max_logprob_diff(steps: list[tuple[int, int, dict, dict]]) -> tuple[float, i
 def int8_activation_delta(twin: str, bf16: dict, quantized: set[str]) -> float:
     """How much per-token int8 fake-quantization of the quantized Linears' inputs moves the compared
     log-probs under transformers, teacher forced on the BF16 twin's generated tokens."""
-    from exporter.dequant_load import load_model
+    from quantgate.exporter.dequant_load import load_model
 
     model = load_model(twin)
 
@@ -197,8 +197,8 @@ def int8_activation_delta(twin: str, bf16: dict, quantized: set[str]) -> float:
 def weight_rounding_delta(export: str, twin: str, bf16: dict) -> float:
     """How much rounding the dequantized weights to BF16 (as the twin stores them) moves the compared
     log-probs under transformers in fp32, teacher forced on the BF16 twin's generated tokens."""
-    from exporter.dequant_load import dequantized_state_dict, load_model, load_with_weights
-    from exporter.source import open_source
+    from quantgate.exporter.dequant_load import dequantized_state_dict, load_model, load_with_weights
+    from quantgate.exporter.source import open_source
 
     twin_source = open_source(twin)
     rounded = load_model(twin, dtype=torch.float32)
@@ -230,8 +230,8 @@ def test_vllm_loads_export_and_matches_bf16_twin(probe, runs, case: Case) -> Non
     tol = BF16_TOL
     delta = None
     if case.recipe == "w8a8_int8":
-        from exporter.recipes import make_plan
-        from exporter.source import open_source
+        from quantgate.exporter.recipes import make_plan
+        from quantgate.exporter.source import open_source
 
         source = open_source(entry["twin"])
         quantized = set(make_plan(source.layout, case.recipe, case.exclude, dialect="compressed-tensors").quantized())

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from exporter.tiny_models import TINY_ARCHS
-from validators import engine_facts as ef
-from validators.engines import ENGINE_SEMANTICS, FusedShardConflict, engine_unit, naming_for
-from validators.layout import build_layout
-from validators.rules.config import VLLM_ALGOS, VLLM_LEGACY_ALGOS
-from validators.rules.namespace import _head
+from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.validators import engine_facts as ef
+from quantgate.validators.engines import ENGINE_SEMANTICS, FusedShardConflict, engine_unit, naming_for
+from quantgate.validators.layout import build_layout
+from quantgate.validators.rules.config import VLLM_ALGOS, VLLM_LEGACY_ALGOS
+from quantgate.validators.rules.namespace import _head
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validators"))
 import qc_builders as qb  # noqa: E402

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import launch
-from service.launch import free_port
+from quantgate.service import launch
+from quantgate.service.launch import free_port
 
 #: A fake Hub token: the tests grep every response, event, log and report for it.
 FAKE_HF_TOKEN = "hf_TESTtokenNEVERshownANYWHERE0123456789"

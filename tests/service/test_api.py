@@ -304,9 +304,9 @@ def test_in_process_app_dependencies_can_be_overridden(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
     from pydantic import SecretStr
 
-    from service.api.deps import get_settings
-    from service.app import create_app
-    from service.settings import Settings
+    from quantgate.service.api.deps import get_settings
+    from quantgate.service.app import create_app
+    from quantgate.service.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data", max_concurrency=0)
     app = create_app(settings)

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 from svc_helpers import FAST_CALIBRATION, wait_terminal
 
-from service.schemas import JobCreate
+from quantgate.service.schemas import JobCreate
 
 AUTO = {"recipe": "auto", "bits": 6.0, "candidates": ["nvfp4", "fp8"], "method": "gradient", "score_samples": 2}
 

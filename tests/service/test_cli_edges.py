@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main
-from service.healthcheck import probe_url, serve_argv
+from quantgate.service.cli import build_parser, main
+from quantgate.service.healthcheck import probe_url, serve_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quantgate.service.cli", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300, check=False, **kwargs)
 
 
@@ -66,8 +66,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_cli_lists_every_recipe() -> None:
-    from exporter.recipes import recipe_names
-    from service.commands.quantize import RECIPE_NAMES
+    from quantgate.exporter.recipes import recipe_names
+    from quantgate.service.commands.quantize import RECIPE_NAMES
 
     assert set(RECIPE_NAMES) == set(recipe_names()) and "auto" in recipe_names()
 
@@ -86,7 +86,7 @@ def test_json_progress_into_a_closed_pipe_is_no_traceback(tiny_model, tmp_path: 
     out = tmp_path / "q"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "quantize", str(tiny_model("llama")), "--recipe", "fp8", "--out",
+        [sys.executable, "-m", "quantgate.service.cli", "quantize", str(tiny_model("llama")), "--recipe", "fp8", "--out",
          str(out), "--device", "cpu", "--calib-samples", "4", "--calib-seq-len", "32", "--progress", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
     assert proc.stdout is not None and proc.stderr is not None
@@ -117,7 +117,7 @@ def test_the_health_probe_follows_the_servers_command_line(argv: list[str], env:
 
 def test_the_health_probe_against_a_real_server(start_server, tmp_path: Path) -> None:
     server = start_server(tmp_path / "data")
-    probe = [sys.executable, "-m", "service.healthcheck", "--pid", str(server.proc.pid)]
+    probe = [sys.executable, "-m", "quantgate.service.healthcheck", "--pid", str(server.proc.pid)]
     env = {**os.environ, "QUANTGATE_PORT": "1"}  # the flag on the server's command line wins
     assert subprocess.run(probe, cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0
     server.stop()

@@ -102,7 +102,7 @@ def test_a_retried_job_does_not_commit_twice(hub: WritableFakeHub, model_root: P
                 "job_dir": str(job_dir), "push_to_hub": {"repo_id": "team/retried", "private": False, "revision": None}}
         (job_dir / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, **_hub_env(hub, tmp_path), "HF_TOKEN": FAKE_HF_TOKEN}
-        proc = subprocess.run([sys.executable, "-m", "service.worker", str(job_dir / "spec.json")], cwd=REPO_ROOT,
+        proc = subprocess.run([sys.executable, "-m", "quantgate.service.worker", str(job_dir / "spec.json")], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = [json.loads(line) for line in proc.stdout.splitlines()]

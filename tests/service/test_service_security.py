@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.executors.local import CPU_SLOT, detect_devices, worker_env
-from service.executors.outcome import interpret
-from service.executors.process import describe_exit
-from service.security import PathNotAllowed, classify_source, redact, resolve_under_roots, token_matches
-from service.settings import Settings, is_loopback
+from quantgate.service.executors.local import CPU_SLOT, detect_devices, worker_env
+from quantgate.service.executors.outcome import interpret
+from quantgate.service.executors.process import describe_exit
+from quantgate.service.security import PathNotAllowed, classify_source, redact, resolve_under_roots, token_matches
+from quantgate.service.settings import Settings, is_loopback
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from svc_helpers import session_alive
 
-from service.executors.recovery import kill_orphaned_group, recover
-from service.ids import new_id
-from service.migrations import SCHEMA_VERSION
-from service.store import IdempotencyConflict, OutputTaken, Store
+from quantgate.service.executors.recovery import kill_orphaned_group, recover
+from quantgate.service.ids import new_id
+from quantgate.service.migrations import SCHEMA_VERSION
+from quantgate.service.store import IdempotencyConflict, OutputTaken, Store
 
 REQUEST = {"source": "/models/x", "recipe": "nvfp4", "calibration": {}, "exclude": []}
 
@@ -168,7 +168,7 @@ def test_recovery_kills_only_the_jobs_own_worker_group(store: Store, tmp_path: P
     stranger = subprocess.Popen([sys.executable, "-c", sleeper], start_new_session=True)
     # The real orphan case runs end to end in test_recovery_e2e.py; here the command line mimics one.
     orphan = subprocess.Popen(
-        [sys.executable, "-c", sleeper, "service.worker", str(tmp_path / job_id / "spec.json")],
+        [sys.executable, "-c", sleeper, "quantgate.service.worker", str(tmp_path / job_id / "spec.json")],
         start_new_session=True,
     )
     try:

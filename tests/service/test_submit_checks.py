@@ -86,13 +86,13 @@ def test_a_nul_byte_in_a_path_is_422_not_500(env: Env, model_root: Path, field: 
 
 
 def _worker_error(source: Path, tmp_path: Path) -> dict:
-    """The error event of a real worker process (`python -m service.worker SPEC`) given `source`."""
+    """The error event of a real worker process (`python -m quantgate.service.worker SPEC`) given `source`."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"job_id": "qjob_x", "source": str(source), "recipe": "nvfp4",
                                 "output": str(tmp_path / "out"), "job_dir": str(tmp_path),
                                 "calibration": FAST_CALIBRATION}))
-    done = subprocess.run([sys.executable, "-m", "service.worker", str(spec)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "quantgate.service.worker", str(spec)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, check=False)
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert done.returncode == 2 and events[-1]["event"] == "error", done.stderr

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_helpers import API_TOKEN
 
-from service.app import create_app
-from service.settings import Settings
+from quantgate.service.app import create_app
+from quantgate.service.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from svc_helpers import FAKE_HF_TOKEN, ServerHandle
 
-from service import launch
+from quantgate.service import launch
 
 VENV_BIN = Path(sys.executable).parent
 PROXY = Path(__file__).with_name("uds_proxy.py")

@@ -132,7 +132,7 @@ def test_job_runs_on_ray_and_succeeds_with_a_validated_export(env: Env) -> None:
     html = env.client.get(f"/v1/jobs/{job['id']}/report", headers={"Accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html") and "<html" in html.text.lower()
     worker_log = (env.server.data_dir / "jobs" / job["id"] / "worker.log").read_text()
-    assert "--- attempt 1 on Ray node" in worker_log and "service.worker" in worker_log
+    assert "--- attempt 1 on Ray node" in worker_log and "quantgate.service.worker" in worker_log
     assert FAKE_HF_TOKEN not in json.dumps(events) + worker_log
     assert 'quantgate_job_duration_seconds_count{status="succeeded"} 1.0' in env.client.get("/metrics").text
 
@@ -260,7 +260,7 @@ def test_a_crashed_server_leaves_no_worker_running_and_the_next_server_retries(
 def test_an_unreachable_ray_address_is_a_clear_start_up_error(
     ray_namespace: Namespace, tmp_path: Path
 ) -> None:
-    argv = [sys.executable, "-m", "service.cli", "serve", "--executor", "ray", "--data-dir", str(tmp_path)]
+    argv = [sys.executable, "-m", "quantgate.service.cli", "serve", "--executor", "ray", "--data-dir", str(tmp_path)]
     result = subprocess.run(
         ray_namespace.exec_argv([*argv, "--ray-address", "127.0.0.1:9"]),
         capture_output=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.executors.ray_cluster import Need, Snapshot, place, snapshot_from_ray
+from quantgate.service.executors.ray_cluster import Need, Snapshot, place, snapshot_from_ray
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,8 @@ def test_the_local_executor_never_imports_ray(tmp_path: Path) -> None:
         f"""
         import sys
         from fastapi.testclient import TestClient
-        from service.app import create_app
-        from service.settings import Settings
+        from quantgate.service.app import create_app
+        from quantgate.service.settings import Settings
         settings = Settings(data_dir={str(tmp_path / "data")!r}, gpu_slots=["cpu"])
         assert settings.executor == "local"
         with TestClient(create_app(settings)) as client:
@@ -57,7 +57,7 @@ def test_executor_ray_without_ray_is_a_clear_start_up_error(tmp_path: Path) -> N
         f"""
         import sys
         sys.modules["ray"] = None  # as if the extra were not installed
-        from service.cli import main
+        from quantgate.service.cli import main
         sys.exit(main(["serve", "--executor", "ray", "--data-dir", {str(tmp_path / "data")!r}]))
         """,
         tmp_path,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from validators.safetensors_header import DTYPE_BITS
+from quantgate.validators.safetensors_header import DTYPE_BITS
 
 Tensor = tuple[str, tuple[int, ...], bytes | None]   # dtype, shape, data (None: zeros)
 

@@ -20,7 +20,7 @@ import torch
 from qc_builders import _source, module_weight
 from safetensors.torch import save_file
 
-from validators.layout import Module
+from quantgate.validators.layout import Module
 
 E4M3_MAX = 448.0
 QUANTIZED_KINDS = frozenset({"attention", "mlp", "shared_expert", "expert"})

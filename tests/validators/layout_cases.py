@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validators.layout import Kind, Layout, Module, build_layout
-from validators.safetensors_header import TensorInfo, read_header
+from quantgate.validators.layout import Kind, Layout, Module, build_layout
+from quantgate.validators.safetensors_header import TensorInfo, read_header
 
 # tiny model sizes: hidden, FFN / expert intermediate, experts, layers
 H, F, E, L = 64, 128, 8, 2

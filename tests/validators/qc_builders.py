@@ -1,8 +1,8 @@
 """Test-only builders: turn a real tiny BF16 model dir into a ModelOpt (or compressed-tensors)
 quantized checkpoint the way ModelOpt 0.47 / llm-compressor 0.14 write it, then break it on purpose.
 
-Tensor sets, dtypes and shapes come from `validators.schemes`; values from the project's real
-numerics (`exporter.numerics.nvfp4` / `fp8`). Fused 3-D experts are un-fused per expert (ModelOpt
+Tensor sets, dtypes and shapes come from `quantgate.validators.schemes`; values from the project's real
+numerics (`quantgate.exporter.numerics.nvfp4` / `fp8`). Fused 3-D experts are un-fused per expert (ModelOpt
 >= 0.44), or left fused BF16 with `experts="bf16_fused"` (the ModelOpt 0.41-0.43 Gemma4 bug).
 This is deliberately small: the product writer is exporter/writers/modelopt.py.
 """
@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
-from exporter.numerics.nvfp4 import ct_global_scale, quantize_nvfp4, shared_global_scale
-from validators.layout import Layout, Module, build_layout
-from validators.safetensors_header import read_header
+from quantgate.exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
+from quantgate.exporter.numerics.nvfp4 import ct_global_scale, quantize_nvfp4, shared_global_scale
+from quantgate.validators.layout import Layout, Module, build_layout
+from quantgate.validators.safetensors_header import read_header
 
 QUANTIZED_KINDS = frozenset({"attention", "mlp", "shared_expert", "expert"})
 ACT_AMAX = 4.0                       # plausible activation amax for every static input scale

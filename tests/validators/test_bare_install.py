@@ -23,7 +23,7 @@ from fake_hub import FakeHubServer
 
 REPO = Path(__file__).resolve().parents[2]
 #: The import packages the wheel installs at top level (the one place that names them).
-TOP_LEVEL_PACKAGES = {"exporter", "service", "validators"}
+TOP_LEVEL_PACKAGES = {"quantgate"}
 #: What the bare install must not bring.
 HEAVY = ("torch", "transformers", "fastapi", "pydantic", "uvicorn", "safetensors")
 NVFP4_CLAIM = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}

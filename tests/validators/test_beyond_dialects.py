@@ -15,8 +15,8 @@ from pathlib import Path
 import beyond_builders as bb
 import pytest
 
-from validators.findings import Severity
-from validators.report import validate
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import validate
 
 REPO = Path(__file__).resolve().parents[2]
 L, S, W, U = "loads", "fails", "loads_wrong", "unknown"
@@ -204,7 +204,7 @@ def test_substring_index_agrees_with_vllms_any_in() -> None:
     """The indexed test is vLLM's `any(entry in prefix for entry in entries)`, only faster."""
     import random
 
-    from validators.dialects_wna16 import SubstringIndex, substring_hit
+    from quantgate.validators.dialects_wna16 import SubstringIndex, substring_hit
 
     rng = random.Random(0)
     parts = ["model", "layers", "1", "10", "mlp", "experts", "gate", "gate_proj", "self_attn", "q_proj", "."]

@@ -23,7 +23,7 @@ from benchmarks.make_dsv3_checkpoint import (
     split_shards,
     write_shard,
 )
-from validators.report import validate
+from quantgate.validators.report import validate
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS, EXPERTS, HIDDEN, INTER = 2, 8, 1024, 512

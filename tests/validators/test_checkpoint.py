@@ -19,11 +19,11 @@ from safetensors_factory import (
     write_index,
 )
 
-from validators import checkpoint as ckpt
-from validators.checkpoint import CheckpointView, open_checkpoint
-from validators.errors import CheckpointReadError, UsageError
-from validators.hub import parse_hub_target
-from validators.values import e4m3fn_table
+from quantgate.validators import checkpoint as ckpt
+from quantgate.validators.checkpoint import CheckpointView, open_checkpoint
+from quantgate.validators.errors import CheckpointReadError, UsageError
+from quantgate.validators.hub import parse_hub_target
+from quantgate.validators.values import e4m3fn_table
 
 Sharded = tuple[Path, dict[str, np.ndarray], dict[str, str]]   # root, tensors, weight_map
 

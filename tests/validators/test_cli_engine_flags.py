@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import qc_builders as qb
 
-from service.cli import main
-from validators.engine_facts import NEWEST
+from quantgate.service.cli import main
+from quantgate.validators.engine_facts import NEWEST
 
 
 @pytest.fixture(scope="module")

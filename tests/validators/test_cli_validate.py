@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import qc_builders as qb
 
-from service.cli import main
+from quantgate.service.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def broken(tiny_model, tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "quantgate.service.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=120)
 
 
@@ -90,7 +90,7 @@ def test_no_deep_skips_scale_rules(tiny_model, tmp_path: Path, capsys) -> None:
 
 def test_subprocess_never_imports_torch_and_prints_no_color_when_piped(broken: Path) -> None:
     code = ("import sys, runpy; sys.argv = ['quantgate', 'validate', %r]\n"
-            "from service.cli import main\nrc = main(sys.argv[1:])\n"
+            "from quantgate.service.cli import main\nrc = main(sys.argv[1:])\n"
             "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', rc, file=sys.stderr)" % str(broken))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert "NOTORCH 1" in proc.stderr, proc.stderr

@@ -11,9 +11,9 @@ import pytest
 import qc_builders as qb
 import torch
 
-from validators import engine_facts as ef
-from validators.errors import UsageError
-from validators.report import validate
+from quantgate.validators import engine_facts as ef
+from quantgate.validators.errors import UsageError
+from quantgate.validators.report import validate
 
 LOOKUPS = [
     # (engine, key, architecture, version, expected value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from validators.engines import ENGINE_SEMANTICS, FusedShardConflict, ct_is_ignored, naming_for
+from quantgate.validators.engines import ENGINE_SEMANTICS, FusedShardConflict, ct_is_ignored, naming_for
 
 G4 = "Gemma4ForCausalLM"
 G4MM = "Gemma4ForConditionalGeneration"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import qc_builders as qb
 
-from validators.findings import Severity
-from validators.report import Report, validate
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import Report, validate
 
 
 def codes(report: Report, severity: Severity | None = None) -> set[str]:

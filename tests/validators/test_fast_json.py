@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors_factory import entry
 
-from validators import safetensors_fast as sf
-from validators.checkpoint import load_json_file, parse_json_object
-from validators.errors import HeaderError
-from validators.safetensors_header import DTYPE_BITS, parse_header_bytes
+from quantgate.validators import safetensors_fast as sf
+from quantgate.validators.checkpoint import load_json_file, parse_json_object
+from quantgate.validators.errors import HeaderError
+from quantgate.validators.safetensors_header import DTYPE_BITS, parse_header_bytes
 
 pytest.importorskip("msgspec")
 

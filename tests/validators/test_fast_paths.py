@@ -12,11 +12,11 @@ import pytest
 import tomllib
 from safetensors_factory import entry
 
-import validators
-from validators import grouping
-from validators.errors import HeaderError
-from validators.report import quantgate_version
-from validators.safetensors_header import TensorInfo, parse_header_bytes
+from quantgate import validators
+from quantgate.validators import grouping
+from quantgate.validators.errors import HeaderError
+from quantgate.validators.report import quantgate_version
+from quantgate.validators.safetensors_header import TensorInfo, parse_header_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from validators.format_support import (
+from quantgate.validators.format_support import (
     CT_FORMATS,
     QUANT_METHODS,
     is_modelled,
@@ -12,8 +12,8 @@ from validators.format_support import (
     method_support,
     not_modelled,
 )
-from validators.quant_config import parse_quant_config
-from validators.schemes import COMPRESSED_TENSORS, DIALECTS_WITH_SCHEMES, SCHEMES
+from quantgate.validators.quant_config import parse_quant_config
+from quantgate.validators.schemes import COMPRESSED_TENSORS, DIALECTS_WITH_SCHEMES, SCHEMES
 
 #: vLLM `QuantizationMethods` (quantization/__init__.py, 2026 registry version) plus the renamed aliases
 VLLM_METHODS = (

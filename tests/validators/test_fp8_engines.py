@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from validators.engine_facts import parse_version
-from validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
-from validators.errors import UsageError
-from validators.format_support import is_modelled
-from validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns
-from validators.quant_config import parse_quant_config
-from validators.schemes import fp8_native_for, match_scheme, scheme
+from quantgate.validators.engine_facts import parse_version
+from quantgate.validators.engines import ARCH_NAMING, DEFAULT_NAMING, FusedShardConflict
+from quantgate.validators.errors import UsageError
+from quantgate.validators.format_support import is_modelled
+from quantgate.validators.fp8_engines import DOT_BOUNDARY, EXACT, SUBSTRING, fp8_exclusion, fp8_matching, fp8_patterns
+from quantgate.validators.quant_config import parse_quant_config
+from quantgate.validators.schemes import fp8_native_for, match_scheme, scheme
 
 L0 = "model.layers.0"
 DSV3 = ARCH_NAMING["DeepseekV3ForCausalLM"]
@@ -119,7 +119,7 @@ def test_config_errors(config: dict, error: str) -> None:
 
 
 def test_bytes_match_the_native_schemes() -> None:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
     def info(dtype: str, *shape: int) -> TensorInfo:
         return TensorInfo("t", dtype, shape, "f", 0, 0)
@@ -134,7 +134,7 @@ def test_bytes_match_the_native_schemes() -> None:
 
 def test_tp_alignment_reads_the_native_fp8_block() -> None:
     """QG711/QG712 judge per-rank partitions with the config's own weight_block_size (out, in)."""
-    from validators.deployment import _alignment
+    from quantgate.validators.deployment import _alignment
 
     assert _alignment(fp8_native_for((128, 128))) == (128, 128)
     assert _alignment(fp8_native_for((64, 128))) == (64, 128)

@@ -11,9 +11,9 @@ import fp8_builders as fb
 import pytest
 import torch
 
-from validators.checkpoint import open_checkpoint
-from validators.findings import Severity
-from validators.report import Report, validate, validate_view
+from quantgate.validators.checkpoint import open_checkpoint
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import Report, validate, validate_view
 
 #: tiny models whose merged/MoE partitions are whole 128-blocks (like the real models), and the default
 #: tiny Qwen3-MoE whose q_proj (64 rows) is not

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from layout_cases import E, F, H
 
-from validators.fused_schemes import match_fused_scheme, per_expert_scalars
-from validators.layout import build_layout
-from validators.safetensors_header import TensorInfo
-from validators.schemes import MODELOPT
+from quantgate.validators.fused_schemes import match_fused_scheme, per_expert_scalars
+from quantgate.validators.layout import build_layout
+from quantgate.validators.safetensors_header import TensorInfo
+from quantgate.validators.schemes import MODELOPT
 
 X = "model.layers.0.feed_forward.experts"
 
@@ -56,7 +56,7 @@ def test_missing_scale_is_not_nvfp4_and_per_expert_scalars_are_named() -> None:
 
 
 def test_fused_storage_finds_the_stored_orientation() -> None:
-    from validators.fused_schemes import fused_storage
+    from quantgate.validators.fused_schemes import fused_storage
 
     modelopt = fused_storage(MODELOPT, nvfp4_3d(2 * F, H), transposed=True)
     flipped = fused_storage(MODELOPT, nvfp4_3d(2 * F, H, weight=(E, 2 * F, H // 2), weight_scale=(E, 2 * F, H // 16)),

@@ -1,6 +1,6 @@
 """Hostile input never crashes `quantgate validate`: thousands of seeded mutations of safetensors
 headers, index files and quantization configs, each ending in exit 0/1 (findings) or 2 (one-line
-reason), never an exception. Runs in-process through `service.cli.main`; a few cases also run as
+reason), never an exception. Runs in-process through `quantgate.service.cli.main`; a few cases also run as
 real subprocesses to check that no traceback reaches stderr."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import qc_builders as qb
 
-from service.cli import main
+from quantgate.service.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 20260521
@@ -164,7 +164,7 @@ def test_fuzz_spot_check_subprocess(base: Path, tmp_path: Path, seed: int) -> No
     shutil.copytree(base, case)
     for mutator, _ in MUTATORS[seed::4]:
         apply(mutator, rng, case)
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "validate", str(case)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "validate", str(case)], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode in (0, 1, 2)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout

@@ -17,8 +17,8 @@ from fake_hub import FakeHub, FakeHubServer, commit_sha
 from safetensors.numpy import save_file
 from safetensors_factory import tiny_tensors, write_checkpoint, write_index
 
-from validators.checkpoint import open_checkpoint
-from validators.errors import CheckpointReadError
+from quantgate.validators.checkpoint import open_checkpoint
+from quantgate.validators.errors import CheckpointReadError
 
 TOKEN = "hf_test_secret_token_0123456789"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from layout_cases import E, F, H, K, describe, read_checkpoint
 
-from validators.layout import SCALE_SUFFIXES, Kind, Layout, build_layout
-from validators.safetensors_header import TensorInfo
-from validators.schemes import MODELOPT, scheme
+from quantgate.validators.layout import SCALE_SUFFIXES, Kind, Layout, build_layout
+from quantgate.validators.safetensors_header import TensorInfo
+from quantgate.validators.schemes import MODELOPT, scheme
 
 
 def info(name: str, dtype: str, *shape: int) -> TensorInfo:
@@ -142,7 +142,7 @@ def test_buffers_kv_scales_and_odd_names() -> None:
 
 
 def test_scale_suffixes_cover_every_scheme_tensor() -> None:
-    from validators.schemes import SCHEMES, WEIGHT_SUFFIXES
+    from quantgate.validators.schemes import SCHEMES, WEIGHT_SUFFIXES
 
     assert WEIGHT_SUFFIXES == {s.weight_suffix for s in SCHEMES}    # weight, weight_packed, qweight, blocks
     assert {t.suffix for s in SCHEMES for t in s.tensors} - WEIGHT_SUFFIXES <= set(SCALE_SUFFIXES)

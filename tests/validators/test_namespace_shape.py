@@ -12,11 +12,11 @@ import qc_builders as qb
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from exporter.tiny_models import TINY_ARCHS
-from validators.deployment import Deployment
-from validators.errors import UsageError
-from validators.findings import Severity
-from validators.report import validate
+from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.validators.deployment import Deployment
+from quantgate.validators.errors import UsageError
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import validate
 
 
 def _rename(old: str, new: str) -> Callable[[qb.QCheckpoint], None]:
@@ -72,7 +72,7 @@ def test_names_outside_the_model(export, arch: str, mutate, expected: dict) -> N
 def test_gemma4_text_accepts_the_wrapper_vllm_maps(tiny_model, tmp_path: Path) -> None:
     """vLLM 0.32's Gemma4ForCausalLM maps `model.language_model.` to `model.` (gemma4.py): no QG701,
     while the same wrapper on Qwen3-MoE (no such mapper) is QG701 (NAME_CASES)."""
-    from validators.engine_facts import NAME_MAPPER, fact
+    from quantgate.validators.engine_facts import NAME_MAPPER, fact
 
     src = tiny_model("gemma4")
     out = tmp_path / "wrapped"

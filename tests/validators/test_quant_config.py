@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from validators.quant_config import parse_quant_config
+from quantgate.validators.quant_config import parse_quant_config
 
 NESTED = {"producer": {"name": "modelopt", "version": "0.47.0"},
           "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,

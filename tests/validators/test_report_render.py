@@ -9,10 +9,10 @@ import random
 import pytest
 import qc_builders as qb
 
-from validators.findings import Finding, Severity, VerdictStatus
-from validators.grouping import expand, fold_names, format_ints
-from validators.render import render_html, render_json, render_markdown, render_text, use_color
-from validators.report import validate, verdicts
+from quantgate.validators.findings import Finding, Severity, VerdictStatus
+from quantgate.validators.grouping import expand, fold_names, format_ints
+from quantgate.validators.render import render_html, render_json, render_markdown, render_text, use_color
+from quantgate.validators.report import validate, verdicts
 
 
 def test_twelve_thousand_experts_fold_to_one_line() -> None:

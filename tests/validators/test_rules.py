@@ -12,9 +12,9 @@ import pytest
 import qc_builders as qb
 import torch
 
-from validators.findings import Severity
-from validators.report import validate
-from validators.rules import load_rules
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import validate
+from quantgate.validators.rules import load_rules
 
 Mutation = Callable[[qb.QCheckpoint], None]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from validators.findings import Severity
-from validators.report import validate
+from quantgate.validators.findings import Severity
+from quantgate.validators.report import validate
 
 Edit = Callable[[dict[str, Any], dict[str, Any]], None]     # (quantization section, auto_plan.json)
 MODELS: dict[str, dict[str, Any]] = {"llama": {"layers": 4}, "qwen3_moe": {"layers": 4}}
@@ -24,7 +24,7 @@ MODELS: dict[str, dict[str, Any]] = {"llama": {"layers": 4}, "qwen3_moe": {"laye
 
 @pytest.fixture(scope="module")
 def mixed_export(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable:
-    from exporter.pipeline import QuantizeRequest, run_quantize
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
     root = tmp_path_factory.mktemp("mixed")
     cache: dict[str, Path] = {}

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors_factory import CountingFile, entry, raw_file, tiny_tensors
 
-from validators import safetensors_header as sh
-from validators.errors import CheckpointReadError, HeaderError
-from validators.safetensors_header import DTYPE_BITS, TensorInfo, parse_header_bytes, read_header
+from quantgate.validators import safetensors_header as sh
+from quantgate.validators.errors import CheckpointReadError, HeaderError
+from quantgate.validators.safetensors_header import DTYPE_BITS, TensorInfo, parse_header_bytes, read_header
 
 
 def test_real_file_matches_safetensors_own_reading(tmp_path: Path) -> None:

@@ -24,13 +24,13 @@ from benchmarks.make_dsv3_checkpoint import (
     split_shards,
     write_shard,
 )
-from validators.checkpoint import open_checkpoint
-from validators.layout import build_layout
-from validators.quant_config import parse_quant_config
-from validators.report import validate
-from validators.rules import Context
-from validators.rules._context import Analysis
-from validators.rules._values import _read_f32_scalars, _read_into, scale_table
+from quantgate.validators.checkpoint import open_checkpoint
+from quantgate.validators.layout import build_layout
+from quantgate.validators.quant_config import parse_quant_config
+from quantgate.validators.report import validate
+from quantgate.validators.rules import Context
+from quantgate.validators.rules._context import Analysis
+from quantgate.validators.rules._values import _read_f32_scalars, _read_into, scale_table
 
 LAYERS, EXPERTS, HIDDEN, INTER = 2, 8, 2048, 1024   # ~1 MB weights (holes): module order spreads
                                                      # a class's scalars over more than MAX_SPAN

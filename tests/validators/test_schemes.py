@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from validators.safetensors_header import TensorInfo
-from validators.schemes import (
+from quantgate.validators.safetensors_header import TensorInfo
+from quantgate.validators.schemes import (
     AMAX_OVER,
     COMPRESSED_TENSORS,
     MODELOPT,

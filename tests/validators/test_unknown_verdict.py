@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.cli import main
-from validators.findings import Severity
-from validators.render import render_html, render_json, render_markdown, render_text
-from validators.report import validate
+from quantgate.service.cli import main
+from quantgate.validators.findings import Severity
+from quantgate.validators.render import render_html, render_json, render_markdown, render_text
+from quantgate.validators.report import validate
 
 #: quant_methods the engines load and quantgate does not model (formats_beyond_two.md §1, §6)
 UNMODELLED: dict[str, dict] = {
@@ -125,7 +125,7 @@ def test_cli_json_and_output_file(unmodelled, tmp_path: Path, capsys) -> None:
 def test_exporter_post_export_check_reports_unknown(unmodelled) -> None:
     """The exporter's validation step (`pipeline._validate`) carries the verdicts and names the engines
     it cannot predict in its progress event; it writes the report with the `unknown` verdicts."""
-    from exporter.pipeline import _validate
+    from quantgate.exporter.pipeline import _validate
 
     path = unmodelled("torchao")
     events = []
@@ -138,7 +138,7 @@ def test_exporter_post_export_check_reports_unknown(unmodelled) -> None:
 
 
 def test_job_validation_summary_names_unknown_engines(unmodelled) -> None:
-    from service.worker import validation_summary
+    from quantgate.service.worker import validation_summary
 
     summary = validation_summary(validate(str(unmodelled("fbgemm_fp8"))))
     assert summary["ok"] is True and summary["unknown_engines"] == ["vllm", "sglang"]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def help_text() -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "validate", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "validate", "--help"], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return " ".join(proc.stdout.split())

@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from validators.findings import ENGINES, Finding, Severity
+from quantgate.validators.findings import ENGINES, Finding, Severity
 
 if TYPE_CHECKING:
-    from validators.checkpoint import CheckpointView
-    from validators.deployment import Deployment
-    from validators.layout import Layout
-    from validators.quant_config import QuantConfig
-    from validators.rules._context import Analysis
+    from quantgate.validators.checkpoint import CheckpointView
+    from quantgate.validators.deployment import Deployment
+    from quantgate.validators.layout import Layout
+    from quantgate.validators.quant_config import QuantConfig
+    from quantgate.validators.rules._context import Analysis
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,19 @@ class Context:
 
 def load_rules() -> dict[str, Rule]:
     for mod in RULE_MODULES:
-        importlib.import_module(f"validators.rules.{mod}")
+        importlib.import_module(f"quantgate.validators.rules.{mod}")
     return RULES
 
 
 def run_rules(ctx: Context, *, codes: Iterable[str] | None = None) -> list[Finding]:
     """Run every registered rule (or `codes`) for the requested engines; merge identical findings
     that several engines produced into one naming all of them."""
-    from validators.rules._context import Analysis
+    from quantgate.validators.rules._context import Analysis
 
     load_rules()
     if ctx.analysis is None:
         ctx.analysis = Analysis(ctx)
-    from validators.format_support import is_modelled
+    from quantgate.validators.format_support import is_modelled
 
     selected = [RULES[c] for c in sorted(RULES) if codes is None or c in set(codes)]
     if not is_modelled(ctx.qc):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from validators.rules import Context
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.rules import Context
+    from quantgate.validators.safetensors_header import TensorInfo
 
 log = logging.getLogger(__name__)
 

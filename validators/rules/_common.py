@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from validators.findings import Finding, Severity, VerdictStatus
+from quantgate.validators.findings import Finding, Severity, VerdictStatus
 
 if TYPE_CHECKING:
-    from validators.layout import Module
-    from validators.rules import Context
+    from quantgate.validators.layout import Module
+    from quantgate.validators.rules import Context
 
 FAILS = VerdictStatus.FAILS
 LOADS_WRONG = VerdictStatus.LOADS_WRONG

@@ -17,8 +17,8 @@ from functools import cached_property
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from validators import engine_facts
-from validators.engines import (
+from quantgate.validators import engine_facts
+from quantgate.validators.engines import (
     ENGINE_SEMANTICS,
     ArchNaming,
     ExclusionHit,
@@ -30,15 +30,15 @@ from validators.engines import (
     map_prefixes,
     naming_for,
 )
-from validators.format_support import is_modelled
-from validators.layout_table import MTP_ROLE
-from validators.quant_config import COMPRESSED_TENSORS, MODELOPT
-from validators.schemes import FP8_NATIVE
+from quantgate.validators.format_support import is_modelled
+from quantgate.validators.layout_table import MTP_ROLE
+from quantgate.validators.quant_config import COMPRESSED_TENSORS, MODELOPT
+from quantgate.validators.schemes import FP8_NATIVE
 
 if TYPE_CHECKING:
-    from validators.layout import Module
-    from validators.rules import Context
-    from validators.schemes import SchemeSpec
+    from quantgate.validators.layout import Module
+    from quantgate.validators.rules import Context
+    from quantgate.validators.schemes import SchemeSpec
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Analysis:
     @cached_property
     def dialect(self) -> str:
         """The config's dialect, or the one the tensor names suggest when there is no config."""
-        from validators.schemes import GPTQ, match_scheme
+        from quantgate.validators.schemes import GPTQ, match_scheme
 
         if self.qc is not None:     # a dialect not modelled runs only format-independent rules (QG190)
             return self.qc.dialect
@@ -158,8 +158,8 @@ class Analysis:
         return MODELOPT
 
     def _match(self, module: "Module") -> "SchemeSpec | None":
-        from validators.fused_schemes import fused_storage
-        from validators.schemes import match_scheme
+        from quantgate.validators.fused_schemes import fused_storage
+        from quantgate.validators.schemes import match_scheme
 
         transposed = module.fused.transposed if module.fused is not None else None
         sig = (transposed, *sorted((s, t.dtype, t.shape) for s, t in module.tensors.items()))
@@ -226,7 +226,7 @@ class Analysis:
         """Coverage rules (QG2xx over exclusion lists) apply: the config is modelled and its dialect
         excludes through a list matched here (modelopt, compressed-tensors, fp8). gptq / awq / mxfp4
         decide per layer in their own rules (rules/_wna16.py, rules/mxfp4.py)."""
-        from validators.dialects import BEYOND_DIALECTS
+        from quantgate.validators.dialects import BEYOND_DIALECTS
 
         return self.qc is not None and is_modelled(self.qc) and self.qc.dialect not in BEYOND_DIALECTS
 
@@ -269,7 +269,7 @@ class Analysis:
 
     def declared(self, module: "Module", engine_name: str) -> "list[SchemeSpec]":
         """Schemes the config allows for this module when the engine quantizes it."""
-        from validators.schemes import SCHEMES
+        from quantgate.validators.schemes import SCHEMES
 
         if self.qc is None:
             return []
@@ -280,10 +280,10 @@ class Analysis:
             group = self.ct_group(module, engine_name)
             if group is None:
                 return []
-            from validators.schemes import ct_group_schemes
+            from quantgate.validators.schemes import ct_group_schemes
 
             return ct_group_schemes(group, self.qc.ct_format)
-        from validators.dialects import declared_schemes
+        from quantgate.validators.dialects import declared_schemes
 
         return declared_schemes(self.qc, module, engine_name)
 
@@ -325,7 +325,7 @@ class Analysis:
         """The fp8 exclusion list (`ignored_layers`, else `modules_to_not_convert`) in `engine`'s name space."""
         cache = self.__dict__.setdefault("_fp8_listed", {})
         if engine not in cache:
-            from validators.fp8_engines import fp8_patterns
+            from quantgate.validators.fp8_engines import fp8_patterns
 
             cache[engine] = fp8_patterns(engine, self.qc.params.exclusions, self.naming)
         return cache[engine]
@@ -346,7 +346,7 @@ class Analysis:
                         ) -> tuple[ExclusionHit | None, FusedShardConflict | None]:
         try:
             if self.qc is not None and self.qc.dialect == FP8_NATIVE:
-                from validators.fp8_engines import fp8_exclusion
+                from quantgate.validators.fp8_engines import fp8_exclusion
 
                 return fp8_exclusion(sem.name, unit, self.fp8_listed(sem.name), self.naming,
                                      self.engine_version(sem.name)), None
@@ -400,7 +400,7 @@ class Analysis:
     def stale_patterns(self, engine: str) -> list[str]:
         """Exclude entries that exclude no engine layer at all under this engine's matching."""
         if self.qc is not None and self.qc.dialect == FP8_NATIVE:
-            from validators.fp8_engines import fp8_stale_entries
+            from quantgate.validators.fp8_engines import fp8_stale_entries
 
             return fp8_stale_entries(engine, self.qc.params.exclusions, self.engine_units(engine),
                                      self.naming, self.engine_version(engine))

@@ -3,7 +3,7 @@
 `CheckpointView.read_values` opens the file per tensor; at ~90k scalars (DeepSeek-V3 NVFP4) that is
 90k opens. Here each shard is opened once, the scales are read in offset order with one `pread`
 per run of neighbours, and scalars are unpacked with `struct` (no numpy import); only exotic dtypes
-go through `validators.values.decode_values`. Never reads weights: callers pass scale tensors only.
+go through `quantgate.validators.values.decode_values`. Never reads weights: callers pass scale tensors only.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from itertools import compress, repeat
 from operator import and_, attrgetter, eq, getitem, itemgetter, rshift, sub
 from typing import TYPE_CHECKING
 
-from validators.errors import CheckpointReadError
+from quantgate.validators.errors import CheckpointReadError
 
 if TYPE_CHECKING:
-    from validators.checkpoint import CheckpointView
-    from validators.rules import Context
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.checkpoint import CheckpointView
+    from quantgate.validators.rules import Context
+    from quantgate.validators.safetensors_header import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _unpack(mm: bytes, offset: int, info: "TensorInfo") -> float | None:
         vals = [_F32.unpack(_F32_FROM_BITS.pack(_BF16.unpack_from(mm, offset + 2 * i)[0] << 16))[0]
                 for i in range(n)]
     else:
-        from validators.values import decode_values
+        from quantgate.validators.values import decode_values
 
         vals = [float(v) for v in decode_values(mm[offset:offset + info.nbytes], info.dtype, info.shape,
                                                 label=info.name).reshape(-1)]

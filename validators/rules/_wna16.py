@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from validators.dialects_wna16 import (
+from quantgate.validators.dialects_wna16 import (
     GPTQ_DEFAULT_QUANTIZED,
     SubstringIndex,
     WNA16Params,
@@ -18,12 +18,12 @@ from validators.dialects_wna16 import (
     derived_quantized,
     marlin_moe_supported,
 )
-from validators.engines import ENGINE_SEMANTICS, _apply_prefix_map, engine_unit, fused_shards
-from validators.schemes import AWQ, GPTQ
+from quantgate.validators.engines import ENGINE_SEMANTICS, _apply_prefix_map, engine_unit, fused_shards
+from quantgate.validators.schemes import AWQ, GPTQ
 
 if TYPE_CHECKING:
-    from validators.rules import Context
-    from validators.rules._context import ModClass
+    from quantgate.validators.rules import Context
+    from quantgate.validators.rules._context import ModClass
 
 NEVER = frozenset({"norm", "embedding"})
 WNA16_DIALECTS = frozenset({GPTQ, AWQ})

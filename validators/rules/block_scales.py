@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, INFO, LOADS_WRONG, WARNING, finding
-from validators.schemes import AWQ, GPTQ
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, INFO, LOADS_WRONG, WARNING, finding
+from quantgate.validators.schemes import AWQ, GPTQ
 
 if TYPE_CHECKING:
-    from validators.safetensors_header import TensorInfo
+    from quantgate.validators.safetensors_header import TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators.findings import Finding
-from validators.format_support import CT_FORMATS as CT_FORMAT_SUPPORT
-from validators.quant_config import DIALECTS, NVFP4_GROUP_SIZE
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
+from quantgate.validators.findings import Finding
+from quantgate.validators.format_support import CT_FORMATS as CT_FORMAT_SUPPORT
+from quantgate.validators.quant_config import DIALECTS, NVFP4_GROUP_SIZE
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
 
 #: vLLM `ModelOptQuantConfigBase.QUANT_ALGOS` (config.json path).
 VLLM_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",

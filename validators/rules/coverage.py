@@ -10,10 +10,10 @@ import fnmatch
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.engines import ENGINE_SEMANTICS, FusedShardConflict
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import (
+from quantgate.validators.engines import ENGINE_SEMANTICS, FusedShardConflict
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import (
     ERROR,
     FAILS,
     LOADS_WRONG,
@@ -25,8 +25,8 @@ from validators.rules._common import (
     reverse_size_mismatch,
     size_mismatch,
 )
-from validators.rules._context import BF16, QUANTIZED, Cov, ModClass
-from validators.schemes import FP8_NATIVE
+from quantgate.validators.rules._context import BF16, QUANTIZED, Cov, ModClass
+from quantgate.validators.schemes import FP8_NATIVE
 
 #: kinds whose BF16-not-excluded case has its own rule or is never quantized
 SPECIAL_KINDS = frozenset({"expert", "norm", "embedding", "lm_head", "vision", "projector"})
@@ -48,7 +48,7 @@ def _effect(ctx: Context, module) -> tuple:
     """BF16 data in a module the engine quantizes: 4-bit packed params -> size mismatch; FP8/INT8 ->
     silent cast with scale 1.0 (invariant 16)."""
     if ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
-        from validators.fp8_engines import bf16_effect
+        from quantgate.validators.fp8_engines import bf16_effect
 
         return LOADS_WRONG, bf16_effect(module)
     if ctx.qc is not None and ctx.qc.is_ct and module.moe_group and declares_packed_4bit(ctx, module):
@@ -94,8 +94,8 @@ def bf16_not_excluded(ctx: Context) -> Iterator[Finding]:
 def _hf_space_hit(ctx: Context, hf_unit: str) -> str | None:
     """Would an exclude entry match the layer under its Hugging Face name (no engine renames)?"""
     if ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
-        from validators.engines import DEFAULT_NAMING
-        from validators.fp8_engines import fp8_exclusion
+        from quantgate.validators.engines import DEFAULT_NAMING
+        from quantgate.validators.fp8_engines import fp8_exclusion
 
         try:
             hit = fp8_exclusion(ctx.engine or "vllm", hf_unit, tuple(ctx.qc.exclude), DEFAULT_NAMING,
@@ -169,7 +169,7 @@ def quantized_but_excluded(ctx: Context) -> Iterator[Finding]:
         if declares_packed_4bit(ctx, cls.rep) and st.weight_dtype == "U8":
             error = reverse_size_mismatch(cls.rep)
         elif ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
-            from validators.fp8_engines import excluded_effect
+            from quantgate.validators.fp8_engines import excluded_effect
 
             fails, error = excluded_effect(ctx.engine or "vllm", c.engine_name,
                                            st.scale_suffixes[0] if st.scale_suffixes else "weight_scale_inv")

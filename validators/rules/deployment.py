@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators import engine_facts as ef
-from validators.deployment import PROBE_SIZES, ShapeProblem, shape_problems
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, INFO, finding
+from quantgate.validators import engine_facts as ef
+from quantgate.validators.deployment import PROBE_SIZES, ShapeProblem, shape_problems
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, INFO, finding
 
 
 def _problems(ctx: Context, tp: int, ep: bool) -> list[ShapeProblem]:

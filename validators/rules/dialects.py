@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators.findings import Finding, VerdictStatus
-from validators.format_support import modelled_dialects, not_modelled
-from validators.rules import Context, rule
-from validators.rules._common import WARNING
+from quantgate.validators.findings import Finding, VerdictStatus
+from quantgate.validators.format_support import modelled_dialects, not_modelled
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import WARNING
 
 
 @rule("QG190", "unmodelled-quant-method", WARNING, per_engine=False)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.engines import packed_name
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, finding
-from validators.rules._context import ModClass
-from validators.schemes import FP8_NATIVE
+from quantgate.validators.engines import packed_name
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, finding
+from quantgate.validators.rules._context import ModClass
+from quantgate.validators.schemes import FP8_NATIVE
 
 
 def _linear_error(size: int, block: int) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators.findings import Finding, Severity, VerdictStatus
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, LOADS_WRONG, WARNING, finding
+from quantgate.validators.findings import Finding, Severity, VerdictStatus
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, LOADS_WRONG, WARNING, finding
 
 #: problem code -> (severity, effect, the engine's error) for problems `open_checkpoint` records
 PROBLEM_EFFECTS: dict[str, tuple[Severity, VerdictStatus | None, str]] = {
@@ -111,7 +111,7 @@ def index_names_absent_tensor(ctx: Context) -> Iterator[Finding]:
 
     Fix: re-upload the shard that lost the tensor, or re-export the checkpoint.
     """
-    from validators.layout import SCALE_SUFFIXES
+    from quantgate.validators.layout import SCALE_SUFFIXES
 
     params = frozenset(SCALE_SUFFIXES) | {"weight", "weight_packed", "bias"}
     for p in ctx.view.problems:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding, reverse_size_mismatch
-from validators.rules._context import QUANTIZED
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding, reverse_size_mismatch
+from quantgate.validators.rules._context import QUANTIZED
 
 #: weight dtypes that keep the unquantized [vocab, hidden] shape (copied silently into a BF16 param)
 UNPACKED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "I8"})

@@ -12,11 +12,11 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, WARNING, finding
-from validators.rules._context import QUANTIZED
-from validators.schemes import MIXED_PRECISION, MIXED_PRECISION_ALGOS
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, WARNING, finding
+from quantgate.validators.rules._context import QUANTIZED
+from quantgate.validators.schemes import MIXED_PRECISION, MIXED_PRECISION_ALGOS
 
 
 def _is_mixed(ctx: Context) -> bool:

@@ -7,13 +7,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from operator import attrgetter
 
-from validators.dialects import BEYOND_DIALECTS
-from validators.findings import Finding, VerdictStatus
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
-from validators.rules._context import ModClass
-from validators.rules._values import scale_table
-from validators.schemes import FP8_NATIVE
+from quantgate.validators.dialects import BEYOND_DIALECTS
+from quantgate.validators.findings import Finding, VerdictStatus
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
+from quantgate.validators.rules._context import ModClass
+from quantgate.validators.rules._values import scale_table
+from quantgate.validators.schemes import FP8_NATIVE
 
 #: `experts.{proj}.{e}` order (some ModelOpt Qwen3-VL-MoE exports), vllm#40885
 REVERSED_EXPERT_RE = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\d+)\.")
@@ -117,7 +117,7 @@ def mixed_formats(ctx: Context) -> Iterator[Finding]:
         elif ctx.qc is not None and ctx.qc.dialect == FP8_NATIVE:
             # native fp8 checks no scheme per projection: one Fp8MoEMethod (same shapes) takes the BF16
             # experts by a silent cast; an excluded layer is QG203's (the fp8 experts lose their scales)
-            from validators.fp8_engines import bf16_effect
+            from quantgate.validators.fp8_engines import bf16_effect
 
             effect, error = LOADS_WRONG, bf16_effect(classes[0].rep)
         yield finding("QG403", ERROR, f"experts of {group} mix formats ({summary})", modules=minority[1],

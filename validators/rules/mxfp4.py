@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.dialects_mxfp4 import FUSED_TENSORS, MISSING_EFFECT, dims
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, finding
-from validators.rules._context import BF16
-from validators.schemes import MXFP4
+from quantgate.validators.dialects_mxfp4 import FUSED_TENSORS, MISSING_EFFECT, dims
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, finding
+from quantgate.validators.rules._context import BF16
+from quantgate.validators.schemes import MXFP4
 
 NEVER_QUANTIZED = frozenset({"norm", "embedding"})
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from validators import engine_facts as ef
-from validators.engines import ENGINE_SEMANTICS
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
+from quantgate.validators import engine_facts as ef
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
 
 #: components that wrap a decoder stack; one never directly contains another of them
 WRAPPER_WORDS = frozenset({"model", "language_model", "text_model", "base_model"})

@@ -12,11 +12,11 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, LOADS_WRONG, WARNING, finding
-from validators.rules._block_scales import block_scale_scan
-from validators.rules._values import scale_table
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, LOADS_WRONG, WARNING, finding
+from quantgate.validators.rules._block_scales import block_scale_scan
+from quantgate.validators.rules._values import scale_table
 
 #: an expert's activation scale this many times the layer median dominates max-reduced scales (inv. 18)
 OUTLIER_FACTOR = 10.0

@@ -6,13 +6,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, WARNING, finding
 
 if TYPE_CHECKING:
-    from validators.rules._context import ModClass
-    from validators.schemes import SchemeSpec
+    from quantgate.validators.rules._context import ModClass
+    from quantgate.validators.schemes import SchemeSpec
 
 #: suffix -> what the engine does when it is missing (vllm_sglang.md §7: nothing checks it was loaded)
 MISSING_EFFECT: dict[str, str] = {
@@ -148,7 +148,7 @@ def unexpected(ctx: Context) -> Iterator[Finding]:
 
     Fix: drop the stray tensors or rename them to the engine's names.
     """
-    from validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES
+    from quantgate.validators.schemes import EXTRA_QUANT_SUFFIXES, SCHEME_SUFFIXES
 
     quant_tails = (SCHEME_SUFFIXES | EXTRA_QUANT_SUFFIXES) - {"weight", "k_scale", "v_scale", "q_scale"}
     # only quantization tensors count as stray: model buffers (Gemma4 router.per_expert_scale) are fine
@@ -202,7 +202,7 @@ def kv_scales(ctx: Context) -> Iterator[Finding]:
 def _built_unquantized_beyond(ctx: Context, cls: "ModClass") -> bool:
     """The engines' other formats declare nothing for this module (mxfp4 Linear layers): the engine
     builds it BF16, and the dialect's own rule (QG442) says what its quantized tensors do."""
-    from validators.dialects import BEYOND_DIALECTS
+    from quantgate.validators.dialects import BEYOND_DIALECTS
 
     return ctx.qc is not None and ctx.qc.dialect in BEYOND_DIALECTS and not ctx.a.declared(cls.rep, cls.rep.name)
 
@@ -227,7 +227,7 @@ def unrecognised(ctx: Context) -> Iterator[Finding]:
 
 def _fused_problems(spec: "SchemeSpec", cls: "ModClass") -> list[str]:
     """What keeps a fused 3-D module's tensors from being `spec` in its 3-D form (empty when they are)."""
-    from validators.fused_schemes import expert_views
+    from quantgate.validators.fused_schemes import expert_views
 
     m = cls.rep
     views = expert_views(m.tensors, bool(m.fused and m.fused.transposed))
@@ -265,7 +265,7 @@ def fused_3d_tensors(ctx: Context) -> Iterator[Finding]:
     Fix: re-export the experts 3-D with every scale in the [E, in/16, out] orientation (quantgate's
     exporter.writers.bmm_experts), or keep them BF16 and exclude them.
     """
-    from validators.fused_schemes import fused_storage, per_expert_scalars
+    from quantgate.validators.fused_schemes import fused_storage, per_expert_scalars
 
     groups: dict[tuple[str, bool], list[str]] = defaultdict(list)
     stacked: dict[str, list[str]] = defaultdict(list)

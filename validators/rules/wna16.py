@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.dialects_wna16 import AWQ_BITS, GPTQ_BITS
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, engine_label, finding, no_param
-from validators.rules._context import BF16, QUANTIZED
-from validators.rules._wna16 import applies, builds
-from validators.schemes import GPTQ
+from quantgate.validators.dialects_wna16 import AWQ_BITS, GPTQ_BITS
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, INFO, LOADS_WRONG, engine_label, finding, no_param
+from quantgate.validators.rules._context import BF16, QUANTIZED
+from quantgate.validators.rules._wna16 import applies, builds
+from quantgate.validators.schemes import GPTQ
 
 SGLANG_SKIPS = ("silent: SGLang's loader skips names absent from params_dict ('Parameter {name} not found in "
                 "params_dict, skip loading'); the parameters stay torch.empty")

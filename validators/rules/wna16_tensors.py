@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from validators.engines import ENGINE_SEMANTICS
-from validators.findings import Finding
-from validators.rules import Context, rule
-from validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
-from validators.rules._wna16 import applies
-from validators.schemes import GPTQ
-from validators.schemes_beyond import groups
+from quantgate.validators.engines import ENGINE_SEMANTICS
+from quantgate.validators.findings import Finding
+from quantgate.validators.rules import Context, rule
+from quantgate.validators.rules._common import ERROR, FAILS, LOADS_WRONG, finding
+from quantgate.validators.rules._wna16 import applies
+from quantgate.validators.schemes import GPTQ
+from quantgate.validators.schemes_beyond import groups
 
 
 @rule("QG340", "wna16-group-size", ERROR, per_engine=False)

@@ -19,7 +19,7 @@ from corpus_cases import CASES
 from corpus_formats import materialize
 from corpus_spec import Case
 
-from validators.report import validate
+from quantgate.validators.report import validate
 
 ROOT = Path(__file__).resolve().parents[3]
 #: cases that also run through the CLI subprocess (besides every case with `cli` flags)
@@ -70,7 +70,7 @@ def test_case_verdicts(case: Case, built) -> None:
 def _cli(path: Path, *flags: str) -> tuple[int, dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "validate", str(path), "--format", "json", *flags],
+        [sys.executable, "-m", "quantgate.service.cli", "validate", str(path), "--format", "json", *flags],
         check=False,
         capture_output=True,
         text=True,
