@@ -177,13 +177,17 @@ class FakeHubServer:
     """Context manager: serve `root` on 127.0.0.1:<free port> in a daemon thread."""
 
     def __init__(self, root: Path, gated: dict[str, str] | None = None) -> None:
-        self.hub = FakeHub(root=root, gated=dict(gated or {}))
-        handler = type("Handler", (_Handler,), {"hub": self.hub})
+        self._serve(FakeHub(root=root, gated=dict(gated or {})), _Handler, "fake-hub")
+
+    def _serve(self, hub: FakeHub, handler_base: type, thread_name: str) -> None:
+        """Bind `hub` behind a handler class derived from `handler_base` (started by __enter__)."""
+        self.hub = hub
+        handler = type("Handler", (handler_base,), {"hub": hub})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
-        self.hub.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        hub.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
-                                       name="fake-hub", daemon=True)
+                                       name=thread_name, daemon=True)
 
     def __enter__(self) -> FakeHub:
         self.thread.start()

@@ -31,12 +31,11 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from fake_hub import DEFAULT_BRANCH, FakeHub, _Handler
+from fake_hub import DEFAULT_BRANCH, FakeHub, FakeHubServer, _Handler
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 CREATE = re.compile(r"^/api/repos/create$")
@@ -285,23 +284,8 @@ class _WriteHandler(_Handler):
         self.json_reply(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.hub.url}/{repo}/commit/{oid}"})
 
 
-class WritableFakeHubServer:
+class WritableFakeHubServer(FakeHubServer):
     """Context manager: a read + write fake Hub on 127.0.0.1:<free port> that accepts `write_token`."""
 
     def __init__(self, root: Path, write_token: str) -> None:
-        self.hub = WritableFakeHub(root=root, write_token=write_token)
-        handler = type("Handler", (_WriteHandler,), {"hub": self.hub})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.hub.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
-                                       name="fake-hub-write", daemon=True)
-
-    def __enter__(self) -> WritableFakeHub:
-        self.thread.start()
-        return self.hub
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self._serve(WritableFakeHub(root=root, write_token=write_token), _WriteHandler, "fake-hub-write")
