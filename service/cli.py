@@ -32,9 +32,10 @@ SHORT_LIVED: frozenset[str] = frozenset({"validate"})
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantgate",
-        description="Quantize Hugging Face checkpoints (NVFP4, FP8, mixed NVFP4/FP8, W4A16, W8A8-int8, "
-        "NVFP4A16; ModelOpt or compressed-tensors format) and validate, from the safetensors headers, that "
-        "vLLM and SGLang will load them correctly.",
+        description="Quantize Hugging Face checkpoints (NVFP4, FP8, FP8 128x128 blocks, mixed NVFP4/FP8, W4A16, "
+        "W8A8-int8, NVFP4A16; ModelOpt, compressed-tensors or Hugging Face fp8 format) and validate any "
+        "quantized checkpoint (also GPTQ, AWQ, MXFP4), from the safetensors headers, that vLLM and SGLang "
+        "will load it correctly.",
         epilog="Exit codes: 0 ok, 1 findings or failed validation, 2 bad input or usage "
         "(`serve`: 3 when the port cannot be bound).",
     )
