@@ -9,15 +9,36 @@ and breaks in an installed wheel).
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = ("service", "exporter", "validators")
 SOURCES = (*FOLDERS, "tests", "benchmarks")
 BARE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(?:service|exporter|validators)(?:\.|\s|$)", re.M)
 BARE_MODULE_STRING = re.compile(r"""(?<![\w./-])(?:f|r)?["'](?:service|exporter|validators)\.[a-z_{]""")
+# a package named by its bare folder name: resources.files("service"), import_module("validators") ...
+BARE_PACKAGE_ARG = re.compile(r"""\b(?:files|import_module|find_spec)\(\s*["'](?:service|exporter|validators)["']""")
+# Builds the app and reads every packaged static file through the installed names only (run from a
+# directory where the checkout's bare folders are not importable).
+INSTALLED_ONLY = """
+import importlib.util, sys
+assert importlib.util.find_spec("service") is None, "the checkout's folders must not be importable here"
+from fastapi.testclient import TestClient
+from quantgate.service.app import create_app
+from quantgate.service.settings import Settings
+with TestClient(create_app(Settings(data_dir=sys.argv[1], max_concurrency=0))) as client:
+    for path in ("/", "/docs", "/static/ui/ui.js", "/static/ui/ui.css", "/static/swagger/swagger-ui-bundle.js"):
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.status_code)
+print("ok")
+"""
 
 
 def _pyproject() -> dict:
@@ -41,9 +62,21 @@ def test_no_module_uses_the_bare_folder_names() -> None:
     offenders = []
     for top in SOURCES:
         for path in (REPO / top).rglob("*.py"):
+            if path == Path(__file__).resolve():
+                continue        # this file spells the bare names on purpose
             text = path.read_text(encoding="utf-8")
-            for pattern in (BARE_IMPORT, BARE_MODULE_STRING):
+            for pattern in (BARE_IMPORT, BARE_MODULE_STRING, BARE_PACKAGE_ARG):
                 for match in pattern.finditer(text):
                     line = text.count("\n", 0, match.start()) + 1
                     offenders.append(f"{path.relative_to(REPO)}:{line}: {match.group(0).strip()}")
     assert not offenders, "import through quantgate.*:\n" + "\n".join(offenders)
+
+
+def test_the_app_and_its_static_files_load_through_the_installed_names(tmp_path: Path) -> None:
+    """Package data is looked up as `quantgate.service`: from a checkout the bare `service` folder is
+    importable (the repository root is on sys.path) and hides a lookup by the old name; here it is not."""
+    pytest.importorskip("fastapi")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", INSTALLED_ONLY, str(tmp_path / "data")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

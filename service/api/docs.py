@@ -32,7 +32,7 @@ def _swagger_dir() -> Path:
 
 def mount_static(app: FastAPI) -> None:
     """Serve the page's and Swagger UI's assets (no data in them, so no token needed)."""
-    app.mount(UI_PREFIX, StaticFiles(directory=str(resources.files("service").joinpath("static"))), name="ui-static")
+    app.mount(UI_PREFIX, StaticFiles(directory=str(resources.files("quantgate.service").joinpath("static"))), name="ui-static")
     app.mount(SWAGGER_PREFIX, StaticFiles(directory=str(_swagger_dir())), name="swagger-static")
 
 

@@ -34,7 +34,7 @@ SLOT = re.compile(r"\{\{(\w+)\}\}")
 
 @cache
 def _template() -> str:
-    return resources.files("service").joinpath("static/ui.html").read_text(encoding="utf-8")
+    return resources.files("quantgate.service").joinpath("static/ui.html").read_text(encoding="utf-8")
 
 
 def _recipe_options() -> str:
