@@ -123,6 +123,26 @@ def quantized_experts_excluded(ctx: Context) -> Iterator[Finding]:
                       error=f"KeyError: '{units[how]}.w13_qweight'")
 
 
+def _built_against_storage(ctx: Context, stored: str, *, built_quantized: bool, missing: str
+                           ) -> list[tuple[str, str, object, list[str], str]]:
+    """Non-expert modules stored `stored` that the engine builds the other way (quantized or not),
+    grouped as (kind, how the engine decided, effect, names, the engine's error for the `missing`
+    parameter): vLLM has no parameter for it (fails); SGLang skips the tensor (loads wrong)."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    errors: dict[tuple, str] = {}
+    for cls, b in zip(ctx.a.classes, builds(ctx, ctx.engine or "vllm")):
+        if cls.kind != "expert" and cls.state.state == stored and bool(b.quantized) == built_quantized \
+                and not b.conflict:
+            if ctx.engine == "vllm":
+                effect, error = FAILS, no_param(b.engine_name, missing)
+            else:
+                effect, error = LOADS_WRONG, SGLANG_SKIPS.format(name=f"{b.engine_name}.{missing}")
+            groups[(cls.kind, b.how, effect)].extend(cls.names)
+            errors.setdefault((cls.kind, b.how, effect), error)
+    return [(kind, how, effect, names, errors[(kind, how, effect)])
+            for (kind, how, effect), names in sorted(groups.items(), key=lambda kv: kv[1][0])]
+
+
 @rule("QG242", "wna16-bf16-linear-built-quantized", ERROR)
 def bf16_linear(ctx: Context) -> Iterator[Finding]:
     """A BF16 Linear (attention, dense MLP, shared expert, router, lm_head) that the engine builds GPTQ/AWQ.
@@ -138,18 +158,8 @@ def bf16_linear(ctx: Context) -> Iterator[Finding]:
     """
     if not applies(ctx):
         return
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    errors: dict[tuple, str] = {}
-    for cls, b in zip(ctx.a.classes, builds(ctx, ctx.engine or "vllm")):
-        if cls.kind != "expert" and cls.state.state == BF16 and b.quantized and not b.conflict:
-            if ctx.engine == "vllm":
-                effect, error = FAILS, no_param(b.engine_name, "weight")
-            else:
-                effect, error = LOADS_WRONG, SGLANG_SKIPS.format(name=f"{b.engine_name}.weight")
-            groups[(cls.kind, b.how, effect)].extend(cls.names)
-            errors.setdefault((cls.kind, b.how, effect), error)
-    for (kind, how, effect), names in sorted(groups.items(), key=lambda kv: kv[1][0]):
-        error = errors[(kind, how, effect)]
+    for kind, how, effect, names, error in _built_against_storage(ctx, BF16, built_quantized=True,
+                                                                   missing="weight"):
         yield finding("QG242", ERROR, f"{len(names)} BF16 {kind} module(s) are built {ctx.qc.dialect.upper()} by "
                       f"{engine_label(ctx)} ({how})", modules=names,
                       fix="Mark them unquantized in the config (GPTQ `-:` dynamic rule / AWQ modules_to_not_convert) "
@@ -169,18 +179,8 @@ def quantized_linear_excluded(ctx: Context) -> Iterator[Finding]:
     """
     if not applies(ctx):
         return
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    errors: dict[tuple, str] = {}
-    for cls, b in zip(ctx.a.classes, builds(ctx, ctx.engine or "vllm")):
-        if cls.kind != "expert" and cls.state.state == QUANTIZED and not b.quantized and not b.conflict:
-            if ctx.engine == "vllm":
-                effect, error = FAILS, no_param(b.engine_name, "qweight")
-            else:
-                effect, error = LOADS_WRONG, SGLANG_SKIPS.format(name=f"{b.engine_name}.qweight")
-            groups[(cls.kind, b.how, effect)].extend(cls.names)
-            errors.setdefault((cls.kind, b.how, effect), error)
-    for (kind, how, effect), names in sorted(groups.items(), key=lambda kv: kv[1][0]):
-        error = errors[(kind, how, effect)]
+    for kind, how, effect, names, error in _built_against_storage(ctx, QUANTIZED, built_quantized=False,
+                                                                   missing="qweight"):
         yield finding("QG243", ERROR, f"{len(names)} quantized {kind} module(s) are built unquantized by "
                       f"{engine_label(ctx)} ({how})", modules=names,
                       fix="Make the exclusion exact or store these modules BF16.", effect=effect, error=error)
