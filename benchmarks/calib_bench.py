@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from quantgate.exporter.calib_data import random_tokens
-    from quantgate.exporter.calibration import calibrate_model
+    from quantgate.exporter.calibration.data import random_tokens
+    from quantgate.exporter.calibration.forward import calibrate_model
 
     preset = PRESETS[args.preset]
     model = build_model(preset, args.device)

@@ -54,7 +54,7 @@ for dm in ('auto', 'cuda', 'auto', 'cuda'):
 " >>$OUT/loadexp.txt 2>&1 ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
       PYTHONPATH=$SRC:. python3 -X importtime -c "import quantgate.service.commands.quantize as q, quantgate.exporter.pipeline, \
-        quantgate.exporter.calibration, quantgate.exporter.calib_model, transformers; from transformers import AutoModelForCausalLM; \
+        quantgate.exporter.calibration.forward, quantgate.exporter.calibration.model, transformers; from transformers import AutoModelForCausalLM; \
         import transformers.models.gemma4.modeling_gemma4" 2>&1 | sort -t'|' -k2 -n -r | head -40 >$OUT/importtime.txt ;;
   esac
   echo "=== $step done rc=$? $(date -u +%T)" >>$LOG

@@ -112,10 +112,10 @@ PROFILED: tuple[tuple[str, str], ...] = (
     ("quantgate.exporter.unit_feed", "UnitFeed.get"),
     ("quantgate.exporter.pipeline", "copy_other_files"),
     ("quantgate.exporter.pipeline", "_validate"),
-    ("quantgate.exporter.calib_model", "load_calibration_model"),   # called through the module by calib_session
-    ("quantgate.exporter.calib_session", "load_tokenizer"),
-    ("quantgate.exporter.calibration", "calibrate_model"),
-    ("quantgate.exporter.calib_session", "calibration_batches"),
+    ("quantgate.exporter.calibration.model", "load_calibration_model"),   # called through the module by calib_session
+    ("quantgate.exporter.calibration.session", "load_tokenizer"),
+    ("quantgate.exporter.calibration.forward", "calibrate_model"),
+    ("quantgate.exporter.calibration.session", "calibration_batches"),
 )
 
 
@@ -177,7 +177,7 @@ def _run_child(spec: dict) -> dict:
 # --------------------------------------------------------------------------- models
 def build_model(out: Path, size: dict) -> tuple[Path, int]:
     from quantgate.exporter.source import open_source
-    from quantgate.exporter.tiny_models import build_tiny
+    from quantgate.exporter.testkit.tiny_models import build_tiny
 
     if not (out / "config.json").exists():
         build_tiny("gemma4", out, **size)
@@ -191,7 +191,7 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
     import torch
     from safetensors.torch import save_file
 
-    from quantgate.exporter import tiny_models
+    from quantgate.exporter.testkit import tiny_models
 
     if (out / "config.json").exists():
         from quantgate.exporter.source import open_source
@@ -238,7 +238,7 @@ def synthetic_model(out: Path, size: dict, shard_bytes: int = 2_000_000_000) -> 
 
 def fake_stats(source_dir: Path, path: Path) -> Path:
     """Activation stats covering every decoder Linear (values irrelevant to weight-pass speed)."""
-    from quantgate.exporter.calib_stats import ActivationStats
+    from quantgate.exporter.calibration.stats import ActivationStats
     from quantgate.exporter.recipes import make_plan
     from quantgate.exporter.source import open_source
 

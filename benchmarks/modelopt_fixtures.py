@@ -69,7 +69,7 @@ def planted_amax(above: float) -> float:
 
 
 def build_source(out: Path) -> Path:
-    from quantgate.exporter import tiny_models
+    from quantgate.exporter.testkit import tiny_models
 
     config = tiny_models.tiny_config("gemma4", **FIXTURE_MODEL)
     # no tokenizer is saved, so the vocabulary can be smaller than tiny_models' tokenizer allows
@@ -163,7 +163,7 @@ def versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
-    from quantgate.exporter.calib_stats import ActivationStats
+    from quantgate.exporter.calibration.stats import ActivationStats
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     res["compare_cuda"] = compare(mo_tensors, _load_all(qg_out), mo_info["amax"], scheme, with_input_scale=False)
     stats_path = work / "modelopt_amax_stats.json"
     if args.cpu_check:
-        from quantgate.exporter.calib_stats import ActivationStats
+        from quantgate.exporter.calibration.stats import ActivationStats
 
         amax = {m: amax_for(m, mo_info["amax"]) for m in _quantized_modules(mo_tensors)
                 if f"{m}.input_scale" in mo_tensors}

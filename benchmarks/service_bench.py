@@ -49,7 +49,7 @@ def tiny_checkpoints() -> tuple[Path, Path]:
     """(BF16 source, NVFP4 export) of the tiny Gemma4 MoE, built once under bench-data/service."""
     source, export = BENCH_DIR / "models" / "gemma4", BENCH_DIR / "models" / "gemma4-nvfp4"
     if not (source / "config.json").exists():
-        from quantgate.exporter.tiny_models import build_tiny
+        from quantgate.exporter.testkit.tiny_models import build_tiny
 
         shutil.rmtree(source, ignore_errors=True)
         build_tiny("gemma4", source)

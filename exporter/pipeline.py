@@ -19,19 +19,19 @@ from typing import Any
 
 import torch
 
-from quantgate.exporter.auto_options import (
+from quantgate.exporter.auto.options import (
     AUTO_RECIPE,
     DEFAULT_CANDIDATES,
     DEFAULT_METHOD,
     DEFAULT_SCORE_SAMPLES,
     check_auto_request,
 )
-from quantgate.exporter.calib_session import ModelSession
-from quantgate.exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.calibration.session import ModelSession
+from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
 from quantgate.exporter.jsonfile import write_json_atomic
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
 from quantgate.exporter.progress import ProgressCallback, emit
-from quantgate.exporter.recipes import Plan, check_dialect, get_recipe, make_plan
+from quantgate.exporter.recipes import WRITABLE_DIALECTS, Plan, check_dialect, get_recipe, make_plan, resolve_dialect
 from quantgate.exporter.source import Source, open_source
 from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
 from quantgate.exporter.writers.bmm_experts import check_bmm_plan
@@ -47,7 +47,6 @@ from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DIALECTS: tuple[str, ...] = ("modelopt", "compressed-tensors", "fp8")
 REPORT_JSON = "quantgate-report.json"
 REPORT_HTML = "quantgate-report.html"
 FAILED_SUFFIX = ".failed-validation"
@@ -59,7 +58,7 @@ class QuantizeRequest:
     revision: str | None = None
     recipe: str = "nvfp4"
     out: str | Path = "quantized"
-    dialect: str = "modelopt"
+    dialect: str | None = None       # None: the recipe's own (`recipes.resolve_dialect`)
     calib_data: str = "random"
     calib_samples: int = 512
     calib_seq_len: int = 512
@@ -71,7 +70,7 @@ class QuantizeRequest:
     shard_size: int = DEFAULT_SHARD_SIZE
     token: str | None = None
     overwrite: bool = False          # extension: replace a non-empty final directory
-    # extension, recipe "auto" only (exporter.auto_options): effective-bits budget and scoring
+    # extension, recipe "auto" only (exporter.auto.options): effective-bits budget and scoring
     bits: float | None = None
     candidates: Sequence[str] = DEFAULT_CANDIDATES
     method: str = DEFAULT_METHOD
@@ -79,6 +78,9 @@ class QuantizeRequest:
     scores: str | Path | None = None  # scores file: reused when it exists, written otherwise
     # extension: whose bits the numerics reproduce, ModelOpt 0.47 run on CUDA (default) or on the CPU
     numerics: str = DEFAULT_NUMERICS
+
+    def __post_init__(self) -> None:
+        self.dialect = resolve_dialect(self.recipe, self.dialect)
 
 
 @dataclass
@@ -111,8 +113,8 @@ def check_request(req: QuantizeRequest) -> Path:
                        score_samples=req.score_samples, scores=req.scores, dialect=req.dialect)
     if req.recipe != AUTO_RECIPE:
         get_recipe(req.recipe)
-    if req.dialect not in DIALECTS:
-        raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(DIALECTS)}")
+    if req.dialect not in WRITABLE_DIALECTS:
+        raise UsageError(f"unknown dialect {req.dialect!r}; supported: {', '.join(WRITABLE_DIALECTS)}")
     if req.recipe != AUTO_RECIPE:
         check_dialect(req.recipe, req.dialect)
     if req.numerics not in NUMERICS_MODES:
@@ -137,7 +139,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     emit(progress, "plan", 0.0, f"opening {req.source}")
     source = open_source(req.source, revision=req.revision, token=req.token, refuse_quantized=True)
     auto = None
-    # Loaded at most once, on first use: auto scoring and calibration share it (exporter.calib_session).
+    # Loaded at most once, on first use: auto scoring and calibration share it (exporter.calibration.session).
     session = ModelSession(str(source.path), device=req.device, token=req.token, revision=req.revision)
     if req.recipe == AUTO_RECIPE:
         from quantgate.exporter.auto.stage import plan_for_request
@@ -161,7 +163,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
             stats = _calibration(req, source, plan, tmp, progress, timings, session)
         finally:
             session.release()   # the weight pass reads the checkpoint, never the model
-        writer = export_modelopt(source, plan, stats, tmp, shard_size=req.shard_size,
+        writer = write_export(source, plan, stats, tmp, shard_size=req.shard_size,
                                  device=resolve_device(req.device), progress=progress, timings=timings,
                                  on_buffer=_writer_hook, dialect=req.dialect, numerics=req.numerics)
         if auto is not None:
@@ -208,7 +210,7 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
         emit(progress, "calibrate", 0.0, f"reading activation stats from {req.calib_stats}")
         stats = ActivationStats.load(req.calib_stats)
     else:
-        from quantgate.exporter.calibration import calibrate
+        from quantgate.exporter.calibration.forward import calibrate
 
         emit(progress, "calibrate", 0.0, f"calibrating on {req.calib_samples} x {req.calib_seq_len} tokens")
         stats = calibrate(source, plan, data=req.calib_data, samples=req.calib_samples, seq_len=req.calib_seq_len,
@@ -236,7 +238,7 @@ class _WriteStats:
     max_buffered_bytes: int = 0
 
 
-def export_modelopt(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
+def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
                     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
                     progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
                     on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS) -> _WriteStats:

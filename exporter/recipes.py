@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from quantgate.exporter.auto_options import AUTO_RECIPE
+from quantgate.exporter.auto.options import AUTO_DIALECT, AUTO_RECIPE
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, Layout, Module
 from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, SchemeSpec, scheme
@@ -121,9 +121,21 @@ def get_recipe(name: str) -> Recipe:
         raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(recipe_names())}") from None
 
 
+#: Every dialect some recipe can be written in, in first-use order (CLI choices, API schema, checks).
+WRITABLE_DIALECTS: tuple[str, ...] = tuple(dict.fromkeys(d for r in RECIPES.values() for d in r.dialects))
+
+
 def default_dialect(recipe: str) -> str:
-    """The dialect a recipe is written in when the user names none."""
-    return get_recipe(recipe).dialects[0]
+    """The dialect a recipe is written in when the user names none (`auto`: ModelOpt mixed precision)."""
+    return AUTO_DIALECT if recipe == AUTO_RECIPE else get_recipe(recipe).dialects[0]
+
+
+def resolve_dialect(recipe: str, dialect: str | None) -> str | None:
+    """The one place a missing dialect is decided: `dialect` when given, else the recipe's default;
+    None for an unknown recipe (reported, with the list of recipes, when the request is checked)."""
+    if dialect:
+        return dialect
+    return default_dialect(recipe) if recipe in RECIPES or recipe == AUTO_RECIPE else None
 
 
 #: How the dialect option is spelled to the user: the command-line flag, or the job-body field (API).

@@ -54,7 +54,7 @@ class DemoFailed(Exception):
 
 
 def build_model(root: Path) -> Path:
-    from quantgate.exporter.tiny_models import build_tiny
+    from quantgate.exporter.testkit.tiny_models import build_tiny
 
     return build_tiny("gemma4", root / "models" / "gemma4-tiny")
 

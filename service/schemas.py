@@ -6,6 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
+from quantgate.exporter.recipes import WRITABLE_DIALECTS  # torch-free: the dialects a recipe can be written in
 from quantgate.service.security import HUB_REPO_ID
 from quantgate.service.store import EventRecord, JobRecord, ValidationRecord
 
@@ -93,7 +94,7 @@ class JobCreate(_Strict):
     )
     revision: str | None = Field(None, max_length=256, description="Hub branch, tag or commit")
     recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ..., auto")
-    dialect: Literal["modelopt", "compressed-tensors", "fp8"] | None = Field(
+    dialect: Literal[WRITABLE_DIALECTS] | None = Field(  # type: ignore[valid-type]
         None, description="output format; default: the recipe's own (modelopt for nvfp4/fp8/auto, "
         "compressed-tensors for w4a16, w8a8_int8, nvfp4a16, fp8 for fp8_block)")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
@@ -116,7 +117,7 @@ class JobCreate(_Strict):
         "local executor runs every job on one slot",
     )
 
-    # recipe "auto" only (exporter.auto_options): per-layer NVFP4 / FP8 / BF16 under a bit budget
+    # recipe "auto" only (exporter.auto.options): per-layer NVFP4 / FP8 / BF16 under a bit budget
     bits: float | None = Field(
         None, description='recipe "auto": effective bits per weight to fit (NVFP4 4.5, FP8 8, BF16 16)'
     )
@@ -139,7 +140,7 @@ class JobCreate(_Strict):
 
     @model_validator(mode="after")
     def _auto_options(self) -> JobCreate:
-        from quantgate.exporter.auto_options import check_job_options
+        from quantgate.exporter.auto.options import check_job_options
         from quantgate.validators.errors import UsageError
 
         try:
@@ -152,17 +153,16 @@ class JobCreate(_Strict):
     @model_validator(mode="after")
     def _recipe_dialect(self) -> JobCreate:
         """Resolve the default dialect and refuse a recipe the dialect cannot spell (w4a16 as modelopt)."""
-        from quantgate.exporter.auto_options import AUTO_RECIPE
-        from quantgate.exporter.recipes import API_DIALECT, check_dialect, default_dialect
+        from quantgate.exporter.auto.options import AUTO_DIALECT, AUTO_RECIPE
+        from quantgate.exporter.recipes import API_DIALECT, check_dialect, resolve_dialect
         from quantgate.validators.errors import UsageError
 
         if self.recipe == AUTO_RECIPE:
-            if self.dialect not in (None, "modelopt"):
-                raise ValueError(f"recipe {AUTO_RECIPE} writes ModelOpt MIXED_PRECISION only; use dialect modelopt")
-            self.dialect = "modelopt"
+            if self.dialect not in (None, AUTO_DIALECT):
+                raise ValueError(f"recipe {AUTO_RECIPE} writes ModelOpt MIXED_PRECISION only; use dialect {AUTO_DIALECT}")
+        self.dialect = resolve_dialect(self.recipe, self.dialect)
+        if self.recipe == AUTO_RECIPE:
             return self
-        if self.dialect is None:
-            self.dialect = default_dialect(self.recipe)
         try:
             check_dialect(self.recipe, self.dialect, API_DIALECT)
         except UsageError as exc:

@@ -66,7 +66,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     `arch` is one of exporter.tiny_models.TINY_ARCHS; overrides are those of `build_tiny`
     (`hidden=`, `layers=`, `experts=`, `max_shard_size=`, `seed=`, any config key ...).
     """
-    from quantgate.exporter.tiny_models import build_tiny
+    from quantgate.exporter.testkit.tiny_models import build_tiny
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict[tuple[str, str], Path] = {}

@@ -80,3 +80,21 @@ def test_the_app_and_its_static_files_load_through_the_installed_names(tmp_path:
     done = subprocess.run([sys.executable, "-c", INSTALLED_ONLY, str(tmp_path / "data")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+LAYERING_PROBE = """
+import sys
+import quantgate.exporter.auto.options, quantgate.exporter.recipes, quantgate.service.commands.quantize
+assert "torch" not in sys.modules, "the CLI's and the API schema's tables pulled in torch"
+import quantgate.exporter.pipeline, quantgate.exporter.writers.registry, quantgate.service.worker
+import quantgate.exporter.calibration.forward, quantgate.exporter.auto.stage
+leaked = sorted(m for m in sys.modules if m.startswith("quantgate.exporter.testkit"))
+assert not leaked, f"the job path imports test support: {leaked}"
+"""
+
+
+def test_the_job_path_never_imports_test_support_and_the_tables_never_import_torch() -> None:
+    """Issue 13 item 4: test support (`quantgate.exporter.testkit`) stays out of the product's import path,
+    and `auto`'s options are importable without torch (the CLI and the API schema read them)."""
+    proc = subprocess.run([sys.executable, "-c", LAYERING_PROBE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,27 +8,31 @@ scoring.py    kl_div and gradient (diagonal Fisher) sensitivity per group and sc
 scores_file.py  scores on disk, fingerprinted, for re-planning without forward passes
 optimize.py   exact selection (integer program, SciPy milp / HiGHS)
 planner.py    plan_auto(...) -> AutoPlan; to_plan(AutoPlan, layout) -> exporter.recipes.Plan
+options.py    the recipe's options, checked without torch (CLI, API schema, request checks)
+stage.py      the pipeline stage: load once, score, plan
+
+The names below are imported on first use (PEP 562), so `quantgate.exporter.auto.options` stays
+cheap for the CLI and the API schema.
 """
 
 from __future__ import annotations
 
-from quantgate.exporter.auto.groups import BF16, DecisionGroup, candidate_specs, decision_groups, effective_bits
-from quantgate.exporter.auto.optimize import InfeasibleBudgetError, Selection, select
-from quantgate.exporter.auto.planner import AutoPlan, plan_auto, to_plan
-from quantgate.exporter.auto.scores_file import ScoresFileError, ScoreTable
+import importlib
+from typing import Any
 
-__all__ = [
-    "BF16",
-    "AutoPlan",
-    "DecisionGroup",
-    "InfeasibleBudgetError",
-    "ScoreTable",
-    "ScoresFileError",
-    "Selection",
-    "candidate_specs",
-    "decision_groups",
-    "effective_bits",
-    "plan_auto",
-    "select",
-    "to_plan",
-]
+_EXPORTS: dict[str, str] = {
+    "BF16": "groups", "DecisionGroup": "groups", "candidate_specs": "groups", "decision_groups": "groups",
+    "effective_bits": "groups",
+    "InfeasibleBudgetError": "optimize", "Selection": "optimize", "select": "optimize",
+    "AutoPlan": "planner", "plan_auto": "planner", "to_plan": "planner",
+    "ScoresFileError": "scores_file", "ScoreTable": "scores_file",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -98,7 +98,7 @@ def plan_auto(
     """Plan `source` (an exporter Source or a model directory / Hub id) at `bits` effective bits.
 
     `model`: an already loaded transformers model of `source` to score with (else loaded here, only
-    when scores must be computed). `session`: an `quantgate.exporter.calib_session.ModelSession` to take the
+    when scores must be computed). `session`: an `quantgate.exporter.calibration.session.ModelSession` to take the
     model from instead, so that calibration afterwards reuses the same load (the pipeline's way).
     `data`/`seed`/`score_*`: the scoring tokens, as calibration data.
     """
@@ -167,7 +167,7 @@ def _score(
     progress: ProgressCallback | None,
     session: Any | None = None,
 ) -> ScoreTable:
-    from quantgate.exporter.calib_session import ModelSession, ModelState, check_untouched
+    from quantgate.exporter.calibration.session import ModelSession, ModelState, check_untouched
 
     model_ref = str(src.path)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Where each layout module's weight lives in the transformers runtime model, as a writable view.
 
 Scoring perturbs weights in place, so it needs, for every on-disk (layout) module, the `[out, in]`
-matrix the runtime model multiplies by. Binding reuses calibration's (`calib_targets.bind_targets`):
+matrix the runtime model multiplies by. Binding reuses calibration's (`calibration.targets.bind_targets`):
 a runtime `nn.Linear` of the same name (or transformers' own rename), else the fused experts module
 of the same decoder layer. For fused experts the view is taken inside the 3-D parameter:
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from quantgate.exporter.calib_experts import DENSE_EXPERTS, find_experts_modules
-from quantgate.exporter.calib_targets import bind_targets, target_from_module
+from quantgate.exporter.calibration.experts import DENSE_EXPERTS, find_experts_modules
+from quantgate.exporter.calibration.targets import bind_targets, target_from_module
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Kind, Layout, Module
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from quantgate.exporter.auto.groups import BF16, DecisionGroup
 from quantgate.exporter.auto.perturb import assignment, quantized, weight_errors
 from quantgate.exporter.auto.runtime import WeightRef, bind_weights
-from quantgate.exporter.calib_model import forward_kwargs, input_device
+from quantgate.exporter.calibration.model import forward_kwargs, input_device
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Layout

@@ -20,7 +20,7 @@ from typing import Any
 from quantgate.exporter.auto.groups import candidate_specs, decision_groups
 from quantgate.exporter.auto.optimize import check_feasible
 from quantgate.exporter.auto.planner import AutoPlan, plan_auto, to_plan
-from quantgate.exporter.auto_options import check_candidates
+from quantgate.exporter.auto.options import check_candidates
 from quantgate.exporter.progress import ProgressCallback
 from quantgate.exporter.recipes import Plan
 from quantgate.validators.errors import UsageError
@@ -42,7 +42,7 @@ def plan_for_request(req: Any, source: Any, progress: ProgressCallback | None = 
     """(exporter Plan, AutoPlan) for a QuantizeRequest with recipe `auto` (options already checked).
 
     An unreachable budget is refused before the model is loaded or scored. `session`: the job's
-    `quantgate.exporter.calib_session.ModelSession`; the model scoring loads stays there for calibration.
+    `quantgate.exporter.calibration.session.ModelSession`; the model scoring loads stays there for calibration.
     """
     candidates = check_candidates(req.candidates)
     check_feasible(decision_groups(source.layout, candidate_specs(candidates), tuple(req.exclude)), float(req.bits))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.source import Source, slice_fused
 from quantgate.exporter.writers.sharding import OutTensor, Unit

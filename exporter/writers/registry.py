@@ -1,4 +1,4 @@
-"""Dialect name -> the writer the streaming weight pass drives (`quantgate.exporter.pipeline.export_modelopt`)."""
+"""Dialect name -> the writer the streaming weight pass drives (`quantgate.exporter.pipeline.write_export`)."""
 
 from __future__ import annotations
 

@@ -37,11 +37,20 @@ def _template() -> str:
     return resources.files("quantgate.service").joinpath("static/ui.html").read_text(encoding="utf-8")
 
 
-def _recipe_options() -> str:
-    from quantgate.exporter.auto_options import AUTO_RECIPE  # torch-free tables
-    from quantgate.exporter.recipes import RECIPES
+def _options(names: tuple[str, ...]) -> str:
+    return "".join(f"<option>{html.escape(name)}</option>" for name in names)
 
-    return "".join(f"<option>{html.escape(name)}</option>" for name in (*RECIPES, AUTO_RECIPE))
+
+def _recipe_options() -> str:
+    from quantgate.exporter.recipes import recipe_names  # torch-free tables
+
+    return _options(recipe_names())
+
+
+def _dialect_options() -> str:
+    from quantgate.exporter.recipes import WRITABLE_DIALECTS
+
+    return _options(WRITABLE_DIALECTS)
 
 
 def _row(job: JobRecord) -> str:
@@ -86,7 +95,7 @@ def index(request: Request, settings: SettingsDep, store: StoreDep) -> HTMLRespo
     authorized = _authorized(request, settings)
     rows, has_more = _rows(store) if authorized else ("", False)
     more = f'<p class="muted">showing the newest {PAGE_SIZE}; use GET /v1/jobs to page.</p>' if has_more else ""
-    values = {"rows": rows, "more": more, "recipe_options": _recipe_options(),
+    values = {"rows": rows, "more": more, "recipe_options": _recipe_options(), "dialect_options": _dialect_options(),
               "auth": "required" if settings.api_tokens else "open",
               "token_hint": "required by this server" if settings.api_tokens else "not required here"}
     page = SLOT.sub(lambda match: values[match[1]], _template())  # one pass: job text is never re-scanned

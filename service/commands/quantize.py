@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "nvfp4_mlp_only", "nvfp4_experts_only", "fp8", "auto", "w4a16",
-                                 "w8a8_int8", "nvfp4a16", "fp8_block")
-DIALECT_NAMES: tuple[str, ...] = ("modelopt", "compressed-tensors", "fp8")
 PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "json", "none")
 NUMERICS_MODES: tuple[str, ...] = ("modelopt-cuda", "modelopt-cpu")   # exporter.numerics.modes (not imported: torch)
 SIZE_UNITS: dict[str, int] = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -53,10 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "its report. Exit 0: exported and validated; 1: the export failed validation; 2: bad "
                     "input.")
     p.add_argument("source", metavar="SOURCE", help="local checkpoint directory / .safetensors file, or Hub repo id")
+    from quantgate.exporter.recipes import WRITABLE_DIALECTS, recipe_names   # torch-free tables
+
     p.add_argument("--recipe", required=True, metavar="RECIPE",
-                   help=f"what to quantize: {', '.join(RECIPE_NAMES)}")
+                   help=f"what to quantize: {', '.join(recipe_names())}")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
-    p.add_argument("--dialect", default=None, choices=DIALECT_NAMES,
+    p.add_argument("--dialect", default=None, choices=WRITABLE_DIALECTS,
                    help="output format: modelopt (hf_quant_config.json), compressed-tensors (llm-compressor's "
                         "config groups) or fp8 (Hugging Face native block fp8); default: the recipe's first "
                         "dialect (modelopt for nvfp4/fp8/auto, compressed-tensors for w4a16, w8a8_int8, "
@@ -96,7 +95,7 @@ def _bits(text: str) -> float:
 
 
 def _register_auto(p: argparse.ArgumentParser) -> None:
-    """Options of `--recipe auto` (checked, with a clear message, by exporter.auto_options)."""
+    """Options of `--recipe auto` (checked, with a clear message, by exporter.auto.options)."""
     group = p.add_argument_group(
         "recipe auto", "per-layer NVFP4 / FP8 / BF16 under an effective-bits budget (ModelOpt MIXED_PRECISION); "
         "the scoring tokens are the calibration data")
@@ -129,7 +128,7 @@ def _register_push(p: argparse.ArgumentParser) -> None:
 
 def _auto_fields(args: argparse.Namespace) -> dict:
     """QuantizeRequest fields from the auto options; auto-only options with another recipe are an error."""
-    from quantgate.exporter.auto_options import CLI_NAMES, check_only_for_auto, parse_candidates
+    from quantgate.exporter.auto.options import CLI_NAMES, check_only_for_auto, parse_candidates
 
     check_only_for_auto(args.recipe, {"candidates": args.candidates, "method": args.method,
                                       "score_samples": args.score_samples}, CLI_NAMES)
@@ -141,13 +140,6 @@ def _auto_fields(args: argparse.Namespace) -> dict:
     if args.score_samples is not None:
         fields["score_samples"] = args.score_samples
     return fields
-
-
-def _default_dialect(recipe: str) -> str:
-    """The recipe's own dialect when --dialect is not given (an unknown recipe is reported later)."""
-    from quantgate.exporter.recipes import RECIPES, default_dialect
-
-    return default_dialect(recipe) if recipe in RECIPES else DIALECT_NAMES[0]
 
 
 def _progress_sink(mode: str):
@@ -205,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     request = QuantizeRequest(
         source=args.source, revision=args.revision, recipe=args.recipe, out=args.out,
-        dialect=args.dialect or _default_dialect(args.recipe),
+        dialect=args.dialect,
         calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_batch_size=args.calib_batch_size, calib_all_experts=args.calib_all_experts,
         calib_stats=args.calib_stats, device=args.device, exclude=tuple(args.exclude),

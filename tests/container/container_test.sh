@@ -133,7 +133,7 @@ make_models() {
   log "tiny models in $WORK_DIR/models"
   rm -rf "$WORK_DIR/models" && mkdir -p "$WORK_DIR/models"
   (cd "$REPO" && PYTHONPATH=$REPO "$PYTHON" -c \
-    "from quantgate.exporter.tiny_models import build_tiny; build_tiny('gemma4', '$WORK_DIR/models/gemma4-tiny')")
+    "from quantgate.exporter.testkit.tiny_models import build_tiny; build_tiny('gemma4', '$WORK_DIR/models/gemma4-tiny')")
   $CHECK make-broken "$WORK_DIR/models/gemma4-tiny" "$WORK_DIR/models/broken-nvfp4-claim"
   chmod -R a+rX "$WORK_DIR/models"
 }

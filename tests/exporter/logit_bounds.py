@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantgate.exporter.dequant_load import load_dequantized_model, load_model, load_with_weights
+from quantgate.exporter.testkit.dequant_load import load_dequantized_model, load_model, load_with_weights
 from quantgate.exporter.source import Source
 
 NOISE_SEEDS = (101, 102)

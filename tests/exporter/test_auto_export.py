@@ -21,7 +21,7 @@ from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 from test_export_logits import scheme_eps  # noqa: F401 - fixture
 
 from quantgate.exporter.auto.groups import is_quantizable
-from quantgate.exporter.auto_options import EXPORTABLE_ALGOS
+from quantgate.exporter.auto.options import EXPORTABLE_ALGOS
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.source import Source, open_source
 from quantgate.exporter.writers.modelopt import WRITABLE_ALGOS
@@ -172,8 +172,8 @@ def _refuse_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("re-planning from a scores file must not run the model")
 
-    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
-    monkeypatch.setattr("quantgate.exporter.calibration.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.forward.load_calibration_model", refuse)
     monkeypatch.setattr("quantgate.exporter.auto.scoring.score_groups", refuse)
     monkeypatch.setattr("quantgate.exporter.auto.planner.score_groups", refuse)
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from quantgate.exporter.calib_model import load_calibration_model
-from quantgate.exporter.calib_session import ModelSession, ModelState, check_untouched
-from quantgate.exporter.calib_stats import CalibrationError
+from quantgate.exporter.calibration.model import load_calibration_model
+from quantgate.exporter.calibration.session import ModelSession, ModelState, check_untouched
+from quantgate.exporter.calibration.stats import CalibrationError
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +41,7 @@ def _count_loads(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[str]:
 def test_auto_loads_once_and_calibrates_the_scored_model_untouched(
     tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    import quantgate.exporter.calibration as calibration
+    import quantgate.exporter.calibration.forward as calibration
 
     source = tiny_model("qwen3_moe")
     fresh = load_calibration_model(str(source), device="cpu")

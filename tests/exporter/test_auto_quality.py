@@ -21,8 +21,8 @@ import pytest
 from quantgate.exporter.auto import effective_bits, plan_auto
 from quantgate.exporter.auto.runtime import bind_weights
 from quantgate.exporter.auto.scoring import plan_kl
-from quantgate.exporter.calib_data import calibration_batches
-from quantgate.exporter.calib_model import load_calibration_model, load_tokenizer
+from quantgate.exporter.calibration.data import calibration_batches
+from quantgate.exporter.calibration.model import load_calibration_model, load_tokenizer
 from quantgate.exporter.source import open_source
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from quantgate.exporter.auto.fakequant import fake_quant_fused
 from quantgate.exporter.auto.perturb import quantized
 from quantgate.exporter.auto.runtime import bind_weights
 from quantgate.exporter.auto.scoring import plan_kl, score_groups
-from quantgate.exporter.calib_data import random_tokens
-from quantgate.exporter.calib_model import load_calibration_model
+from quantgate.exporter.calibration.data import random_tokens
+from quantgate.exporter.calibration.model import load_calibration_model
 from quantgate.exporter.source import open_source
 
 SAMPLES = random_tokens(1000, 4, 24, exclude=range(16), seed=7)  # ids < 16 hold the specials
@@ -176,7 +176,7 @@ def test_replanning_from_scores_file_runs_no_forward(
         raise AssertionError("re-planning from a scores file must not run the model")
 
     monkeypatch.setattr(model, "forward", refuse)
-    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.model.load_calibration_model", refuse)
     for bits in (5.0, 6.0, 12.0):
         plan = plan_auto(source, bits, method="kl_div", scores_file=path, model=model, **TINY_SCORING)
         assert plan.effective_bits <= bits

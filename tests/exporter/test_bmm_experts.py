@@ -18,7 +18,7 @@ import torch
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 from safetensors.torch import load_file, save_file
 
-from quantgate.exporter.calib_stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
 from quantgate.exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
 from quantgate.exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
 from quantgate.exporter.recipes import make_plan
@@ -158,7 +158,7 @@ def test_validator_catches_a_malformed_3d_export(exported, tmp_path: Path, mutat
     assert {f["severity"] for f in report["findings"] if f["code"] == "QG308"} == {severity}
     assert {v["status"] for v in report["verdicts"].values()} == {status}
     if mutation == "flipped_orientation":   # the dequantizing loader reads the stored orientation
-        from quantgate.exporter.dequant_load import dequantized_state_dict
+        from quantgate.exporter.testkit.dequant_load import dequantized_state_dict
 
         source = open_source(str(exported("gpt_oss", "nvfp4")[0]))
         assert torch.equal(dequantized_state_dict(bad, source)[t], dequantized_state_dict(result.output, source)[t])

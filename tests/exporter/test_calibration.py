@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantgate.exporter.calib_data import CalibrationDataError, load_tokens, random_tokens, special_token_ids
-from quantgate.exporter.calib_experts import find_experts_modules, is_dispatched_experts
-from quantgate.exporter.calib_stats import STATS_FORMAT, STATS_VERSION, ActivationStats, ActivationStatsError
-from quantgate.exporter.calibration import CalibrationError, calibrate, calibrate_model, load_calibration_model
+from quantgate.exporter.calibration.data import CalibrationDataError, load_tokens, random_tokens, special_token_ids
+from quantgate.exporter.calibration.experts import find_experts_modules, is_dispatched_experts
+from quantgate.exporter.calibration.stats import STATS_FORMAT, STATS_VERSION, ActivationStats, ActivationStatsError
+from quantgate.exporter.calibration.forward import CalibrationError, calibrate, calibrate_model, load_calibration_model
 from quantgate.exporter.recipes import make_plan
 from quantgate.exporter.source import open_source
 
@@ -132,7 +132,7 @@ def test_expert_token_counts_are_real_routing(calibrated) -> None:
 # ---------------------------------------------------------------------------------------- experts maths
 @torch.no_grad()
 def _reference_down_amax(module: torch.nn.Module, x: torch.Tensor, expert: int) -> float:
-    """act(gate)*up of one expert with F.linear / matmul, written independently of calib_experts."""
+    """act(gate)*up of one expert with F.linear / matmul, written independently of calibration.experts."""
     gated = getattr(module, "has_gate", True)
     weight = (module.gate_up_proj if gated else module.up_proj)[expert]
     bias = None

@@ -20,7 +20,7 @@ import pytest
 
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.source import open_source
-from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.exporter.testkit.tiny_models import TINY_ARCHS
 from quantgate.validators.engines import ENGINE_SEMANTICS
 from quantgate.validators.layout import Kind
 

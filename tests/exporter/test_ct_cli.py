@@ -89,3 +89,15 @@ def test_job_body_dialect() -> None:
         JobCreate(source="org/m", recipe="w8a8_int8", dialect="modelopt")
     with pytest.raises(pydantic.ValidationError):
         JobCreate(source="org/m", recipe="nvfp4", dialect="gguf")
+
+
+def test_a_python_request_without_a_dialect_takes_the_recipes_own() -> None:
+    """The default dialect is resolved in one place (recipes.resolve_dialect), so Python callers get it too."""
+    from quantgate.exporter.pipeline import QuantizeRequest, check_request
+
+    assert QuantizeRequest(source="x", recipe="w4a16").dialect == "compressed-tensors"
+    assert QuantizeRequest(source="x", recipe="fp8_block").dialect == "fp8"
+    assert QuantizeRequest(source="x", recipe="auto").dialect == "modelopt"
+    assert QuantizeRequest(source="x", recipe="nvfp4", dialect="compressed-tensors").dialect == "compressed-tensors"
+    with pytest.raises(UsageError, match="unknown recipe 'bogus'.*auto"):
+        check_request(QuantizeRequest(source="x", recipe="bogus"))

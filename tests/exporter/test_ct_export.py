@@ -18,7 +18,7 @@ import torch
 from ct_helpers import ct_exported_fixture  # noqa: F401  (the session fixture `ct_exported`)
 from logit_bounds import assert_logits_within_noise_bound
 
-from quantgate.exporter.dequant_load import dequantize_module
+from quantgate.exporter.testkit.dequant_load import dequantize_module
 from quantgate.exporter.recipes import get_recipe, make_plan
 from quantgate.exporter.source import open_source
 from quantgate.validators.schemes import COMPRESSED_TENSORS, scheme

@@ -207,7 +207,7 @@ def test_transformers_loads_export_as_our_dequantizer_does(fp8_export, monkeypat
     answered yes."""
     from transformers.quantizers import quantizer_finegrained_fp8
 
-    from quantgate.exporter.dequant_load import load_dequantized_model, load_model
+    from quantgate.exporter.testkit.dequant_load import load_dequantized_model, load_model
 
     monkeypatch.setattr(quantizer_finegrained_fp8, "is_accelerate_available", lambda: True)
     source_dir, result = fp8_export(arch)
@@ -263,19 +263,22 @@ def test_job_body_accepts_fp8_block() -> None:
 
 
 def test_every_dialect_list_names_fp8() -> None:
-    """The dialect names are copied by hand in five places (issue 13 item 4): all must know `fp8`."""
+    """One dialect list (recipes.WRITABLE_DIALECTS) feeds the writers, the CLI, the API schema and the page."""
+    import argparse
     from typing import get_args
 
-    from quantgate.exporter.pipeline import DIALECTS
+    from quantgate.exporter.recipes import WRITABLE_DIALECTS
     from quantgate.exporter.writers.registry import WRITERS
-    from quantgate.service.commands.quantize import DIALECT_NAMES
+    from quantgate.service.api.ui import _dialect_options
+    from quantgate.service.commands.quantize import register
     from quantgate.service.schemas import JobCreate
 
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    cli = next(a.choices for a in sub.choices["quantize"]._actions if a.dest == "dialect")
     schema = {a for a in get_args(JobCreate.model_fields["dialect"].annotation) for a in get_args(a) or (a,)}
-    assert set(DIALECT_NAMES) == set(DIALECTS) == set(WRITERS) == schema - {type(None)} and "fp8" in WRITERS
-    html = (REPO / "service" / "static" / "ui.html").read_text(encoding="utf-8")
-    select = re.search(r'<select id="dialect".*?</select>', html, re.DOTALL).group(0)
-    assert set(re.findall(r"<option>([^<]+)</option>", select)) == set(WRITERS)    # the job form's choices
+    assert set(cli) == set(WRITABLE_DIALECTS) == set(WRITERS) == schema - {type(None)} and "fp8" in WRITERS
+    assert set(re.findall(r"<option>([^<]+)</option>", _dialect_options())) == set(WRITERS)    # the job form
 
 
 def test_cli_model_without_whole_blocks_exits_2(tiny_model, tmp_path: Path, capsys) -> None:

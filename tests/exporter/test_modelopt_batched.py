@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.recipes import make_plan
 from quantgate.exporter.source import open_source

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.exporter.calib_data import calibration_batches
-from quantgate.exporter.calib_model import load_tokenizer, tokenizer_problem
+from quantgate.exporter.calibration.data import calibration_batches
+from quantgate.exporter.calibration.model import load_tokenizer, tokenizer_problem
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,7 +44,7 @@ def test_transformers_builds_an_empty_tokenizer_we_reject_once(bare_qwen3: Path,
     raw = transformers.AutoTokenizer.from_pretrained(bare_qwen3, local_files_only=True)
     assert len(raw) <= 1, "transformers raised or found a real tokenizer: the bug's precondition is gone"
     assert "empty" in tokenizer_problem(raw, 1000)
-    with caplog.at_level(logging.WARNING, logger="quantgate.exporter.calib_model"):
+    with caplog.at_level(logging.WARNING, logger="quantgate.exporter.calibration.model"):
         assert load_tokenizer(str(bare_qwen3), None, None, vocab_size=1000) is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "treated as having no tokenizer" in warnings[0].getMessage()

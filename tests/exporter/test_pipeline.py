@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantgate.exporter.calib_stats import ActivationStats
+from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.excludes import ExcludeSynthesis
 from quantgate.exporter.pipeline import FAILED_SUFFIX, REPORT_JSON, QuantizeRequest, run_quantize
 from quantgate.validators.checkpoint import open_checkpoint

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.quantized_source import AlreadyQuantizedError, quantized_reason
 from quantgate.exporter.source import open_source
-from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.exporter.testkit.tiny_models import TINY_ARCHS
 from quantgate.validators.checkpoint import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +49,8 @@ def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded for an already-quantized source")
 
-    monkeypatch.setattr("quantgate.exporter.calib_model.load_calibration_model", refuse)
-    monkeypatch.setattr("quantgate.exporter.calibration.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.model.load_calibration_model", refuse)
+    monkeypatch.setattr("quantgate.exporter.calibration.forward.load_calibration_model", refuse)
 
 
 @pytest.mark.parametrize(("recipe", "label"), [("nvfp4", "ModelOpt NVFP4"), ("fp8", "ModelOpt FP8")])

@@ -1,4 +1,4 @@
-"""quantgate.exporter.tiny_models: real, deterministic, Hub-shaped tiny checkpoints for every test suite."""
+"""quantgate.exporter.testkit.tiny_models: real, deterministic, Hub-shaped tiny checkpoints for every test suite."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from quantgate.exporter.tiny_models import TINY_ARCH_TABLE, TINY_ARCHS, build_tiny, tiny_config
+from quantgate.exporter.testkit.tiny_models import TINY_ARCH_TABLE, TINY_ARCHS, build_tiny, tiny_config
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, build_layout
 from quantgate.validators.safetensors_header import read_header

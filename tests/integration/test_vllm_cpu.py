@@ -122,7 +122,7 @@ def runnable(case: Case, info: dict) -> bool:
 @pytest.fixture(scope="module")
 def runs(probe, tiny_model, tmp_path_factory) -> dict[str, dict]:
     """Export every runnable case, write its dequantized twin, load all of them in one vLLM process."""
-    from quantgate.exporter.dequant_load import save_dequantized
+    from quantgate.exporter.testkit.dequant_load import save_dequantized
     from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 
     python, info = probe
@@ -164,7 +164,7 @@ def max_logprob_diff(steps: list[tuple[int, int, dict, dict]]) -> tuple[float, i
 def int8_activation_delta(twin: str, bf16: dict, quantized: set[str]) -> float:
     """How much per-token int8 fake-quantization of the quantized Linears' inputs moves the compared
     log-probs under transformers, teacher forced on the BF16 twin's generated tokens."""
-    from quantgate.exporter.dequant_load import load_model
+    from quantgate.exporter.testkit.dequant_load import load_model
 
     model = load_model(twin)
 
@@ -197,7 +197,7 @@ def int8_activation_delta(twin: str, bf16: dict, quantized: set[str]) -> float:
 def weight_rounding_delta(export: str, twin: str, bf16: dict) -> float:
     """How much rounding the dequantized weights to BF16 (as the twin stores them) moves the compared
     log-probs under transformers in fp32, teacher forced on the BF16 twin's generated tokens."""
-    from quantgate.exporter.dequant_load import dequantized_state_dict, load_model, load_with_weights
+    from quantgate.exporter.testkit.dequant_load import dequantized_state_dict, load_model, load_with_weights
     from quantgate.exporter.source import open_source
 
     twin_source = open_source(twin)

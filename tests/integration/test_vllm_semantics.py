@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.exporter.testkit.tiny_models import TINY_ARCHS
 from quantgate.validators import engine_facts as ef
 from quantgate.validators.engines import ENGINE_SEMANTICS, FusedShardConflict, engine_unit, naming_for
 from quantgate.validators.layout import build_layout

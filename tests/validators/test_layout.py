@@ -93,7 +93,7 @@ def test_fused_slices_select_the_same_weights_as_the_unfused_format(tmp_path: Pa
     """Qwen3-MoE saved both ways: virtual modules of the fused runtime format == per-expert tensors."""
     from transformers import Qwen3MoeForCausalLM
 
-    from quantgate.exporter.tiny_models import tiny_config
+    from quantgate.exporter.testkit.tiny_models import tiny_config
 
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM._from_config(tiny_config("qwen3_moe"), dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ import qc_builders as qb
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantgate.exporter.tiny_models import TINY_ARCHS
+from quantgate.exporter.testkit.tiny_models import TINY_ARCHS
 from quantgate.validators.deployment import Deployment
 from quantgate.validators.errors import UsageError
 from quantgate.validators.findings import Severity

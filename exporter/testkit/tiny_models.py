@@ -253,7 +253,7 @@ def _quiet_progress_bars() -> Iterator[None]:
 def _model_card(arch: str, spec: TinyArch, seed: int, dtype: torch.dtype, config: Any) -> str:
     return (
         f"---\nlibrary_name: transformers\nlicense: apache-2.0\ntags: [quantgate, tiny, test]\n---\n"
-        f"# tiny-{arch}\n\nRandomly initialised `{spec.model_cls}` built by `quantgate.exporter.tiny_models` "
+        f"# tiny-{arch}\n\nRandomly initialised `{spec.model_cls}` built by `quantgate.exporter.testkit.tiny_models` "
         f"(seed {seed}, {str(dtype).removeprefix('torch.')}) for tests. {spec.note}\n\n"
         f"```json\n{json.dumps(config.to_diff_dict(), indent=1, sort_keys=True, default=str)}\n```\n"
     )

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantgate.exporter.calib_data import RANDOM, CalibrationBatches, calibration_batches
-from quantgate.exporter import calib_model
-from quantgate.exporter.calib_model import DEFAULT_DTYPE, load_tokenizer
-from quantgate.exporter.calib_stats import CalibrationError
+from quantgate.exporter.calibration.data import RANDOM, CalibrationBatches, calibration_batches
+from quantgate.exporter.calibration import model as calib_model
+from quantgate.exporter.calibration.model import DEFAULT_DTYPE, load_tokenizer
+from quantgate.exporter.calibration.stats import CalibrationError
 
 logger = logging.getLogger(__name__)
 

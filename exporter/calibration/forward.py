@@ -2,9 +2,9 @@
 the plan quantizes with static input scales.
 
 `calibrate(source, plan, ...)` loads the model (bf16; `device_map="auto"` on CUDA, CPU otherwise;
-`trust_remote_code=False`), builds token batches (`calib_data`), and calls `calibrate_model`, which
+`trust_remote_code=False`), builds token batches (`calibration.data`), and calls `calibrate_model`, which
 works on any already-loaded model: forward pre-hooks on the bound `nn.Linear`s, the
-`quantgate_calib` experts implementation / dense-experts hooks (`calib_experts`) for fused experts,
+`quantgate_calib` experts implementation / dense-experts hooks (`calibration.experts`) for fused experts,
 all under `torch.inference_mode()`. The result (`ActivationStats`, keyed by on-disk module names)
 is all the weight pass needs; it is saved as `calibration.json`.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quantgate.exporter.calib_experts import (
+from quantgate.exporter.calibration.experts import (
     CALIB_IMPLEMENTATION,
     DENSE_EXPERTS,
     RECORDER_ATTR,
@@ -31,20 +31,20 @@ from quantgate.exporter.calib_experts import (
     is_dispatched_experts,
     register_calibration_implementation,
 )
-from quantgate.exporter.calib_model import (
+from quantgate.exporter.calibration.model import (
     DEFAULT_DTYPE,
     forward_kwargs,
     input_device,
     load_calibration_model,
 )
-from quantgate.exporter.calib_session import ModelSession
-from quantgate.exporter.calib_stats import (
+from quantgate.exporter.calibration.session import ModelSession
+from quantgate.exporter.calibration.stats import (
     STATS_FILE_NAME,
     ActivationStats,
     ActivationStatsError,
     CalibrationError,
 )
-from quantgate.exporter.calib_targets import Binding, Target, bind_targets, resolve_targets
+from quantgate.exporter.calibration.targets import Binding, Target, bind_targets, resolve_targets
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.validators.errors import UnsupportedArchitectureError, UsageError
 
@@ -330,7 +330,7 @@ def calibrate(
     """Calibrate `source` (an exporter Source, a local model directory, or a Hub repo id) for
     `targets` (a Plan, or on-disk module names). See the module docstring.
 
-    `session`: an `quantgate.exporter.calib_session.ModelSession` whose model (already loaded for `auto`
+    `session`: an `quantgate.exporter.calibration.session.ModelSession` whose model (already loaded for `auto`
     scoring, or loaded now) is used and kept; without one the model is loaded here and dropped."""
     model_ref = str(getattr(source, "path", source))
     layout = layout if layout is not None else getattr(source, "layout", None)
