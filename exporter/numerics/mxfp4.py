@@ -146,7 +146,9 @@ def quantize_mxfp4_native(w: Tensor) -> tuple[Tensor, Tensor]:
 
     w [..., out, in] (in % 32 == 0; experts in [E, out, in] orientation, i.e. the transpose of
     transformers' ``gate_up_proj [E, H, 2I]``) ->
-    (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32])."""
+    (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out, in/32]).
+    transformers' ``quantize_to_mxfp4`` casts the weight to bf16 first: pass bf16 weights to match
+    it on an fp32 source (the reference function itself takes any float dtype, as this one does)."""
     rows, in_f = _check_mx_weight(w, "MXFP4")
     exp = native_block_exponent(_block_amax(w, rows, in_f))               # uint8 [rows, in/32]
     # 1 / 2**(e-127) as the reference computes it; 0 for a zero block (its values become +-0).
@@ -181,8 +183,11 @@ def mxfp4_from_native(blocks: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
 def _check_packed(packed: Tensor, scales: Tensor) -> None:
     if packed.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise NumericsError(f"MXFP4: expected uint8 packed weight and scales, got {packed.dtype} and {scales.dtype}")
+    if packed.ndim < 2 or packed.shape[-1] % NATIVE_BLOCK_BYTES:
+        raise NumericsError(f"MXFP4: expected a packed weight [..., out, in/2] with in % {MX_BLOCK} == 0, "
+                            f"got shape {tuple(packed.shape)}")
     expected = (*packed.shape[:-1], packed.shape[-1] * 2 // MX_BLOCK)
-    if packed.ndim < 2 or packed.shape[-1] % NATIVE_BLOCK_BYTES or tuple(scales.shape) != expected:
+    if tuple(scales.shape) != expected:
         raise NumericsError(f"MXFP4: scale shape {tuple(scales.shape)} does not match packed weight "
                             f"{tuple(packed.shape)} (expected {expected})")
 

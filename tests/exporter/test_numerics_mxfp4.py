@@ -171,6 +171,8 @@ def test_bad_packed_shapes_are_clear_errors() -> None:
         dequantize_mxfp4(packed, torch.zeros(4, 3, dtype=torch.uint8))
     with pytest.raises(NumericsError, match="uint8"):
         dequantize_mxfp4(packed, torch.zeros(4, 2))
+    with pytest.raises(NumericsError, match="expected a packed weight"):
+        dequantize_mxfp4(torch.zeros(4, 24, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.uint8))
     with pytest.raises(NumericsError, match="do not match scales"):
         mxfp4_from_native(torch.zeros(4, 2, 8, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8))
     with pytest.raises(NumericsError, match="not divisible by 32"):
