@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from quantgate.exporter.auto.options import AUTO_DIALECT, AUTO_RECIPE
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, Layout, Module
-from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, SchemeSpec, scheme
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "FP8 weights in 128x128 blocks (weight_scale_inv), dynamic activations, for every decoder Linear "
            "(Hugging Face native fp8, as DeepSeek-V3 and Qwen3-FP8 ship)",
            dialects=(FP8_NATIVE,)),
+    Recipe("mxfp4", "MXFP4", DECODER_LINEAR_KINDS,
+           "MXFP4 weights (E2M1, E8M0 scale per 32), BF16 activations: every decoder Linear as compressed-tensors "
+           "mxfp4-pack-quantized, or GPT-OSS's routed experts in its native mxfp4 form (--dialect mxfp4)",
+           dialects=(COMPRESSED_TENSORS, MXFP4)),
 )}
+
+#: Dialects that can hold only some kinds (the engines build the rest unquantized) -> (kinds, why).
+DIALECT_KINDS: dict[str, tuple[frozenset[Kind], str]] = {
+    MXFP4: (frozenset({Kind.EXPERT}), "the mxfp4 dialect quantizes routed experts only (vLLM and SGLang build every "
+                                      "Linear BF16 under mxfp4)"),
+}
 
 #: Why a kind that no recipe quantizes stays BF16 (becomes the Assignment's reason).
 ALWAYS_EXCLUDED_REASON: dict[Kind, str] = {
@@ -175,6 +185,8 @@ def _assign(module: Module, rec: Recipe, spec: SchemeSpec, exclude: Sequence[str
         return Assignment(module.name, None, ALWAYS_EXCLUDED_REASON.get(module.kind, f"kind {module.kind.value}"))
     if module.kind not in rec.kinds:
         return Assignment(module.name, None, f"recipe {rec.name} leaves {module.kind.value} modules BF16")
+    if spec.dialect in DIALECT_KINDS and module.kind not in DIALECT_KINDS[spec.dialect][0]:
+        return Assignment(module.name, None, DIALECT_KINDS[spec.dialect][1])
     weight = module.tensors.get("weight")
     if module.fused is None and (weight is None or len(weight.shape) != 2):
         shape = list(weight.shape) if weight is not None else "none"

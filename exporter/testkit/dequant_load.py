@@ -24,7 +24,7 @@ from quantgate.exporter.source import Source, open_source
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.fused_schemes import fused_storage
 from quantgate.validators.layout import FusedSlice, Module
-from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, match_scheme
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4, match_scheme
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,23 @@ def _w8a8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return dequantize_w8a8_int8(read["weight"], read["weight_scale"], dtype=dtype)
 
 
+def _mxfp4_native_fused(export: Source, module: Module, dtype: torch.dtype) -> tuple[str, torch.Tensor] | None:
+    """GPT-OSS native mxfp4: `<t>_blocks` [E, out, in/32, 16] + `<t>_scales` -> (`<t>`, [E, in, out])."""
+    from quantgate.exporter.numerics.mxfp4 import dequantize_mxfp4, mxfp4_from_native
+
+    blocks, scales = module.tensors.get("blocks"), module.tensors.get("scales")
+    if blocks is None or scales is None:
+        return None
+    w = dequantize_mxfp4(*mxfp4_from_native(export.tensor(blocks.name), export.tensor(scales.name)), dtype)
+    return blocks.name.removesuffix("_blocks"), w.transpose(-1, -2).contiguous()   # the source's [E, in, out]
+
+
+#: dialects whose fused experts are stored under their own names (not the source's): dialect -> reader
+#: of one module's whole fused tensor, as (source tensor name, dequantized value in the source's orientation)
+NATIVE_FUSED: dict[str, Callable[[Source, Module, torch.dtype], tuple[str, torch.Tensor] | None]] = {
+    MXFP4: _mxfp4_native_fused,
+}
+
 Dequantizer = Callable[[Mapping[str, torch.Tensor], torch.dtype], torch.Tensor]
 #: scheme key (validators.schemes `SchemeSpec.key`) -> dequantizer of the module's tensors by suffix
 DEQUANTIZERS: dict[str, Dequantizer] = {
@@ -76,7 +93,7 @@ DEQUANTIZERS: dict[str, Dequantizer] = {
     "fp8:FP8_BLOCK": _fp8_block,
 }
 #: config.json `quant_method` -> dialect (anything else, or no config: ModelOpt's hf_quant_config.json)
-QUANT_METHOD_DIALECTS: dict[str, str] = {COMPRESSED_TENSORS: COMPRESSED_TENSORS, "fp8": FP8_NATIVE}
+QUANT_METHOD_DIALECTS: dict[str, str] = {COMPRESSED_TENSORS: COMPRESSED_TENSORS, "fp8": FP8_NATIVE, "mxfp4": MXFP4}
 #: activation-side tensors a weight dequantizer never needs
 ACTIVATION_SUFFIXES: frozenset[str] = frozenset({"input_scale", "input_global_scale"})
 
@@ -138,7 +155,14 @@ def dequantized_state_dict(export_dir: str | Path, source: Source,
     dialect = export_dialect(export)
     matrices: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for name, module in export.layout.modules.items():
+        if module.fused is not None and dialect in NATIVE_FUSED:   # e.g. GPT-OSS `*_blocks` / `*_scales`
+            found = NATIVE_FUSED[dialect](export, module, dtype) if module.fused.tensor not in seen else None
+            seen.add(module.fused.tensor)
+            if found is not None:
+                state[found[0]] = found[1]
+            continue
         if module.fused is not None:   # experts kept 3-D in the export (GPT-OSS / Llama4 under ModelOpt)
             if module.fused.tensor not in state and (whole := dequantize_fused(export, module, dtype, dialect)) is not None:
                 state[module.fused.tensor] = whole

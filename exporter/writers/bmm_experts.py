@@ -38,15 +38,16 @@ from quantgate.exporter.source import Source
 from quantgate.exporter.writers.sharding import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Module
-from quantgate.validators.schemes import MODELOPT, SchemeSpec
+from quantgate.validators.schemes import MODELOPT, MXFP4, SchemeSpec
 
 if TYPE_CHECKING:
     from quantgate.exporter.writers.common import InputScales
 
 #: Larger 3-D tensors (Llama4 Maverick's gate_up_proj is 21 GB in BF16) are streamed expert by expert.
 WHOLE_READ_MAX = 1 << 30
-#: Dialects with a 3-D expert form the engines load.
-BMM_DIALECTS: frozenset[str] = frozenset({MODELOPT})
+#: Dialects with a 3-D expert form the engines load -> the schemes written in it (ModelOpt's below;
+#: the native mxfp4 form: exporter.writers.mxfp4_native).
+BMM_SCHEMES: dict[str, frozenset[str]] = {MODELOPT: frozenset({"NVFP4", "FP8"}), MXFP4: frozenset({"MXFP4"})}
 #: Why a dialect has no 3-D expert form (the refusal message names it).
 UNSUPPORTED_DIALECT_REASONS: dict[str, str] = {
     "compressed-tensors": "compressed-tensors has no 3-D expert form that vLLM or SGLang load (llm-compressor "
@@ -96,7 +97,7 @@ def output_tensors(tensor: str, shape: tuple[int, ...], spec: SchemeSpec) -> tup
     return tuple(result)
 
 
-def _bmm_groups(source: Source, plan: Plan) -> dict[str, list[Module]]:
+def bmm_groups(source: Source, plan: Plan) -> dict[str, list[Module]]:
     groups: dict[str, list[Module]] = {}
     for name in plan.assignments:
         module = source.layout.modules[name]
@@ -111,13 +112,13 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
     tensor has one quantizer, so it is quantized whole or kept BF16 whole), or a mixed-precision plan
     (ModelOpt keys 3-D experts by their container in `quantized_layers`, which is not written yet)."""
     mixed = len({a.scheme.name for a in plan.assignments.values() if a.scheme is not None}) > 1
-    for tensor, members in _bmm_groups(source, plan).items():
+    for tensor, members in bmm_groups(source, plan).items():
         schemes = {plan.assignments[m.name].scheme for m in members}
         quantized = {s for s in schemes if s is not None}
         if not quantized:
             continue
         where = f"{source.architecture or 'this model'} stores its experts as transposed 3-D tensors ({tensor})"
-        if dialect not in BMM_DIALECTS:
+        if dialect not in BMM_SCHEMES:
             reason = UNSUPPORTED_DIALECT_REASONS.get(dialect, f"the {dialect} dialect has no 3-D expert form")
             raise UnsupportedArchitectureError(
                 f"{where}; {reason}. Use --dialect modelopt, or keep the experts BF16 with --exclude '*experts*'")
@@ -132,18 +133,25 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
                 "quantgate has not modelled for 3-D experts. Use one scheme (nvfp4 or fp8), or exclude the "
                 "experts with --exclude '*experts*'")
         spec = next(iter(quantized))
-        if spec.quant_algo not in QUANTIZERS:
+        if spec.name not in BMM_SCHEMES[dialect]:
             raise UnsupportedArchitectureError(
-                f"{where}; quantgate writes these 3-D experts in {', '.join(sorted(QUANTIZERS))} only, not "
-                f"{spec.name}. Choose the nvfp4 or fp8 recipe, or keep the experts BF16 with --exclude '*experts*'")
+                f"{where}; quantgate writes these 3-D experts as {dialect} in {', '.join(sorted(BMM_SCHEMES[dialect]))} "
+                f"only, not {spec.name}. Choose another recipe, or keep the experts BF16 with --exclude '*experts*'")
 
 
 def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
-    """The modelopt units: one `BmmJob` unit per quantized transposed 3-D expert tensor, everything
-    else as `quantgate.exporter.writers.common.build_units` lays it out."""
+    """The modelopt units: one `BmmJob` unit per quantized transposed 3-D expert tensor (ModelOpt's
+    prefixed, transposed form), everything else as `quantgate.exporter.writers.common.build_units` lays it out."""
+    return build_bmm_units(source, plan, output_tensors)
+
+
+def build_bmm_units(source: Source, plan: Plan,
+                    outputs: Callable[[str, tuple[int, ...], SchemeSpec], tuple[OutTensor, ...]]) -> list[Unit]:
+    """One `BmmJob` unit per quantized transposed 3-D expert tensor, its tensors named by `outputs(tensor,
+    stored shape, spec)`; everything else as `quantgate.exporter.writers.common.build_units` lays it out."""
     from quantgate.exporter.writers.common import build_units
 
-    groups = {t: ms for t, ms in _bmm_groups(source, plan).items() if plan.assignments[ms[0].name].quantized}
+    groups = {t: ms for t, ms in bmm_groups(source, plan).items() if plan.assignments[ms[0].name].quantized}
     if not groups:
         return build_units(source, plan)
     taken = {m.name for ms in groups.values() for m in ms}
@@ -153,7 +161,7 @@ def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:
         spec = plan.assignments[members[0].name].scheme
         assert spec is not None
         job = BmmJob(tensor, tuple(sorted(members, key=lambda m: m.name)), spec)
-        units.append(Unit(tensors=output_tensors(tensor, tuple(source.info(tensor).shape), spec), job=job))
+        units.append(Unit(tensors=outputs(tensor, tuple(source.info(tensor).shape), spec), job=job))
     units.sort(key=lambda u: u.key)
     return units
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.source import Source
-from quantgate.exporter.writers import bmm_experts, compressed_tensors, hf_fp8, modelopt
+from quantgate.exporter.writers import bmm_experts, compressed_tensors, hf_fp8, modelopt, mxfp4_native
 from quantgate.exporter.writers.common import DialectWriter
 from quantgate.validators.errors import UsageError
-from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4
 
 
 def _modelopt_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
@@ -35,6 +35,8 @@ WRITERS: dict[str, DialectWriter] = {
     COMPRESSED_TENSORS: DialectWriter(COMPRESSED_TENSORS, compressed_tensors.build_ct_units,
                                       compressed_tensors.quantize_group, compressed_tensors.prepare_configs),
     FP8_NATIVE: DialectWriter(FP8_NATIVE, hf_fp8.build_fp8_units, hf_fp8.quantize_group, hf_fp8.prepare_configs),
+    MXFP4: DialectWriter(MXFP4, mxfp4_native.build_native_units, mxfp4_native.quantize_native,
+                         mxfp4_native.prepare_configs),
 }
 
 
