@@ -26,6 +26,12 @@ Tolerances (derived, not fitted):
   is what that rounding changes in the same log-probs under transformers (fp32 model, exact
   dequantized weights vs the twin's, teacher forced on the twin's tokens).
 
+* GPT-OSS native mxfp4 (`CPUExpertsMxfp4`, W4A16 on AMX): the kernel computes the experts (SwiGLU-OAI
+  with biases) differently from the BF16 twin's unquantized experts beyond the weights, which are the
+  same values (transformers' own mxfp4 loader and ours agree bit for bit: test_mxfp4_native.py); measured
+  0.097 on a tiny GPT-OSS, with no derivation to bound it. So the case asserts what is derivable: vLLM
+  loads the export as `gpt_oss_mxfp4` and greedy decoding picks the twin's token at every step.
+
 vLLM CPU 0.32's quantized MoE kernels (int4 `CPUExpertsInt4`, int8 `CPUExpertsInt8`) need AMX tiles;
 on a CPU without them the engine raises "No WNA16 MoE backend supports the deployment configuration",
 so the MoE cases with quantized experts are skipped there with that reason, while a MoE export whose
@@ -67,6 +73,7 @@ class Case:
     exclude: tuple[str, ...] = ()
     needs_amx: bool = False                     # quantized experts (and any fp8): vLLM CPU's kernels need AMX
     dialect: str = "compressed-tensors"
+    logprob_bound: bool = True                  # False: same greedy tokens only (see the module docstring)
 
     @property
     def id(self) -> str:
@@ -81,12 +88,14 @@ CASES = (
     Case("qwen3_moe", "w8a8_int8", needs_amx=True),
     Case("mixtral", "w4a16", needs_amx=True),
     Case("llama", "fp8_block", needs_amx=True, dialect="fp8"),
+    Case("gpt_oss", "mxfp4", needs_amx=True, dialect="mxfp4", logprob_bound=False),
     # Not qwen3_moe fp8_block: vLLM loads it and generates the twin's tokens, but its fp8 MoE kernel
     # (CPUExpertsFp8) and the twin's (X86CPUUnquantizedExperts) differ beyond weight rounding
     # (measured 0.097 against the 0.085 this bound derives; AMX host, vLLM CPU 0.32.0).
 )
 #: the `quantization` vLLM reports for a checkpoint of each dialect
-ENGINE_QUANTIZATION: dict[str, str] = {"compressed-tensors": "compressed-tensors", "fp8": "fp8"}
+ENGINE_QUANTIZATION: dict[str, str] = {"compressed-tensors": "compressed-tensors", "fp8": "fp8",
+                                       "mxfp4": "gpt_oss_mxfp4"}
 
 
 def vllm_python() -> str | None:
@@ -248,5 +257,9 @@ def test_vllm_loads_export_and_matches_bf16_twin(probe, runs, case: Case) -> Non
     if os.environ.get(RESULTS_ENV):
         with open(os.environ[RESULTS_ENV], "a", encoding="utf-8") as fh:
             fh.write(json.dumps(summary) + "\n")
+    if not case.logprob_bound:
+        tokens = [[[step["token"] for step in steps] for steps in run["outputs"]] for run in (quant, bf16)]
+        assert tokens[0] == tokens[1] and all(len(t) == MAX_TOKENS for t in tokens[0]), summary
+        return
     assert len(steps) >= 2 and compared >= 3 * len(steps), summary     # mostly the same top-5 tokens
     assert diff <= tol, summary
