@@ -26,17 +26,10 @@ from quantgate.exporter.numerics.common import (
     require_finite,
     row_chunks,
 )
-from quantgate.exporter.numerics.e2m1 import E2M1_MAX
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div, weight_over_scale
 
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
-
-# Static activation scale = input amax / (largest value the format can hold).
-ACTIVATION_AMAX_DIVISORS: dict[str, float] = {
-    "NVFP4": E2M1_MAX * E4M3_MAX,  # 2688: e2m1 max x e4m3 block-scale max
-    "FP8": E4M3_MAX,
-}
 
 
 def fp8_scale(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
@@ -80,27 +73,38 @@ def dequantize_fp8(q: Tensor, weight_scale: Tensor, dtype: torch.dtype = torch.b
     return (q.float() * scale).to(dtype)
 
 
-#: What ModelOpt's ``export_amax`` puts in place of a zero input amax: the quantizer's maxbound.
-ZERO_AMAX_REPLACEMENT: dict[str, float] = {"NVFP4": E2M1_MAX, "FP8": E4M3_MAX}
+def fp8_group_scale(weights: list[Tensor] | tuple[Tensor, ...], numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """One per-tensor FP8 scale for a fused group: from the max amax of its members."""
+    return fp8_scale(torch.stack([abs_max(w).float() for w in weights]).max(), numerics)
 
 
-def activation_scale(amax: Tensor | float, scheme: str, numerics: str = DEFAULT_NUMERICS) -> Tensor:
-    """Static input scale for ``scheme`` ("NVFP4": amax/2688, "FP8": amax/448), fp32, amax's shape.
-
-    The division is ModelOpt's ``amax.float() / python_scalar`` as ``numerics`` computes it. A zero
-    amax (a module that saw only zeros) becomes the quantizer's maxbound, as ModelOpt's
-    ``export_amax`` does (6 for NVFP4, so 6/2688; 448 for FP8, so 1.0). A negative or non-finite
-    amax is a calibration bug and raises `NumericsError`.
-    """
-    divisor = ACTIVATION_AMAX_DIVISORS.get(scheme.upper())
-    if divisor is None:
-        raise NumericsError(
-            f"no static activation scale for scheme {scheme!r}; "
-            f"known: {', '.join(sorted(ACTIVATION_AMAX_DIVISORS))}"
-        )
+def static_input_scale(amax: Tensor | float, divisor: float, zero_amax: float, *, what: str,
+                       numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """Static input scale ``amax / divisor`` (fp32, amax's shape), ModelOpt's ``amax.float() /
+    python_scalar`` as ``numerics`` computes it. A zero amax (a module that saw only zeros) becomes
+    ``zero_amax``, the quantizer's maxbound, as ModelOpt's ``export_amax`` does. A negative or
+    non-finite amax is a calibration bug and raises `NumericsError`."""
     a = torch.as_tensor(amax, dtype=torch.float32)
     bad = ~torch.isfinite(a) | (a < 0)
     if bool(bad.any()):
-        raise NumericsError(f"{scheme}: input amax must be finite and >= 0, got {a.tolist()}")
-    a = torch.where(a == 0, torch.full_like(a, ZERO_AMAX_REPLACEMENT[scheme.upper()]), a)
+        raise NumericsError(f"{what}: input amax must be finite and >= 0, got {a.tolist()}")
+    a = torch.where(a == 0, torch.full_like(a, zero_amax), a)
     return scalar_div(a, divisor, numerics)
+
+
+def fp8_input_scale(amax: Tensor | float, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """Static FP8 activation scale ``amax / 448`` (a zero amax gives 1.0)."""
+    return static_input_scale(amax, E4M3_MAX, E4M3_MAX, what="FP8", numerics=numerics)
+
+
+def activation_scale(amax: Tensor | float, scheme: str, numerics: str = DEFAULT_NUMERICS) -> Tensor:
+    """Static input scale of the registry scheme named ``scheme`` (any case: "NVFP4": amax/2688,
+    "FP8": amax/448), fp32, amax's shape (`quantgate.exporter.schemes`)."""
+    from quantgate.exporter.schemes import static_input_schemes
+
+    schemes = static_input_schemes()
+    entry = schemes.get(scheme.upper())
+    if entry is None:
+        raise NumericsError(f"no static activation scale for scheme {scheme!r}; known: {', '.join(sorted(schemes))}")
+    assert entry.numerics.input_scale is not None
+    return entry.numerics.input_scale(amax, numerics)

@@ -31,7 +31,7 @@ from quantgate.exporter.numerics.common import (
     row_chunks,
 )
 from quantgate.exporter.numerics.e2m1 import E2M1_MAX, e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
-from quantgate.exporter.numerics.fp8 import E4M3_MAX, FP8_DTYPE, activation_scale
+from quantgate.exporter.numerics.fp8 import E4M3_MAX, FP8_DTYPE, static_input_scale
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
 
 BLOCK = 16  # input elements per e4m3 block scale
@@ -55,8 +55,9 @@ def nvfp4_global_scale(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor
 
 
 def nvfp4_input_scale(amax: Tensor | float, numerics: str = DEFAULT_NUMERICS) -> Tensor:
-    """Static NVFP4 activation scale ``input_amax / 2688`` (fp32, amax's shape)."""
-    return activation_scale(amax, "NVFP4", numerics)
+    """Static NVFP4 activation scale ``input_amax / 2688`` (fp32, amax's shape); a zero amax becomes
+    6 (the e2m1 maxbound), so 6/2688."""
+    return static_input_scale(amax, GLOBAL_AMAX_DIVISOR, E2M1_MAX, what="NVFP4", numerics=numerics)
 
 
 def nvfp4_block_scale(block_amax: Tensor, weight_scale_2: Tensor) -> Tensor:

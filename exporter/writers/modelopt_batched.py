@@ -26,22 +26,25 @@ from torch import Tensor
 from quantgate.exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
 from quantgate.exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
-from quantgate.exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
+from quantgate.exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale, nvfp4_input_scale
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
-from quantgate.exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS, _activation_scale
+from quantgate.exporter.schemes import lookup
+from quantgate.exporter.schemes.apply import shares_scale
+from quantgate.validators.schemes import MODELOPT
 from quantgate.exporter.writers.sharding import Unit
 
 log = logging.getLogger(__name__)
 
-BATCH_ALGOS: frozenset[str] = frozenset({"NVFP4"})
+#: The scheme this pass batches (its numerics take stacks of matrices with one global scale each).
+BATCH_SCHEME = "NVFP4"
 MAX_BATCH_UNITS = 256
 
 
 def batchable(unit: Unit) -> bool:
     """A quantized group this module can do (NVFP4, floating weights with in % 16 == 0)."""
     job = unit.job
-    return isinstance(job, QuantJob) and job.spec.quant_algo in BATCH_ALGOS and all(
+    return isinstance(job, QuantJob) and job.spec.dialect == MODELOPT and job.spec.name == BATCH_SCHEME and all(
         m.in_features is not None and m.in_features % BLOCK == 0 for m in job.modules)
 
 
@@ -102,7 +105,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
     k = 0
     for job in jobs:
         n = len(job.modules)
-        share = n > 1 and job.modules[0].kind in SHARED_WEIGHT_SCALE_KINDS.get(job.spec.quant_algo, frozenset())
+        share = shares_scale(lookup(MODELOPT, job.spec.name)[0], job.modules[0].kind, n)
         members = host_amax[k:k + n]
         group_amax.extend([max(members)] * n if share else members)
         k += n
@@ -130,7 +133,8 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
             tensors[f"{m.name}.weight_scale"] = block[k]
             tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
             if job.spec.activation_scales:
-                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec, numerics)
+                amax_in = torch.tensor(scales.amax(m.name), dtype=torch.float32)
+                tensors[f"{m.name}.input_scale"] = nvfp4_input_scale(amax_in, numerics).reshape(()).clone()
             k += 1
         out.append(tensors)
     return out
