@@ -14,9 +14,9 @@ export keeps the fused name with prefixed scales:
   F32 [] (one input quantizer per projection: the max over experts).
 * FP8: `<t>` F8_E4M3 [E, in, out], `<t>_weight_scale` F32 [] and `<t>_input_scale` F32 [].
 
-Biases and routers pass through unchanged. The numerics are `quantgate.exporter.numerics` applied to each
-expert's transposed [out, in] slice with the tensor's shared per-tensor scale; nothing here is a
-second implementation of a number format.
+Biases and routers pass through unchanged. The numerics are the scheme registry's
+(`quantgate.exporter.schemes`), applied to the whole stack viewed as [E, out, in] in one call with the
+tensor's shared per-tensor scale; nothing here is a second implementation of a number format.
 
 The compressed-tensors dialect has no 3-D expert form that an engine loads (llm-compressor
 linearizes these experts to per-expert 2-D modules, and its 3-D `*_packed` output is the
@@ -185,16 +185,22 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
         return source.expert_tensor(job.tensor, e, pin=cuda).to(device, non_blocking=True)
 
     n_experts = source.info(job.tensor).shape[0]
-    amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()   # of the whole tensor
+    if weight is not None:
+        amax = weight_amax(weight)                                   # of the whole tensor
+    else:
+        amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()
     # one per-tensor scale for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
     # quantized as its [out, in] matrix and stored transposed back
     scale = num.scale_from_amax(amax, numerics).reshape(())
-    parts = [quantize(num, expert(e).t(), scale, numerics) for e in range(n_experts)]
+    if weight is not None:   # the whole [E, in, out] stack in one call, as [E, out, in]
+        outs = quantize(num, weight.transpose(-1, -2), scale, numerics)
+    else:                    # larger than WHOLE_READ_MAX: streamed, one expert per call
+        parts = [quantize(num, expert(e).t(), scale, numerics) for e in range(n_experts)]
+        outs = tuple(torch.stack([p[i] for p in parts]) if parts[0][i].ndim else parts[0][i]
+                     for i in range(len(num.outputs)))
     result: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(num.outputs):
-        first = parts[0][i]
-        stored = (first.reshape(()).clone() if first.ndim == 0
-                  else torch.stack([p[i].t() for p in parts]).contiguous())
+    for name, t in zip(num.outputs, outs):
+        stored = scale.clone() if t.ndim <= 1 else t.transpose(-1, -2).contiguous()   # the shared scale: 0-d
         result[output_name(job.tensor, form.suffix(name))] = stored
     if num.input_scale is not None and job.spec.activation_scales:
         amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)

@@ -100,5 +100,5 @@ def test_fake_quant_is_dequantize_of_quantize_with_the_shared_scale(name: str) -
 def test_the_registry_imports_without_torch() -> None:
     code = ("import sys; import quantgate.exporter.schemes as s; "
             "assert 'torch' not in sys.modules; print(len(s.SCHEMES))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
