@@ -107,18 +107,37 @@ SCHEMES: tuple[Scheme, ...] = (
         "FP8_BLOCK",
         Numerics(Lazy(_N + "fp8_block:quantize_fp8_block"), Lazy(_N + "fp8_block:dequantize_fp8_block"),
                  ("weight", "weight_scale_inv")),
-        forms=(Form(FP8_NATIVE, "FP8_BLOCK"),),
-        dialects=(FP8_NATIVE,),
+        forms=(Form(FP8_NATIVE, "FP8_BLOCK"),
+               # llm-compressor's FP8_BLOCK preset: its own numerics (scale in the weight dtype, ragged
+               # edges padded), the 0.20 QuantizationArgs dumps recorded in the fixtures JSON
+               Form(COMPRESSED_TENSORS, "FP8_BLOCK",
+                    numerics=Numerics(Lazy(_N + "fp8_block_ct:quantize_fp8_block_ct"),
+                                      Lazy(_N + "fp8_block_ct:dequantize_fp8_block_ct"), ("weight", "weight_scale")),
+                    config={"weights": {"block_structure": [128, 128], "dynamic": False, "group_size": None,
+                                        "num_bits": 8, "observer": "memoryless_minmax", "strategy": "block",
+                                        "symmetric": True, "type": "float"},
+                            "input_activations": {"dynamic": True, "group_size": 128, "num_bits": 8,
+                                                  "strategy": "group", "symmetric": True, "type": "float"}})),
+        dialects=(FP8_NATIVE, COMPRESSED_TENSORS),
         recipes=(RecipeDef("fp8_block", DECODER_LINEAR_KINDS,
                            "FP8 weights in 128x128 blocks (weight_scale_inv), dynamic activations, for every "
-                           "decoder Linear (Hugging Face native fp8, as DeepSeek-V3 and Qwen3-FP8 ship)"),),
+                           "decoder Linear (Hugging Face native fp8, as DeepSeek-V3 and Qwen3-FP8 ship; or llm-compressor's "
+                           "FP8_BLOCK with --dialect compressed-tensors)"),),
         description="e4m3 weights with one scale per 128x128 block, dynamic activations"),
     Scheme(
         "MXFP4",
         Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_native"), Lazy(_N + "mxfp4:dequantize_mxfp4"),
                  ("weight_packed", "weight_scale")),
         # GPT-OSS native `*_blocks` / `*_scales`: written whole per 3-D tensor by writers/mxfp4_native.py
-        forms=(Form(MXFP4, "MXFP4", experts_3d=True, renames={"weight_packed": "blocks", "weight_scale": "scales"}),),
+        forms=(Form(MXFP4, "MXFP4", experts_3d=True, renames={"weight_packed": "blocks", "weight_scale": "scales"}),
+               # llm-compressor's MXFP4A16 preset (the MXFP4 preset's weights, no input quantization)
+               Form(COMPRESSED_TENSORS, "MXFP4",
+                    numerics=Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_ct"), Lazy(_N + "mxfp4:dequantize_mxfp4"),
+                                      ("weight_packed", "weight_scale")),
+                    config={"weights": {"dynamic": False, "group_size": 32, "num_bits": 4,
+                                        "observer": "memoryless_minmax", "scale_dtype": _MX_SCALE_DTYPE,
+                                        "strategy": "group", "symmetric": True, "type": "float"},
+                            "input_activations": None})),
         dialects=(COMPRESSED_TENSORS, MXFP4),
         recipes=(RecipeDef("mxfp4", DECODER_LINEAR_KINDS,
                            "MXFP4 weights (E2M1, E8M0 scale per 32), BF16 activations: every decoder Linear as "
