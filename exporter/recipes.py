@@ -112,6 +112,15 @@ def get_recipe(name: str) -> Recipe:
 WRITABLE_DIALECTS: tuple[str, ...] = tuple(dict.fromkeys(d for r in RECIPES.values() for d in r.dialects))
 
 
+def default_dialects_text() -> str:
+    """Each dialect with the recipes it is the default of, for help texts: "modelopt for nvfp4, ..., auto;
+    compressed-tensors for w4a16, ...; fp8 for fp8_block"."""
+    by_dialect: dict[str, list[str]] = {}
+    for name in recipe_names():
+        by_dialect.setdefault(default_dialect(name), []).append(name)
+    return "; ".join(f"{d} for {', '.join(names)}" for d, names in by_dialect.items())
+
+
 def default_dialect(recipe: str) -> str:
     """The dialect a recipe is written in when the user names none (`auto`: ModelOpt mixed precision)."""
     return AUTO_DIALECT if recipe == AUTO_RECIPE else get_recipe(recipe).dialects[0]

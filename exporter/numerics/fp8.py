@@ -121,6 +121,7 @@ def activation_scale(amax: Tensor | float, scheme: str, numerics: str = DEFAULT_
     schemes = static_input_schemes()
     entry = schemes.get(scheme.upper())
     if entry is None:
-        raise NumericsError(f"no static activation scale for scheme {scheme!r}; known: {', '.join(sorted(schemes))}")
+        known = ", ".join(sorted(schemes))
+        raise NumericsError(f"no static activation scale for scheme {scheme!r}; known: {known}")
     assert entry.numerics.input_scale is not None
     return entry.numerics.input_scale(amax, numerics)

@@ -51,7 +51,8 @@ def writable_form(dialect: str, spec: SchemeSpec | None, writer: str | None = No
     """The entry the `dialect` writer writes for a plan's validator spec, or a QuantgateError naming
     what that writer can write."""
     found = _BY_SPEC.get((spec.dialect, spec.name)) if spec is not None else None
-    if found is None or spec is None or spec.dialect != dialect or not found[1].writable or found[1].spec != spec.name:
+    ok = found is not None and spec is not None and spec.dialect == dialect
+    if not ok or not found[1].writable or found[1].spec != spec.name:
         known = sorted(f.spec for s in SCHEMES for f in s.forms if f.dialect == dialect and f.writable)
         got = spec.key if spec is not None else "a mixed or empty plan"
         raise QuantgateError(f"the {writer or dialect} writer does not write {got} (supported: "
@@ -81,5 +82,5 @@ def static_input_schemes() -> dict[str, Scheme]:
 
 
 __all__ = ["DECODER_LINEAR_KINDS", "INPUT_SCALE", "SCALE_CONVERSIONS", "SCHEMES", "Form", "Lazy", "Numerics",
-           "RecipeDef", "Scheme", "ct_args", "experts_3d_specs", "get_scheme", "lookup", "scheme_for_algo", "static_input_schemes",
-           "writable_algos", "writable_form"]
+           "RecipeDef", "Scheme", "ct_args", "experts_3d_specs", "get_scheme", "lookup", "scheme_for_algo",
+           "static_input_schemes", "writable_algos", "writable_form"]
