@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quantgate.exporter.auto.options import AUTO_DIALECT, AUTO_RECIPE
+from quantgate.exporter.schemes import DECODER_LINEAR_KINDS, SCHEMES, get_scheme
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, Layout, Module
-from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4, SchemeSpec, scheme
+from quantgate.validators.schemes import COMPRESSED_TENSORS, MODELOPT, MXFP4, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 
 DIALECT = "modelopt"
-DECODER_LINEAR_KINDS = frozenset({Kind.ATTENTION, Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT})
 
 
 @dataclass(frozen=True)
@@ -31,40 +31,17 @@ class Recipe:
     """A named policy: modules of `kinds` get `scheme_name`; everything else stays BF16."""
 
     name: str
-    scheme_name: str            # name in validators.schemes, the same in every dialect listed
+    scheme_name: str            # the registry scheme (its spec name in the default dialect)
     kinds: frozenset[Kind]
     description: str
     dialects: tuple[str, ...] = (MODELOPT, COMPRESSED_TENSORS)   # the first is the default
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("nvfp4", "NVFP4", DECODER_LINEAR_KINDS,
-           "NVFP4 W4A4 for every decoder Linear: attention, dense MLP, shared and routed experts"),
-    Recipe("nvfp4_mlp_only", "NVFP4", frozenset({Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT}),
-           "NVFP4 W4A4 for dense MLP, shared and routed experts; attention stays BF16"),
-    Recipe("nvfp4_experts_only", "NVFP4", frozenset({Kind.EXPERT}),
-           "NVFP4 W4A4 for routed experts only"),
-    Recipe("fp8", "FP8", DECODER_LINEAR_KINDS,
-           "FP8 per-tensor W8A8 (static input scales) for every decoder Linear"),
-    # weight-only / dynamic-activation schemes: never calibrate, never instantiate the model
-    Recipe("w4a16", "W4A16", DECODER_LINEAR_KINDS,
-           "int4 weights (symmetric, group 128), BF16 activations, for every decoder Linear",
-           dialects=(COMPRESSED_TENSORS,)),
-    Recipe("w8a8_int8", "W8A8", DECODER_LINEAR_KINDS,
-           "int8 per-channel weights, dynamic per-token int8 activations, for every decoder Linear",
-           dialects=(COMPRESSED_TENSORS,)),
-    Recipe("nvfp4a16", "NVFP4A16", DECODER_LINEAR_KINDS,
-           "NVFP4 weights, BF16 activations (no activation scales), for every decoder Linear",
-           dialects=(COMPRESSED_TENSORS,)),
-    Recipe("fp8_block", "FP8_BLOCK", DECODER_LINEAR_KINDS,
-           "FP8 weights in 128x128 blocks (weight_scale_inv), dynamic activations, for every decoder Linear "
-           "(Hugging Face native fp8, as DeepSeek-V3 and Qwen3-FP8 ship)",
-           dialects=(FP8_NATIVE,)),
-    Recipe("mxfp4", "MXFP4", DECODER_LINEAR_KINDS,
-           "MXFP4 weights (E2M1, E8M0 scale per 32), BF16 activations: every decoder Linear as compressed-tensors "
-           "mxfp4-pack-quantized, or GPT-OSS's routed experts in its native mxfp4 form (--dialect mxfp4)",
-           dialects=(COMPRESSED_TENSORS, MXFP4)),
-)}
+#: Every recipe, from the scheme registry (`quantgate.exporter.schemes`): a recipe is a scheme's entry
+#: there, written in the scheme's dialects (its first the default).
+RECIPES: dict[str, Recipe] = {
+    r.name: Recipe(r.name, s.spec_name(s.dialects[0]), r.kinds, r.description, dialects=s.dialects)
+    for s in SCHEMES for r in s.recipes}
 
 #: Dialects that can hold only some kinds (the engines build the rest unquantized) -> (kinds, why).
 DIALECT_KINDS: dict[str, tuple[frozenset[Kind], str]] = {
@@ -135,6 +112,15 @@ def get_recipe(name: str) -> Recipe:
 WRITABLE_DIALECTS: tuple[str, ...] = tuple(dict.fromkeys(d for r in RECIPES.values() for d in r.dialects))
 
 
+def default_dialects_text() -> str:
+    """Each dialect with the recipes it is the default of, for help texts: "modelopt for nvfp4, ..., auto;
+    compressed-tensors for w4a16, ...; fp8 for fp8_block"."""
+    by_dialect: dict[str, list[str]] = {}
+    for name in recipe_names():
+        by_dialect.setdefault(default_dialect(name), []).append(name)
+    return "; ".join(f"{d} for {', '.join(names)}" for d, names in by_dialect.items())
+
+
 def default_dialect(recipe: str) -> str:
     """The dialect a recipe is written in when the user names none (`auto`: ModelOpt mixed precision)."""
     return AUTO_DIALECT if recipe == AUTO_RECIPE else get_recipe(recipe).dialects[0]
@@ -166,12 +152,13 @@ def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect:
     """Assign a scheme or an exclusion reason to every weight-bearing module of `layout`."""
     rec = get_recipe(recipe)
     check_dialect(recipe, dialect)
-    spec = scheme(dialect, rec.scheme_name)
+    entry = get_scheme(rec.scheme_name)
+    spec = scheme(dialect, entry.spec_name(dialect))
     plan = Plan(recipe=rec.name, assignments={})
     for name, module in sorted(layout.modules.items()):
         plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings)
     _propagate_groups(layout, plan)
-    plan.needs_calibration = spec.activation_scales and any(a.quantized for a in plan.assignments.values())
+    plan.needs_calibration = entry.calibrates and any(a.quantized for a in plan.assignments.values())
     if not any(a.quantized for a in plan.assignments.values()):
         plan.warnings.append(f"recipe {rec.name} quantizes no module of this model")
     for warning in plan.warnings:   # data for the caller to show once (CLI `warning:` lines, job events)

@@ -6,7 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from quantgate.exporter.recipes import WRITABLE_DIALECTS  # torch-free: the dialects a recipe can be written in
+from quantgate.exporter.recipes import WRITABLE_DIALECTS, default_dialects_text  # torch-free: recipe and dialect names
 from quantgate.service.security import HUB_REPO_ID
 from quantgate.service.store import EventRecord, JobRecord, ValidationRecord
 
@@ -95,8 +95,7 @@ class JobCreate(_Strict):
     revision: str | None = Field(None, max_length=256, description="Hub branch, tag or commit")
     recipe: str = Field(min_length=1, max_length=64, description="nvfp4, nvfp4_mlp_only, fp8, ..., auto")
     dialect: Literal[WRITABLE_DIALECTS] | None = Field(  # type: ignore[valid-type]
-        None, description="output format; default: the recipe's own (modelopt for nvfp4/fp8/auto, "
-        "compressed-tensors for w4a16, w8a8_int8, nvfp4a16, fp8 for fp8_block)")
+        None, description=f"output format; default: the recipe's own ({default_dialects_text()})")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     exclude: list[str] = Field(
         default_factory=list, max_length=1024, description="extra module name patterns to leave unquantized"

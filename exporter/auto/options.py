@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from quantgate.exporter.schemes import writable_algos
 from quantgate.validators.errors import UsageError
 from quantgate.validators.schemes import MIXED_PRECISION_ALGOS, scheme
 
@@ -24,8 +25,8 @@ DEFAULT_CANDIDATES: tuple[str, ...] = ("nvfp4", "fp8")
 DEFAULT_METHOD = "gradient"
 DEFAULT_SCORE_SAMPLES = 128
 #: Per-layer algos an `auto` export can write: vLLM's MIXED_PRECISION algos that the writer has
-#: numerics for (`quantgate.exporter.writers.modelopt.WRITABLE_ALGOS`; a test keeps the two in step).
-EXPORTABLE_ALGOS: tuple[str, ...] = tuple(a for a in MIXED_PRECISION_ALGOS if a in ("NVFP4", "FP8"))
+#: numerics and a ModelOpt form for (`quantgate.exporter.schemes.writable_algos`).
+EXPORTABLE_ALGOS: tuple[str, ...] = tuple(a for a in MIXED_PRECISION_ALGOS if a in writable_algos())
 #: The budget is in bits per weight: BF16 (16) is the most any plan can use.
 MAX_BITS = 16.0
 #: Spellings of "no quantization" accepted in a candidate list (BF16 is always a candidate anyway).

@@ -20,50 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from quantgate.exporter.schemes import lookup
+from quantgate.exporter.schemes.apply import dequantize_stored
 from quantgate.exporter.source import Source, open_source
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.fused_schemes import fused_storage
 from quantgate.validators.layout import FusedSlice, Module
-from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4, match_scheme
+from quantgate.validators.schemes import COMPRESSED_TENSORS, FP8_NATIVE, MODELOPT, MXFP4, SchemeSpec, match_scheme
 
 log = logging.getLogger(__name__)
-
-
-def _nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4
-
-    return dequantize_nvfp4(read["weight"], read["weight_scale"], read["weight_scale_2"], dtype=dtype)
-
-
-def _ct_nvfp4(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.nvfp4 import dequantize_nvfp4, modelopt_global_scale
-
-    ws2 = modelopt_global_scale(read["weight_global_scale"])      # CT stores 2688 / amax
-    return dequantize_nvfp4(read["weight_packed"], read["weight_scale"], ws2, dtype=dtype)
-
-
-def _fp8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.fp8 import dequantize_fp8
-
-    return dequantize_fp8(read["weight"], read["weight_scale"], dtype=dtype)   # [] / [1] / [out, 1] broadcast
-
-
-def _fp8_block(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.fp8_block import dequantize_fp8_block
-
-    return dequantize_fp8_block(read["weight"], read["weight_scale_inv"], dtype=dtype)   # 128x128 (FP8_BLOCK)
-
-
-def _w4a16(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.int4 import dequantize_w4a16
-
-    return dequantize_w4a16(read["weight_packed"], read["weight_scale"], read.get("weight_shape"), dtype=dtype)
-
-
-def _w8a8(read: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    from quantgate.exporter.numerics.int8 import dequantize_w8a8_int8
-
-    return dequantize_w8a8_int8(read["weight"], read["weight_scale"], dtype=dtype)
 
 
 def _mxfp4_native_fused(export: Source, module: Module, dtype: torch.dtype) -> tuple[str, torch.Tensor] | None:
@@ -84,14 +49,18 @@ NATIVE_FUSED: dict[str, Callable[[Source, Module, torch.dtype], tuple[str, torch
 }
 
 Dequantizer = Callable[[Mapping[str, torch.Tensor], torch.dtype], torch.Tensor]
-#: scheme key (validators.schemes `SchemeSpec.key`) -> dequantizer of the module's tensors by suffix
-DEQUANTIZERS: dict[str, Dequantizer] = {
-    "modelopt:NVFP4": _nvfp4, "modelopt:NVFP4_WEIGHT_ONLY": _nvfp4, "modelopt:FP8": _fp8,
-    "compressed-tensors:NVFP4": _ct_nvfp4, "compressed-tensors:NVFP4A16": _ct_nvfp4,
-    "compressed-tensors:FP8": _fp8, "compressed-tensors:FP8_DYNAMIC": _fp8,
-    "compressed-tensors:W4A16": _w4a16, "compressed-tensors:W8A8": _w8a8,
-    "fp8:FP8_BLOCK": _fp8_block,
-}
+
+
+def dequantizer(spec: SchemeSpec) -> Dequantizer:
+    """The registry's read-back of a validator spec (`quantgate.exporter.schemes`: the scheme whose
+    form in the spec's dialect is, or also reads, that spec); QuantgateError when no entry has one."""
+    found = lookup(spec.dialect, spec.name)
+    if found is None:
+        raise QuantgateError(f"cannot dequantize scheme {spec.key}")
+    entry, form = found
+    return lambda read, dtype: dequantize_stored(entry, form, read, dtype)
+
+
 #: config.json `quant_method` -> dialect (anything else, or no config: ModelOpt's hf_quant_config.json)
 QUANT_METHOD_DIALECTS: dict[str, str] = {COMPRESSED_TENSORS: COMPRESSED_TENSORS, "fp8": FP8_NATIVE, "mxfp4": MXFP4}
 #: activation-side tensors a weight dequantizer never needs
@@ -110,9 +79,10 @@ def dequantize_module(export: Source, module: Module, dtype: torch.dtype = torch
     spec = match_scheme(dialect or export_dialect(export), module.tensors)
     if spec is None:
         return None
-    dequantize = DEQUANTIZERS.get(spec.key)
-    if dequantize is None:
-        raise QuantgateError(f"{module.name}: cannot dequantize scheme {spec.key}")
+    try:
+        dequantize = dequantizer(spec)
+    except QuantgateError as exc:
+        raise QuantgateError(f"{module.name}: {exc}") from None
     read = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items()
             if suffix not in ACTIVATION_SUFFIXES}
     return dequantize(read, dtype)
@@ -128,9 +98,10 @@ def dequantize_fused(export: Source, module: Module, dtype: torch.dtype = torch.
     if found is None:
         return None
     spec, transposed = found   # the stored orientation (the source's, for our exports)
-    dequantize = DEQUANTIZERS.get(spec.key)
-    if dequantize is None:
-        raise QuantgateError(f"{module.fused.tensor}: cannot dequantize scheme {spec.key}")
+    try:
+        dequantize = dequantizer(spec)
+    except QuantgateError as exc:
+        raise QuantgateError(f"{module.fused.tensor}: {exc}") from None
     stored = {suffix: export.tensor(info.name) for suffix, info in module.tensors.items()
               if suffix not in ACTIVATION_SUFFIXES and suffix != "bias"}
     n_experts = export.info(module.fused.tensor).shape[0]

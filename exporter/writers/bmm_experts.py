@@ -14,9 +14,9 @@ export keeps the fused name with prefixed scales:
   F32 [] (one input quantizer per projection: the max over experts).
 * FP8: `<t>` F8_E4M3 [E, in, out], `<t>_weight_scale` F32 [] and `<t>_input_scale` F32 [].
 
-Biases and routers pass through unchanged. The numerics are `quantgate.exporter.numerics` applied to each
-expert's transposed [out, in] slice with the tensor's shared per-tensor scale; nothing here is a
-second implementation of a number format.
+Biases and routers pass through unchanged. The numerics are the scheme registry's
+(`quantgate.exporter.schemes`), applied to the whole stack viewed as [E, out, in] in one call with the
+tensor's shared per-tensor scale; nothing here is a second implementation of a number format.
 
 The compressed-tensors dialect has no 3-D expert form that an engine loads (llm-compressor
 linearizes these experts to per-expert 2-D modules, and its 3-D `*_packed` output is the
@@ -26,7 +26,7 @@ llm-compressor #2939 hazard), so that dialect is refused for these experts (`che
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,20 +34,18 @@ import torch
 
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.recipes import Plan
+from quantgate.exporter.schemes import experts_3d_specs, lookup
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.sharding import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Module
-from quantgate.validators.schemes import MODELOPT, MXFP4, SchemeSpec
+from quantgate.validators.schemes import MODELOPT, SchemeSpec
 
 if TYPE_CHECKING:
     from quantgate.exporter.writers.common import InputScales
 
 #: Larger 3-D tensors (Llama4 Maverick's gate_up_proj is 21 GB in BF16) are streamed expert by expert.
 WHOLE_READ_MAX = 1 << 30
-#: Dialects with a 3-D expert form the engines load -> the schemes written in it (ModelOpt's below;
-#: the native mxfp4 form: exporter.writers.mxfp4_native).
-BMM_SCHEMES: dict[str, frozenset[str]] = {MODELOPT: frozenset({"NVFP4", "FP8"}), MXFP4: frozenset({"MXFP4"})}
 #: Why a dialect has no 3-D expert form (the refusal message names it).
 UNSUPPORTED_DIALECT_REASONS: dict[str, str] = {
     "compressed-tensors": "compressed-tensors has no 3-D expert form that vLLM or SGLang load (llm-compressor "
@@ -112,13 +110,14 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
     tensor has one quantizer, so it is quantized whole or kept BF16 whole), or a mixed-precision plan
     (ModelOpt keys 3-D experts by their container in `quantized_layers`, which is not written yet)."""
     mixed = len({a.scheme.name for a in plan.assignments.values() if a.scheme is not None}) > 1
+    bmm_specs = experts_3d_specs()   # dialect -> specs with a 3-D expert form (ModelOpt's; mxfp4_native's)
     for tensor, members in bmm_groups(source, plan).items():
         schemes = {plan.assignments[m.name].scheme for m in members}
         quantized = {s for s in schemes if s is not None}
         if not quantized:
             continue
         where = f"{source.architecture or 'this model'} stores its experts as transposed 3-D tensors ({tensor})"
-        if dialect not in BMM_SCHEMES:
+        if dialect not in bmm_specs:
             reason = UNSUPPORTED_DIALECT_REASONS.get(dialect, f"the {dialect} dialect has no 3-D expert form")
             raise UnsupportedArchitectureError(
                 f"{where}; {reason}. Use --dialect modelopt, or keep the experts BF16 with --exclude '*experts*'")
@@ -133,9 +132,9 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
                 "quantgate has not modelled for 3-D experts. Use one scheme (nvfp4 or fp8), or exclude the "
                 "experts with --exclude '*experts*'")
         spec = next(iter(quantized))
-        if spec.name not in BMM_SCHEMES[dialect]:
+        if spec.name not in bmm_specs[dialect]:
             raise UnsupportedArchitectureError(
-                f"{where}; quantgate writes these 3-D experts as {dialect} in {', '.join(sorted(BMM_SCHEMES[dialect]))} "
+                f"{where}; quantgate writes these 3-D experts as {dialect} in {', '.join(sorted(bmm_specs[dialect]))} "
                 f"only, not {spec.name}. Choose another recipe, or keep the experts BF16 with --exclude '*experts*'")
 
 
@@ -170,9 +169,14 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
                  weight: torch.Tensor | None = None, numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
     """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
     already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
-    from quantgate.exporter.numerics.fp8 import activation_scale
     from quantgate.exporter.numerics.nvfp4 import weight_amax
+    from quantgate.exporter.schemes.apply import quantize
 
+    found = lookup(MODELOPT, job.spec.name)
+    if found is None or not found[1].experts_3d or found[0].numerics.scale_from_amax is None:
+        raise UnsupportedArchitectureError(f"{job.tensor}: no 3-D expert writer for {job.spec.name}")
+    entry, form = found   # (check_bmm_plan refuses the rest before any weight is read)
+    num = entry.numerics_for(form)
     cuda = device.type == "cuda"
 
     def expert(e: int) -> torch.Tensor:   # [in, out]
@@ -181,44 +185,25 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
         return source.expert_tensor(job.tensor, e, pin=cuda).to(device, non_blocking=True)
 
     n_experts = source.info(job.tensor).shape[0]
-    amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()   # of the whole tensor
-    algo = job.spec.quant_algo
-    quantize = QUANTIZERS.get(algo)
-    if quantize is None:   # check_bmm_plan refuses this before any weight is read
-        raise UnsupportedArchitectureError(f"{job.tensor}: no 3-D expert writer for {job.spec.name}")
-    out = quantize(amax, (expert(e) for e in range(n_experts)), numerics)
-    result = {output_name(job.tensor, suffix): t for suffix, t in out.items()}
-    if job.spec.activation_scales:
+    if weight is not None:
+        amax = weight_amax(weight)                                   # of the whole tensor
+    else:
+        amax = torch.stack([weight_amax(expert(e)) for e in range(n_experts)]).max()
+    # one per-tensor scale for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
+    # quantized as its [out, in] matrix and stored transposed back
+    scale = num.scale_from_amax(amax, numerics).reshape(())
+    if weight is not None:   # the whole [E, in, out] stack in one call, as [E, out, in]
+        outs = quantize(num, weight.transpose(-1, -2), scale, numerics)
+    else:                    # larger than WHOLE_READ_MAX: streamed, one expert per call
+        parts = [quantize(num, expert(e).t(), scale, numerics) for e in range(n_experts)]
+        outs = tuple(torch.stack([p[i] for p in parts]) if parts[0][i].ndim else parts[0][i]
+                     for i in range(len(num.outputs)))
+    result: dict[str, torch.Tensor] = {}
+    for name, t in zip(num.outputs, outs):
+        stored = scale.clone() if t.ndim <= 1 else t.transpose(-1, -2).contiguous()   # the shared scale: 0-d
+        result[output_name(job.tensor, form.suffix(name))] = stored
+    if num.input_scale is not None and job.spec.activation_scales:
         amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
-        scale = activation_scale(torch.tensor(amax_in, dtype=torch.float32), algo, numerics).to(torch.float32).reshape(())
-        result[output_name(job.tensor, "input_scale")] = scale
+        scale_in = num.input_scale(torch.tensor(amax_in, dtype=torch.float32), numerics)
+        result[output_name(job.tensor, "input_scale")] = scale_in.to(torch.float32).reshape(())
     return result
-
-
-def _nvfp4(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
-    """One weight_scale_2 for the whole tensor (one ModelOpt quantizer); each expert's [in, out] slab is
-    quantized as its [out, in] matrix, in blocks of 16 along in, and stored transposed back."""
-    from quantgate.exporter.numerics.nvfp4 import nvfp4_global_scale, quantize_nvfp4
-
-    ws2 = nvfp4_global_scale(amax, numerics)
-    packed, block = [], []
-    for w in experts:
-        p, s, _ = quantize_nvfp4(w.t(), ws2, numerics)   # [out, in/2], [out, in/16]
-        packed.append(p.t())
-        block.append(s.t())
-    return {"weight": torch.stack(packed).contiguous(), "weight_scale": torch.stack(block).contiguous(),
-            "weight_scale_2": ws2.reshape(()).clone()}
-
-
-def _fp8(amax: torch.Tensor, experts: Iterable[torch.Tensor], numerics: str) -> dict[str, torch.Tensor]:
-    """One per-tensor weight_scale for the whole tensor; each expert quantized as its [out, in] matrix."""
-    from quantgate.exporter.numerics.fp8 import fp8_scale, quantize_fp8
-
-    scale = fp8_scale(amax, numerics).reshape(())
-    q = [quantize_fp8(w.t(), scale, numerics)[0].t() for w in experts]
-    return {"weight": torch.stack(q).contiguous(), "weight_scale": scale.clone()}
-
-
-#: quant_algo -> (amax of the whole tensor, expert slabs [in, out], numerics mode) -> tensors by suffix
-QUANTIZERS: dict[str, Callable[[torch.Tensor, Iterable[torch.Tensor], str], dict[str, torch.Tensor]]] = {
-    "NVFP4": _nvfp4, "FP8": _fp8}

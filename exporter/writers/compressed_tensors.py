@@ -22,6 +22,7 @@ What is written:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections import Counter
@@ -32,18 +33,10 @@ from typing import Any
 import torch
 
 from quantgate.exporter.jsonfile import write_json_atomic
-from quantgate.exporter.numerics.fp8 import activation_scale, fp8_scale, quantize_fp8
-from quantgate.exporter.numerics.int4 import quantize_w4a16
-from quantgate.exporter.numerics.int8 import quantize_w8a8_int8
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
-from quantgate.exporter.numerics.nvfp4 import (
-    ct_global_scale,
-    nvfp4_input_scale,
-    quantize_nvfp4,
-    shared_global_scale,
-    weight_amax,
-)
 from quantgate.exporter.recipes import Plan
+from quantgate.exporter.schemes import Form, Scheme, ct_args, writable_form
+from quantgate.exporter.schemes.apply import quantize_members, round_up_to
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import (
     InputScales,
@@ -65,64 +58,25 @@ QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.20.0"
 MIXED_FORMAT = "mixed-precision"
 LINEAR_TARGET = "Linear"
-FP8_SCALE_DTYPE_NAME = "torch.float8_e4m3fn"
-
-#: Schemes this writer produces (names in validators.schemes for the compressed-tensors dialect).
-WRITABLE_SCHEMES: frozenset[str] = frozenset({"W4A16", "W8A8", "NVFP4A16", "NVFP4", "FP8"})
-#: Kinds whose fused groups share the per-tensor weight scale, per scheme: vLLM fuses q/k/v and
-#: gate/up into one parameter with one NVFP4 global scale (it warns and picks one when they differ);
-#: its FP8 MoE keeps one w13 scale per expert. Group-wise int schemes have nothing to share.
-SHARED_WEIGHT_SCALE_KINDS: dict[str, frozenset[Kind]] = {
-    "NVFP4": frozenset({Kind.ATTENTION, Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT}),
-    "NVFP4A16": frozenset({Kind.ATTENTION, Kind.MLP, Kind.SHARED_EXPERT, Kind.EXPERT}),
-    "FP8": frozenset({Kind.EXPERT}),
-}
-
-
 # --------------------------------------------------------------------------- config
 def quantization_args(**overrides: Any) -> dict[str, Any]:
     """A `QuantizationArgs` dump as compressed-tensors 0.19/0.20 writes it (every field, sorted keys)."""
-    args: dict[str, Any] = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": None,
-                            "num_bits": 8, "observer": "memoryless_minmax", "observer_kwargs": {},
-                            "scale_dtype": None, "strategy": "tensor", "symmetric": True, "type": "int",
-                            "zp_dtype": None}
-    unknown = set(overrides) - set(args)
-    if unknown:   # compressed-tensors validates with extra="forbid"
-        raise QuantgateError(f"not QuantizationArgs fields: {sorted(unknown)}")
-    args.update(overrides)
-    return dict(sorted(args.items()))
+    try:
+        return ct_args(**overrides)
+    except ValueError as exc:   # compressed-tensors validates with extra="forbid"
+        raise QuantgateError(str(exc)) from None
 
 
-def _nvfp4_args(spec: SchemeSpec, **overrides: Any) -> dict[str, Any]:
-    return quantization_args(type="float", num_bits=spec.weight_bits, group_size=spec.group_size,
-                             strategy="tensor_group", scale_dtype=FP8_SCALE_DTYPE_NAME, **overrides)
-
-
-#: scheme name -> (weights args, input_activations args or None), the llm-compressor presets
-#: (compressed-tensors `PRESET_SCHEMES`), with bit widths and group sizes from the scheme table.
-SCHEME_ARGS: dict[str, Callable[[SchemeSpec], tuple[dict, dict | None]]] = {
-    "W4A16": lambda s: (quantization_args(num_bits=s.weight_bits, group_size=s.group_size, strategy="group"), None),
-    "W8A8": lambda s: (quantization_args(num_bits=s.weight_bits, strategy="channel"),
-                       quantization_args(num_bits=8, dynamic=True, observer=None, strategy="token")),
-    "NVFP4A16": lambda s: (_nvfp4_args(s), None),
-    "NVFP4": lambda s: (_nvfp4_args(s), _nvfp4_args(s, dynamic="local", observer="static_minmax")),
-    "FP8": lambda s: (quantization_args(type="float", num_bits=s.weight_bits),
-                      quantization_args(type="float", num_bits=8, observer="static_minmax")),
-}
-
-
-def _writable(spec: SchemeSpec) -> SchemeSpec:
-    if spec.dialect != COMPRESSED_TENSORS or spec.name not in WRITABLE_SCHEMES:
-        raise QuantgateError(f"the compressed-tensors writer does not write scheme {spec.key} (supported: "
-                             f"{', '.join(sorted(WRITABLE_SCHEMES))})")
-    return spec
+def _entry(spec: SchemeSpec) -> tuple[Scheme, Form]:
+    return writable_form(COMPRESSED_TENSORS, spec)
 
 
 def config_group(spec: SchemeSpec, targets: Sequence[str]) -> dict[str, Any]:
-    """One `config_groups` entry (a QuantizationScheme dump) with its own `format`."""
-    weights, inputs = SCHEME_ARGS[_writable(spec).name](spec)
-    return {"format": spec.ct_format, "input_activations": inputs, "output_activations": None,
-            "targets": list(targets), "weights": weights}
+    """One `config_groups` entry (a QuantizationScheme dump) with its own `format`: the registry's
+    `weights` / `input_activations` args (`quantgate.exporter.schemes`)."""
+    config = _entry(spec)[1].config
+    return {"format": spec.ct_format, "input_activations": copy.deepcopy(config["input_activations"]),
+            "output_activations": None, "targets": list(targets), "weights": copy.deepcopy(config["weights"])}
 
 
 def quantization_config(groups: Sequence[tuple[SchemeSpec, Sequence[str]]], ignore: Sequence[str]) -> dict:
@@ -221,88 +175,18 @@ def build_ct_units(source: Source, plan: Plan) -> list[Unit]:
     return build_units(source, plan, out_tensors_for(source))
 
 
-def round_up_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`value` (fp32) cast to `dtype`, one ulp up where the cast rounded down: a scale stored in BF16
-    must still cover amax / qmax, else the largest weights would clip."""
-    cast = value.to(dtype)
-    up = torch.nextafter(cast, torch.full_like(cast, float("inf")))
-    return torch.where(cast.float() < value, up, cast)
-
-
 # --------------------------------------------------------------------------- quantizing
-def _shared(job: QuantJob) -> bool:
-    kinds = SHARED_WEIGHT_SCALE_KINDS.get(job.spec.name, frozenset())
-    return len(job.modules) > 1 and job.modules[0].kind in kinds
-
-
-def _w4a16(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) -> dict[str, torch.Tensor]:
-    out = {}
-    for m in job.modules:
-        packed, scale, shape = quantize_w4a16(weights[m.name], group_size=job.spec.group_size)
-        out.update({f"{m.name}.weight_packed": packed, f"{m.name}.weight_scale": scale,
-                    f"{m.name}.weight_shape": shape})
-    return out
-
-
-def _w8a8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales) -> dict[str, torch.Tensor]:
-    out = {}
-    for m in job.modules:
-        q, scale = quantize_w8a8_int8(weights[m.name])
-        out.update({f"{m.name}.weight": q, f"{m.name}.weight_scale": scale})
-    return out
-
-
-def _nvfp4(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales,
-           numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
-    shared = shared_global_scale(list(weights.values()), numerics) if _shared(job) else None
-    out = {}
-    for m in job.modules:
-        packed, block, weight_scale_2 = quantize_nvfp4(weights[m.name], shared, numerics)
-        out.update({f"{m.name}.weight_packed": packed, f"{m.name}.weight_scale": block,
-                    f"{m.name}.weight_global_scale": ct_global_scale(weight_scale_2)})     # f32 [1]
-        if job.spec.activation_scales:
-            amax = torch.tensor(scales.amax(m.name), dtype=torch.float32)
-            out[f"{m.name}.input_global_scale"] = ct_global_scale(nvfp4_input_scale(amax, numerics))
-    return out
-
-
-def _fp8(job: QuantJob, weights: dict[str, torch.Tensor], scales: InputScales,
-         numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
-    """Per-tensor FP8 with scales in the weight dtype: the stored (rounded-up) scale is the one used."""
-    amax = {name: weight_amax(w) for name, w in weights.items()}
-    group_amax = torch.stack(list(amax.values())).max() if _shared(job) else None
-    out = {}
-    for m in job.modules:
-        w = weights[m.name]
-        scale = round_up_to(fp8_scale(amax[m.name] if group_amax is None else group_amax, numerics), w.dtype)
-        q, _ = quantize_fp8(w, scale.float(), numerics)
-        out.update({f"{m.name}.weight": q, f"{m.name}.weight_scale": scale.reshape(1)})
-        input_scale = activation_scale(torch.tensor(scales.amax(m.name)), "FP8", numerics)
-        out[f"{m.name}.input_scale"] = round_up_to(input_scale, w.dtype).reshape(1)
-    return out
-
-
-QUANTIZERS: dict[str, Callable[[QuantJob, dict[str, torch.Tensor], InputScales], dict[str, torch.Tensor]]] = {
-    "W4A16": _w4a16, "W8A8": _w8a8, "NVFP4A16": _nvfp4, "NVFP4": _nvfp4, "FP8": _fp8,
-}
-#: The quantizers whose scales depend on the numerics mode (they take it as a fourth argument).
-NUMERICS_AWARE: frozenset[Callable] = frozenset({_nvfp4, _fp8})
-
-
 def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: torch.device,
                    weights: dict[str, torch.Tensor] | None = None,
                    numerics: str = DEFAULT_NUMERICS) -> dict[str, torch.Tensor]:
-    """Quantize one fused group (or lone module) into its compressed-tensors tensors.
+    """Quantize one fused group (or lone module) into its compressed-tensors tensors (the registry
+    entry's form: renames, reciprocal global scales, scales in the weight dtype).
 
     `numerics` (exporter.numerics.modes) rounds the NVFP4/FP8 scales the way ModelOpt does on CUDA
     (default) or on the CPU; the int schemes do not depend on it."""
-    quantize = QUANTIZERS.get(_writable(job.spec).name)
-    if quantize is None:
-        raise QuantgateError(f"no compressed-tensors quantizer for scheme {job.spec.name}")
+    entry, form = _entry(job.spec)
     weights = dict(weights) if weights is not None else read_group(job, source, device)
-    if quantize in NUMERICS_AWARE:
-        return quantize(job, weights, scales, numerics)
-    return quantize(job, weights, scales)
+    return quantize_members(entry, form, job.modules, weights, scales.amax, numerics)
 
 
 # --------------------------------------------------------------------------- files
@@ -318,6 +202,6 @@ def prepare_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-__all__ = ["CT_VERSION", "ENGINE_MOE_PROBES", "SCHEME_ARGS", "WRITABLE_SCHEMES", "build_ct_units",
+__all__ = ["CT_VERSION", "ENGINE_MOE_PROBES", "build_ct_units",
            "config_group", "ignore_list", "plan_groups", "prepare_configs", "quantization_args",
            "quantization_config", "quantize_group", "round_up_to"]

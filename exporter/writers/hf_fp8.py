@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 from quantgate.exporter.jsonfile import write_json_atomic
-from quantgate.exporter.numerics.fp8_block import quantize_fp8_block
 from quantgate.exporter.recipes import Plan
+from quantgate.exporter.schemes import writable_form
+from quantgate.exporter.schemes.apply import quantize_members
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, build_units, read_group
 from quantgate.exporter.writers.compressed_tensors import ignore_list
 from quantgate.exporter.writers.sharding import Unit
-from quantgate.validators.errors import QuantgateError
 from quantgate.validators.schemes import FP8_NATIVE, SchemeSpec
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,11 @@ log = logging.getLogger(__name__)
 QUANT_METHOD = "fp8"
 ACTIVATION_SCHEME = "dynamic"      # the only scheme the engines build for weight blocks
 FP8_FORMAT = "e4m3"                # `fmt` as the DeepSeek-V3 release spells it (read by no engine)
-#: Native fp8 schemes this writer produces (names in validators.schemes for the "fp8" dialect).
-WRITABLE_SCHEMES: frozenset[str] = frozenset({"FP8_BLOCK"})
-
 
 def _writable(spec: SchemeSpec | None) -> SchemeSpec:
-    if spec is None or spec.dialect != FP8_NATIVE or spec.name not in WRITABLE_SCHEMES or not spec.weight_block:
-        got = spec.key if spec is not None else "a mixed or empty plan"
-        raise QuantgateError(f"the native fp8 writer does not write {got} (supported: "
-                             f"{', '.join(sorted(WRITABLE_SCHEMES))}); choose recipe fp8_block")
+    """The plan's spec when the registry has a writable native fp8 form for it (recipe fp8_block)."""
+    writable_form(FP8_NATIVE, spec, "native fp8")
+    assert spec is not None and spec.weight_block is not None
     return spec
 
 
@@ -74,13 +70,9 @@ def quantize_group(job: QuantJob, source: Source, scales: InputScales, device: t
 
     `numerics` (ModelOpt's CPU/CUDA rounding modes) does not apply: the reference producer of this
     format is transformers' Fp8Quantize, which `quantgate.exporter.numerics.fp8_block` reproduces."""
-    spec = _writable(job.spec)
+    entry, form = writable_form(FP8_NATIVE, job.spec, "native fp8")
     weights = dict(weights) if weights is not None else read_group(job, source, device)
-    out: dict[str, torch.Tensor] = {}
-    for m in job.modules:
-        q, scale_inv = quantize_fp8_block(weights.pop(m.name), spec.weight_block)
-        out.update({f"{m.name}.weight": q, f"{m.name}.weight_scale_inv": scale_inv})
-    return out
+    return quantize_members(entry, form, job.modules, weights)
 
 
 def prepare_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
@@ -94,4 +86,4 @@ def prepare_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-__all__ = ["WRITABLE_SCHEMES", "build_fp8_units", "prepare_configs", "quantization_config", "quantize_group"]
+__all__ = ["build_fp8_units", "prepare_configs", "quantization_config", "quantize_group"]

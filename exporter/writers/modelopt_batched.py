@@ -4,13 +4,14 @@
 fifty small kernels and a few host synchronisations. On a GPU those launches and syncs, not the
 arithmetic, bound the weight pass (a 2048x1024 expert matrix quantizes in microseconds). Here the
 weights of many consecutive groups (e.g. one MoE layer's experts) are stacked by shape and
-quantized together: the same element-wise operations as `quantgate.exporter.numerics.nvfp4`, applied to
-`[B, out, in]` with one global scale per matrix, so the bytes are identical to `quantize_group`'s
+quantized together: `quantgate.exporter.numerics.nvfp4.quantize_nvfp4` itself, called on `[B, out, in]`
+with one global scale per matrix, so the bytes are identical to `quantize_group`'s
 (tests/exporter/test_modelopt_batched.py checks every tensor), with one host sync per batch for the
 finite check and the fused-group scale sharing, and one asynchronous device-to-host copy into
 page-locked memory per output kind and shape.
 
-Policy (which groups share `weight_scale_2`, input scales) is `modelopt.py`'s, reused, not restated.
+Policy (which groups share `weight_scale_2`, input scales) is the scheme registry's
+(`quantgate.exporter.schemes`), reused, not restated.
 """
 
 from __future__ import annotations
@@ -23,25 +24,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from quantgate.exporter.numerics.common import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, NumericsError, check_weight
-from quantgate.exporter.numerics.e2m1 import e2m1_encode, pack_nibbles
-from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, scalar_div
-from quantgate.exporter.numerics.nvfp4 import BLOCK, GLOBAL_AMAX_DIVISOR, nvfp4_block_scale
+from quantgate.exporter.numerics.common import NumericsError, check_weight
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.numerics.nvfp4 import (
+    BLOCK,
+    matrix_amax,
+    nvfp4_global_scales,
+    nvfp4_input_scale,
+    quantize_nvfp4,
+)
+from quantgate.exporter.schemes import lookup
+from quantgate.exporter.schemes.apply import shares_scale
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
-from quantgate.exporter.writers.modelopt import SHARED_WEIGHT_SCALE_KINDS, _activation_scale
 from quantgate.exporter.writers.sharding import Unit
+from quantgate.validators.schemes import MODELOPT
 
 log = logging.getLogger(__name__)
 
-BATCH_ALGOS: frozenset[str] = frozenset({"NVFP4"})
+#: The scheme this pass batches (its numerics take stacks of matrices with one global scale each).
+BATCH_SCHEME = "NVFP4"
 MAX_BATCH_UNITS = 256
 
 
 def batchable(unit: Unit) -> bool:
     """A quantized group this module can do (NVFP4, floating weights with in % 16 == 0)."""
     job = unit.job
-    return isinstance(job, QuantJob) and job.spec.quant_algo in BATCH_ALGOS and all(
+    return isinstance(job, QuantJob) and job.spec.dialect == MODELOPT and job.spec.name == BATCH_SCHEME and all(
         m.in_features is not None and m.in_features % BLOCK == 0 for m in job.modules)
 
 
@@ -90,7 +99,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
     del weights
     amax = torch.empty(len(names), dtype=torch.float32, device=device)
     for key, idx in by_shape.items():
-        amax[torch.tensor(idx, device=device)] = _matrix_amax(stacks[key])
+        amax[torch.tensor(idx, device=device)] = matrix_amax(stacks[key])
     host_amax = amax.cpu().tolist()
     bad = [names[i] for i, a in enumerate(host_amax) if not math.isfinite(a)]
     if bad:
@@ -102,18 +111,18 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
     k = 0
     for job in jobs:
         n = len(job.modules)
-        share = n > 1 and job.modules[0].kind in SHARED_WEIGHT_SCALE_KINDS.get(job.spec.quant_algo, frozenset())
+        share = shares_scale(lookup(MODELOPT, job.spec.name)[0], job.modules[0].kind, n)
         members = host_amax[k:k + n]
         group_amax.extend([max(members)] * n if share else members)
         k += n
     scale_amax = torch.tensor(group_amax, dtype=torch.float32).to(device)
-    ws2 = _global_scales(scale_amax, numerics)                                        # fp32 [M]
+    ws2 = nvfp4_global_scales(scale_amax, numerics)                                   # fp32 [M]
 
     # 3. quantize each shape's stack in chunks; one device-to-host copy per output kind and shape
     packed: dict[int, Tensor] = {}
     block: dict[int, Tensor] = {}
     for key, idx in by_shape.items():
-        p, b = _quantize_stack(stacks.pop(key), ws2[torch.tensor(idx, device=device)])
+        p, b, _ = quantize_nvfp4(stacks.pop(key), ws2[torch.tensor(idx, device=device)], numerics)
         p, b = _to_host(p), _to_host(b)
         for j, i in enumerate(idx):
             packed[i], block[i] = p[j], b[j]
@@ -130,7 +139,8 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
             tensors[f"{m.name}.weight_scale"] = block[k]
             tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
             if job.spec.activation_scales:
-                tensors[f"{m.name}.input_scale"] = _activation_scale(scales.amax(m.name), job.spec, numerics)
+                amax_in = torch.tensor(scales.amax(m.name), dtype=torch.float32)
+                tensors[f"{m.name}.input_scale"] = nvfp4_input_scale(amax_in, numerics).reshape(()).clone()
             k += 1
         out.append(tensors)
     return out
@@ -144,44 +154,6 @@ def _to_host(t: Tensor) -> Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
-
-
-def _chunk(stack: Tensor) -> int:
-    """Matrices per chunk so that a chunk's fp32 temporaries stay about one numerics chunk."""
-    budget = CPU_CHUNK_ELEMS if stack.device.type == "cpu" else ACCEL_CHUNK_ELEMS
-    return max(1, budget // max(1, stack[0].numel()))
-
-
-def _matrix_amax(stack: Tensor) -> Tensor:
-    """max |w| per matrix. [B, out, in] -> fp32 [B] (in the weight dtype first, as `abs_max`)."""
-    step = _chunk(stack)
-    return torch.cat([stack[s:s + step].abs().amax(dim=(1, 2)) for s in range(0, stack.shape[0], step)]).float()
-
-
-def _global_scales(amax: Tensor, numerics: str = DEFAULT_NUMERICS) -> Tensor:
-    """`nvfp4_global_scale` per entry: amax / 2688 as `numerics` divides, 0 -> 1.0. fp32 [M] -> [M]."""
-    amax = torch.where(amax == 0, torch.full_like(amax, GLOBAL_AMAX_DIVISOR), amax)
-    return scalar_div(amax, GLOBAL_AMAX_DIVISOR, numerics)
-
-
-def _quantize_stack(stack: Tensor, ws2: Tensor) -> tuple[Tensor, Tensor]:
-    """NVFP4 of B matrices, each with its own global scale. [B,out,in], fp32 [B] ->
-    (uint8 [B, out, in/2], float8_e4m3fn [B, out, in/16]); `quantize_nvfp4` op for op."""
-    b, out_f, in_f = stack.shape
-    packed = torch.empty((b, out_f, in_f // 2), dtype=torch.uint8, device=stack.device)
-    scales = torch.empty((b, out_f, in_f // BLOCK), dtype=torch.float8_e4m3fn, device=stack.device)
-    step = _chunk(stack)
-    for s in range(0, b, step):
-        blocks = stack[s:s + step].reshape(-1, out_f, in_f // BLOCK, BLOCK)   # [c, out, in/16, 16]
-        g = ws2[s:s + step].reshape(-1, 1, 1)                                  # fp32 [c, 1, 1]
-        block_amax = blocks.abs().amax(dim=-1).float()                         # [c, out, in/16]
-        scale = nvfp4_block_scale(block_amax, g)                               # e4m3 [c, out, in/16]
-        divisor = scale.float() * g                                            # fp32 [c, out, in/16]
-        codes = e2m1_encode(blocks / divisor.unsqueeze(-1))                    # uint8 [c, out, in/16, 16]
-        packed[s:s + step] = pack_nibbles(codes.reshape(-1, out_f, in_f))
-        scales[s:s + step] = scale
-    return packed, scales
-
 
 
 #: Devices whose weight pass batches (on a CPU, per-unit parallelism over cores is faster).

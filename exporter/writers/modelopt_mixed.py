@@ -31,12 +31,20 @@ from pathlib import Path
 from typing import Any
 
 from quantgate.exporter.recipes import Plan
-from quantgate.exporter.writers.modelopt import WRITABLE_ALGOS, producer, write_configs
+from quantgate.exporter.schemes import writable_algos
+from quantgate.exporter.writers.modelopt import group_args, producer, write_configs
 from quantgate.validators.errors import QuantgateError
-from quantgate.validators.schemes import MIXED_PRECISION, MIXED_PRECISION_ALGOS, SchemeSpec
+from quantgate.validators.schemes import (
+    MIXED_PRECISION,
+    MIXED_PRECISION_ALGOS,
+    SchemeSpec,
+    scheme_for_quant_algo,
+)
 
-#: quant_algos a MIXED_PRECISION export can carry: vLLM's accepted per-layer algos we can write.
-MIXED_WRITABLE_ALGOS: frozenset[str] = frozenset(MIXED_PRECISION_ALGOS) & WRITABLE_ALGOS
+
+def mixed_writable_algos() -> frozenset[str]:
+    """quant_algos a MIXED_PRECISION export can carry: vLLM's accepted per-layer algos we write."""
+    return frozenset(MIXED_PRECISION_ALGOS) & writable_algos()
 
 
 def plan_schemes(plan: Plan) -> dict[str, SchemeSpec]:
@@ -51,9 +59,10 @@ def is_mixed(plan: Plan) -> bool:
 
 def layer_config(spec: SchemeSpec) -> dict[str, Any]:
     """The `quantized_layers` entry of one module: quant_algo, plus group_size for block formats."""
-    if spec.quant_algo not in MIXED_WRITABLE_ALGOS:
+    allowed = mixed_writable_algos()
+    if spec.quant_algo not in allowed:
         raise QuantgateError(f"a MIXED_PRECISION export cannot hold scheme {spec.name} (quant_algo "
-                             f"{spec.quant_algo}); supported: {', '.join(sorted(MIXED_WRITABLE_ALGOS))}")
+                             f"{spec.quant_algo}); supported: {', '.join(sorted(allowed))}")
     entry: dict[str, Any] = {"quant_algo": spec.quant_algo}
     if spec.group_size and spec.quant_algo != "FP8":
         entry["group_size"] = spec.group_size
@@ -68,12 +77,10 @@ def quantized_layers(plan: Plan) -> dict[str, dict[str, Any]]:
 def group_config(layer: dict[str, Any]) -> dict[str, Any]:
     """ModelOpt's `_quant_algo_to_group_config` for the algos we write (config.json config_groups)."""
     algo = layer["quant_algo"]
-    if algo == "FP8":
-        args: dict[str, Any] = {"dynamic": False, "num_bits": 8, "type": "float"}
-    elif algo == "NVFP4":
-        args = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": layer.get("group_size", 16)}
-    else:
+    spec = scheme_for_quant_algo(algo)
+    if spec is None or algo not in mixed_writable_algos():
         raise QuantgateError(f"no config group for quant_algo {algo!r}")
+    args = group_args(spec)
     return {"input_activations": dict(args), "weights": dict(args)}
 
 

@@ -50,16 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "its report. Exit 0: exported and validated; 1: the export failed validation; 2: bad "
                     "input.")
     p.add_argument("source", metavar="SOURCE", help="local checkpoint directory / .safetensors file, or Hub repo id")
-    from quantgate.exporter.recipes import WRITABLE_DIALECTS, recipe_names   # torch-free tables
+    from quantgate.exporter.recipes import WRITABLE_DIALECTS, default_dialects_text, recipe_names   # torch-free tables
 
     p.add_argument("--recipe", required=True, metavar="RECIPE",
                    help=f"what to quantize: {', '.join(recipe_names())}")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     p.add_argument("--dialect", default=None, choices=WRITABLE_DIALECTS,
                    help="output format: modelopt (hf_quant_config.json), compressed-tensors (llm-compressor's "
-                        "config groups) or fp8 (Hugging Face native block fp8); default: the recipe's first "
-                        "dialect (modelopt for nvfp4/fp8/auto, compressed-tensors for w4a16, w8a8_int8, "
-                        "nvfp4a16, fp8 for fp8_block)")
+                        "config groups), fp8 (Hugging Face native block fp8) or mxfp4 (GPT-OSS native); "
+                        f"default: the recipe's first dialect ({default_dialects_text()})")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--calib-data", default="random", metavar="random|FILE|DATASET",
                    help="calibration data: random token ids, a .jsonl (field 'text') or .txt file, or a Hub "

@@ -23,9 +23,9 @@ from test_export_logits import scheme_eps  # noqa: F401 - fixture
 from quantgate.exporter.auto.groups import is_quantizable
 from quantgate.exporter.auto.options import EXPORTABLE_ALGOS
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.schemes import writable_algos
 from quantgate.exporter.source import Source, open_source
-from quantgate.exporter.writers.modelopt import WRITABLE_ALGOS
-from quantgate.exporter.writers.modelopt_mixed import MIXED_WRITABLE_ALGOS
+from quantgate.exporter.writers.modelopt_mixed import mixed_writable_algos
 from quantgate.service.cli import main as cli_main
 from quantgate.validators.errors import UsageError
 from quantgate.validators.schemes import bits_per_weight, match_scheme
@@ -220,4 +220,4 @@ def test_cli_auto_usage_errors_exit_2(tiny_model: Callable[..., Path], tmp_path:
 
 
 def test_exportable_candidates_match_the_writer() -> None:
-    assert set(EXPORTABLE_ALGOS) == set(MIXED_WRITABLE_ALGOS) and set(EXPORTABLE_ALGOS) <= WRITABLE_ALGOS
+    assert set(EXPORTABLE_ALGOS) == set(mixed_writable_algos()) and set(EXPORTABLE_ALGOS) <= writable_algos()

@@ -1,4 +1,5 @@
-"""Recipe `fp8_block`: 128x128 block FP8 in the Hugging Face native `fp8` dialect.
+"""Recipe `fp8_block`: 128x128 block FP8 in the Hugging Face native `fp8` dialect (its default; the
+compressed-tensors spelling is tested in test_ct_new_schemes.py).
 
 The reference producer is transformers' own fine-grained FP8 quantizer (`Fp8Quantize`, the op
 `FineGrainedFP8Config` runs); it runs here on the same BF16 weights and every quantized tensor of
@@ -224,8 +225,9 @@ def test_transformers_loads_export_as_our_dequantizer_does(fp8_export, monkeypat
 # --------------------------------------------------------------------------- CLI / API
 def test_recipe_dialects() -> None:
     assert default_dialect("fp8_block") == "fp8"
-    with pytest.raises(UsageError, match="cannot be written in the compressed-tensors dialect"):
-        check_dialect("fp8_block", "compressed-tensors")
+    check_dialect("fp8_block", "compressed-tensors")     # llm-compressor's FP8_BLOCK (test_ct_new_schemes.py)
+    with pytest.raises(UsageError, match="cannot be written in the modelopt dialect"):
+        check_dialect("fp8_block", "modelopt")
     with pytest.raises(UsageError, match="cannot be written in the fp8 dialect"):
         check_dialect("nvfp4", "fp8")
 
@@ -243,13 +245,13 @@ def test_cli_quantize_fp8_block(tiny_model, tmp_path: Path) -> None:
     assert open_source(str(out)).info("model.layers.0.mlp.down_proj.weight_scale_inv").shape == (1, 2)
 
 
-def test_cli_fp8_block_as_compressed_tensors_exits_2(tiny_model, tmp_path: Path, capsys) -> None:
+def test_cli_fp8_block_as_modelopt_exits_2(tiny_model, tmp_path: Path, capsys) -> None:
     out = tmp_path / "o"
     code = main(["quantize", str(tiny_model("llama", **BLOCK_SIZES["llama"])), "--recipe", "fp8_block",
-                 "--dialect", "compressed-tensors", "--out", str(out), "--progress", "none"])
+                 "--dialect", "modelopt", "--out", str(out), "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert "recipe fp8_block cannot be written in the compressed-tensors dialect" in err and "--dialect fp8" in err
+    assert "recipe fp8_block cannot be written in the modelopt dialect" in err and "--dialect fp8" in err
 
 
 def test_job_body_accepts_fp8_block() -> None:
@@ -258,8 +260,10 @@ def test_job_body_accepts_fp8_block() -> None:
     from quantgate.service.schemas import JobCreate
 
     assert JobCreate.model_validate({"source": "org/model", "recipe": "fp8_block"}).dialect == "fp8"
-    with pytest.raises(ValidationError, match="cannot be written in the compressed-tensors dialect"):
-        JobCreate.model_validate({"source": "org/model", "recipe": "fp8_block", "dialect": "compressed-tensors"})
+    assert JobCreate.model_validate({"source": "org/model", "recipe": "fp8_block",
+                                     "dialect": "compressed-tensors"}).dialect == "compressed-tensors"
+    with pytest.raises(ValidationError, match="cannot be written in the modelopt dialect"):
+        JobCreate.model_validate({"source": "org/model", "recipe": "fp8_block", "dialect": "modelopt"})
 
 
 def test_every_dialect_list_names_fp8() -> None:

@@ -19,9 +19,9 @@ Tolerances (derived, not fitted):
   bound is BF16_TOL + MARGIN * delta, where delta is what per-token int8 fake-quantization of the
   quantized Linears' inputs changes in the same log-probs under transformers (teacher forced on the
   BF16 twin's tokens).
-* fp8_block (native `fp8` dialect; vLLM CPU's `CPUFp8BlockScaledMMKernel` is W8A16 and its CPU Fp8
-  MoE backend alike): the twin stores each weight as bf16(q * scale), while the kernel's small-M
-  (decode) path applies the fp32 block scale to the fp8 values without that rounding (measured:
+* fp8_block (native `fp8` dialect, and compressed-tensors FP8_BLOCK; vLLM CPU's `CPUFp8BlockScaledMMKernel`
+  is W8A16 and its CPU Fp8 MoE backend alike): the twin stores each weight as bf16(q * scale), while the
+  kernel's small-M (decode) path applies the fp32 block scale to the fp8 values without that rounding (measured:
   prefill log-probs identical, decode steps not). Its bound is BF16_TOL + MARGIN * delta, where delta
   is what that rounding changes in the same log-probs under transformers (fp32 model, exact
   dequantized weights vs the twin's, teacher forced on the twin's tokens).
@@ -74,10 +74,14 @@ class Case:
     needs_amx: bool = False                     # quantized experts (and any fp8): vLLM CPU's kernels need AMX
     dialect: str = "compressed-tensors"
     logprob_bound: bool = True                  # False: same greedy tokens only (see the module docstring)
+    sizes: tuple[tuple[str, int], ...] = ()     # tiny-model overrides beyond TINY
 
     @property
     def id(self) -> str:
-        return f"{self.arch}-{self.recipe}" + ("-experts_bf16" if self.exclude else "")
+        from quantgate.exporter.recipes import default_dialect
+
+        other = "" if self.dialect == default_dialect(self.recipe) else f"-{self.dialect}"
+        return f"{self.arch}-{self.recipe}{other}" + ("-experts_bf16" if self.exclude else "")
 
 
 CASES = (
@@ -89,6 +93,10 @@ CASES = (
     Case("mixtral", "w4a16", needs_amx=True),
     Case("llama", "fp8_block", needs_amx=True, dialect="fp8"),
     Case("gpt_oss", "mxfp4", needs_amx=True, dialect="mxfp4", logprob_bound=False),
+    # llm-compressor's FP8_BLOCK: q/k/v of 128 rows, so vLLM's merged qkv splits into whole blocks (QG320)
+    Case("llama", "fp8_block", needs_amx=True, sizes=(("head_dim", 64), ("heads", 2), ("kv_heads", 2))),
+    # Not mxfp4 (compressed-tensors mxfp4-pack-quantized): vLLM CPU 0.32 has no MXFP4 linear kernel
+    # (`init_mxfp4_linear_kernel`: "Failed to find a kernel that can implement the MXFP4 linear layer").
     # Not qwen3_moe fp8_block: vLLM loads it and generates the twin's tokens, but its fp8 MoE kernel
     # (CPUExpertsFp8) and the twin's (X86CPUUnquantizedExperts) differ beyond weight rounding
     # (measured 0.097 against the 0.085 this bound derives; AMX host, vLLM CPU 0.32.0).
@@ -138,7 +146,7 @@ def runs(probe, tiny_model, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("vllm")
     cases = {}
     for case in (c for c in CASES if runnable(c, info)):
-        source = tiny_model(case.arch, **TINY)
+        source = tiny_model(case.arch, **{**TINY, **dict(case.sizes)})
         out = root / case.id
         result = run_quantize(QuantizeRequest(source=str(source), recipe=case.recipe, out=out, device="cpu",
                                                dialect=case.dialect, exclude=case.exclude))

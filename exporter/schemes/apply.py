@@ -1,0 +1,106 @@
+"""A registry entry applied to weights: quantize a fused group into a dialect's tensors, fake-quantize,
+and read a module's stored tensors back into a weight. The only code path every writer shares.
+
+Scale sharing: the members of a fused group (q/k/v, gate/up, an expert's gate/up) whose kind is in
+the scheme's `shared_scale_kinds` are quantized with one per-tensor scale, from their max amax
+(vLLM and SGLang fuse them into one parameter with one scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.schemes.core import INPUT_SCALE, SCALE_CONVERSIONS, Form, Numerics, Scheme
+from quantgate.validators.layout import Kind, Module
+from quantgate.validators.schemes import scheme as spec_of
+
+#: Stored shapes a per-tensor scalar takes (ModelOpt `[]`, compressed-tensors `[1]`).
+_SCALAR_SHAPES = ((), (1,))
+
+
+def round_up_to(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """`value` (fp32) cast to `dtype`, one ulp up where the cast rounded down: a scale stored in BF16
+    must still cover amax / qmax, else the largest weights would clip."""
+    cast = value.to(dtype)
+    up = torch.nextafter(cast, torch.full_like(cast, float("inf")))
+    return torch.where(cast.float() < value, up, cast)
+
+
+def scale_in_weight_dtype(scale: Tensor, weight_dtype: torch.dtype) -> Tensor:
+    """SCALE_CONVERSIONS["weight_dtype"]: the stored scale in the weight's dtype, rounded up."""
+    return round_up_to(scale, weight_dtype)
+
+
+def _convert(form: Form, suffix: str, t: Tensor, weight_dtype: torch.dtype) -> Tensor:
+    name = form.conversions.get(suffix)
+    if name is None:
+        return t
+    forward = SCALE_CONVERSIONS[name][0].resolve()
+    return forward(t, weight_dtype) if name == "weight_dtype" else forward(t)
+
+
+def quantize(num: Numerics, w: Tensor, scale: Tensor | None = None,
+             numerics: str = DEFAULT_NUMERICS) -> tuple[Tensor, ...]:
+    """`num.quantize` with the arguments it takes: (w, [scale], [numerics=], **kwargs)."""
+    args = (w, scale) if num.scale_arg else (w,)
+    kwargs = {"numerics": numerics} if num.numerics_aware else {}
+    return tuple(num.quantize(*args, **kwargs, **num.kwargs))
+
+
+def shares_scale(scheme: Scheme, kind: Kind, members: int) -> bool:
+    return members > 1 and kind in scheme.shared_scale_kinds and scheme.numerics.group_scale is not None
+
+
+def quantize_members(scheme: Scheme, form: Form, modules: Sequence[Module], weights: dict[str, Tensor],
+                     input_amax: Callable[[str], float] | None = None,
+                     numerics: str = DEFAULT_NUMERICS) -> dict[str, Tensor]:
+    """One fused group (or lone module) as `form` stores it: `<module>.<suffix>` -> tensor.
+
+    `weights` (module name -> [out, in]) is consumed; `input_amax(module)` gives the calibrated input
+    amax for schemes with static activation scales."""
+    num = scheme.numerics_for(form)
+    spec = spec_of(form.dialect, form.spec)
+    shared = (num.group_scale(list(weights.values()), numerics)
+              if shares_scale(scheme, modules[0].kind, len(modules)) else None)
+    out: dict[str, Tensor] = {}
+    for module in modules:
+        w = weights.pop(module.name)
+        scale = shared
+        if form.scales_in_weight_dtype:   # quantize with the scale as stored (CT FP8)
+            base = shared if shared is not None else num.group_scale([w], numerics)
+            scale = round_up_to(base, w.dtype).float()
+        canonical = dict(zip(num.outputs, quantize(num, w, scale, numerics)))
+        if num.input_scale is not None and spec.activation_scales:
+            assert input_amax is not None, f"{scheme.name} needs calibrated input amax"
+            amax = torch.tensor(input_amax(module.name), dtype=torch.float32)
+            canonical[INPUT_SCALE] = num.input_scale(amax, numerics).to(torch.float32)
+        for name, t in canonical.items():
+            suffix = form.suffix(name)
+            t = _convert(form, suffix, t, w.dtype)
+            planned = tuple(spec.by_suffix[suffix].shape(module.out_features, module.in_features))
+            if planned in _SCALAR_SHAPES:   # each module owns its (possibly shared) scale in the file
+                t = t.reshape(planned).clone()
+            out[f"{module.name}.{suffix}"] = t
+    return out
+
+
+def fake_quant(scheme: Scheme, weights: Sequence[Tensor], kind: Kind) -> list[Tensor]:
+    """dequantize(quantize(w)) of one fused group's members, sharing the scale as the export does."""
+    num = scheme.numerics
+    shared = num.group_scale(list(weights)) if shares_scale(scheme, kind, len(weights)) else None
+    return [num.dequantize(*quantize(num, w, shared), dtype=w.dtype) for w in weights]
+
+
+def dequantize_stored(scheme: Scheme, form: Form, read: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """A module's weight from its stored tensors (suffix -> tensor) as `form` wrote them."""
+    canonical: dict[str, Tensor] = {}
+    for suffix, t in read.items():
+        name = form.conversions.get(suffix)
+        inverse = SCALE_CONVERSIONS[name][1] if name else None
+        canonical[form.canonical(suffix)] = inverse(t) if inverse is not None else t
+    num = scheme.numerics_for(form)
+    return num.dequantize(*(canonical.get(o) for o in num.outputs), dtype=dtype)
