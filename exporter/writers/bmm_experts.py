@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.schemes import experts_3d_specs, lookup
@@ -39,7 +38,7 @@ from quantgate.exporter.source import Source
 from quantgate.exporter.writers.sharding import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Module
-from quantgate.validators.schemes import MODELOPT, SchemeSpec
+from quantgate.validators.schemes import MODELOPT, MXFP4, SchemeSpec
 
 if TYPE_CHECKING:
     from quantgate.exporter.writers.common import InputScales
@@ -120,7 +119,7 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
         if dialect not in bmm_specs:
             reason = UNSUPPORTED_DIALECT_REASONS.get(dialect, f"the {dialect} dialect has no 3-D expert form")
             raise UnsupportedArchitectureError(
-                f"{where}; {reason}. Use --dialect modelopt, or keep the experts BF16 with --exclude '*experts*'")
+                f"{where}; {reason}. {_bmm_alternatives(next(iter(quantized)), source.architecture)}")
         if len(schemes) > 1:
             raise UnsupportedArchitectureError(
                 f"{where}; its experts were given different schemes ({sorted(s.name if s else 'BF16' for s in schemes)}), "
@@ -136,6 +135,22 @@ def check_bmm_plan(plan: Plan, source: Source, dialect: str) -> None:
             raise UnsupportedArchitectureError(
                 f"{where}; quantgate writes these 3-D experts as {dialect} in {', '.join(sorted(bmm_specs[dialect]))} "
                 f"only, not {spec.name}. Choose another recipe, or keep the experts BF16 with --exclude '*experts*'")
+
+
+def _bmm_alternatives(spec: SchemeSpec, architecture: str | None) -> str:
+    """What the user can do instead: the dialects in which this scheme has a 3-D expert form this
+    architecture's loaders read, if any."""
+    from quantgate.exporter.schemes import lookup
+    from quantgate.exporter.writers.mxfp4_native import NATIVE_ARCHITECTURES
+
+    only_for = {MXFP4: NATIVE_ARCHITECTURES}   # dialects whose 3-D form only some model loaders read
+    found = lookup(spec.dialect, spec.name)
+    dialects = [f.dialect for f in found[0].forms if f.experts_3d and f.writable
+                and (f.dialect not in only_for or architecture in only_for[f.dialect])] if found else []
+    keep = "keep the experts BF16 with --exclude '*experts*'"
+    if not dialects:
+        return f"No engine-loaded 3-D form of {spec.name} is written by quantgate: {keep}"
+    return f"Use {' or '.join(f'--dialect {d}' for d in dialects)}, or {keep}"
 
 
 def build_modelopt_units(source: Source, plan: Plan) -> list[Unit]:

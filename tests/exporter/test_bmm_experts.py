@@ -176,6 +176,25 @@ def test_compressed_tensors_bmm_experts_are_refused_with_a_way_out(tiny_model, t
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+#: sizes whose every Linear splits into whole 128x128 blocks (fp8_block)
+BLOCK_SIZES = {"hidden": 128, "heads": 2, "kv_heads": 2, "head_dim": 64, "moe_intermediate": 128, "intermediate": 256}
+
+
+@pytest.mark.parametrize(("arch", "args", "way_out"), [
+    ("gpt_oss", ["--recipe", "mxfp4"], "Use --dialect mxfp4, or keep the experts BF16"),
+    ("llama4", ["--recipe", "mxfp4"], "No engine-loaded 3-D form of MXFP4 is written by quantgate: keep the experts BF16"),
+    ("llama4", ["--recipe", "fp8_block"], "No engine-loaded 3-D form of FP8_BLOCK is written by quantgate: keep"),
+    ("llama4", ["--recipe", "fp8", "--dialect", "compressed-tensors"], "Use --dialect modelopt, or keep"),
+])
+def test_the_way_out_names_only_forms_this_model_loads(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      arch: str, args: list[str], way_out: str) -> None:
+    """The refusal's suggestion is the registry's 3-D forms of the recipe's scheme, filtered by the
+    architectures whose loaders read them (GPT-OSS's native mxfp4 is not a way out for Llama4)."""
+    rc = cli_main(["quantize", str(tiny_model(arch, **BLOCK_SIZES)), *args, "--out", str(tmp_path / "out"), *CALIB])
+    err = capsys.readouterr().err
+    assert rc == 2 and way_out in err and "--exclude '*experts*'" in err, err
+
+
 def test_experts_of_one_tensor_split_between_schemes_are_refused(tiny_model) -> None:
     """A 3-D tensor has one quantizer: a plan (e.g. auto's) leaving one of its experts BF16 is refused."""
     from dataclasses import replace
@@ -222,3 +241,27 @@ def test_excluding_bmm_experts_exports_the_rest(tiny_model, tmp_path: Path, arch
     assert {v["status"] for v in report.to_dict()["verdicts"].values()} == {"loads"}
     tensors = open_source(str(out)).view.tensors
     assert all(i.dtype == "BF16" for n, i in tensors.items() if "experts" in n)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
+@pytest.mark.parametrize(("recipe", "dialect"), [("fp8_block", "fp8"), ("fp8_block", "compressed-tensors"),
+                                                 ("mxfp4", "compressed-tensors")])
+def test_schemes_without_a_3d_form_export_the_rest_with_bf16_experts(tiny_model, tmp_path: Path, arch: str,
+                                                                     recipe: str, dialect: str) -> None:
+    """Where no engine loads a 3-D form of the scheme, `--exclude '*experts*'` (the refusal's way out) gives
+    an export that quantizes attention and dense layers, keeps the 3-D experts BF16 under their source
+    names, and validates `loads` for both engines."""
+    from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+
+    source_dir = tiny_model(arch, **BLOCK_SIZES)
+    result = run_quantize(QuantizeRequest(source=str(source_dir), recipe=recipe, dialect=dialect, device="cpu",
+                                          exclude=("*experts*",), out=tmp_path / "out"))
+    assert result.ok, [f.message for f in result.report.findings]
+    verdicts = result.report.to_dict()["verdicts"]
+    assert {e: v["status"] for e, v in verdicts.items()} == {"vllm": "loads", "sglang": "loads"}
+    source, export = open_source(str(source_dir)), open_source(str(result.output))
+    for tensor in _fused_tensors(source):
+        assert export.view.tensors[tensor].dtype == "BF16" and export.view.tensors[tensor].shape == source.info(tensor).shape
+    attention = [m.name for m in export.layout.by_kind(Kind.ATTENTION)]
+    assert attention and all("weight_scale" in export.layout.modules[n].tensors
+                             or "weight_scale_inv" in export.layout.modules[n].tensors for n in attention)
