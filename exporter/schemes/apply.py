@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
-
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.schemes.core import INPUT_SCALE, SCALE_CONVERSIONS, Form, Numerics, Scheme
 from quantgate.validators.layout import Kind, Module
 from quantgate.validators.schemes import scheme as spec_of
+from torch import Tensor
 
 #: Stored shapes a per-tensor scalar takes (ModelOpt `[]`, compressed-tensors `[1]`).
 _SCALAR_SHAPES = ((), (1,))
@@ -41,6 +40,19 @@ def _convert(form: Form, suffix: str, t: Tensor, weight_dtype: torch.dtype) -> T
         return t
     forward = SCALE_CONVERSIONS[name][0].resolve()
     return forward(t, weight_dtype) if name == "weight_dtype" else forward(t)
+
+
+def stored_input_scale(scheme: Scheme, form: Form, amax: float, weight_dtype: torch.dtype,
+                       shape: tuple[int, ...] = (), numerics: str = DEFAULT_NUMERICS) -> tuple[str, Tensor]:
+    """(stored suffix, tensor) of one module's static input scale as `form` writes it, from its calibrated
+    input amax: the scheme's `input_scale`, the form's rename and conversion (CT: reciprocal, or the weight
+    dtype rounded up), in the planned `shape`. Every writer, and the deferred patch of a weight pass run
+    beside calibration, computes input scales here."""
+    num = scheme.numerics_for(form)
+    assert num.input_scale is not None, f"{scheme.name} has no static input scale"
+    t = num.input_scale(torch.tensor(amax, dtype=torch.float32), numerics).to(torch.float32)
+    suffix = form.suffix(INPUT_SCALE)
+    return suffix, _convert(form, suffix, t, weight_dtype).reshape(shape).clone()
 
 
 def quantize(num: Numerics, w: Tensor, scale: Tensor | None = None,
@@ -74,10 +86,6 @@ def quantize_members(scheme: Scheme, form: Form, modules: Sequence[Module], weig
             base = shared if shared is not None else num.group_scale([w], numerics)
             scale = round_up_to(base, w.dtype).float()
         canonical = dict(zip(num.outputs, quantize(num, w, scale, numerics)))
-        if num.input_scale is not None and spec.activation_scales:
-            assert input_amax is not None, f"{scheme.name} needs calibrated input amax"
-            amax = torch.tensor(input_amax(module.name), dtype=torch.float32)
-            canonical[INPUT_SCALE] = num.input_scale(amax, numerics).to(torch.float32)
         for name, t in canonical.items():
             suffix = form.suffix(name)
             t = _convert(form, suffix, t, w.dtype)
@@ -85,6 +93,12 @@ def quantize_members(scheme: Scheme, form: Form, modules: Sequence[Module], weig
             if planned in _SCALAR_SHAPES:   # each module owns its (possibly shared) scale in the file
                 t = t.reshape(planned).clone()
             out[f"{module.name}.{suffix}"] = t
+        if num.input_scale is not None and spec.activation_scales:
+            assert input_amax is not None, f"{scheme.name} needs calibrated input amax"
+            suffix = form.suffix(INPUT_SCALE)
+            planned = tuple(spec.by_suffix[suffix].shape(module.out_features, module.in_features))
+            out[f"{module.name}.{suffix}"] = stored_input_scale(scheme, form, input_amax(module.name), w.dtype,
+                                                                planned, numerics)[1]
     return out
 
 

@@ -185,7 +185,8 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
     """Quantize `job`'s stored [E, in, out] tensor (see the module docstring); `weight` is the tensor
     already read (`BmmJob.read`), or None to read it expert by expert from `source`."""
     from quantgate.exporter.numerics.nvfp4 import weight_amax
-    from quantgate.exporter.schemes.apply import quantize
+    from quantgate.exporter.schemes.apply import quantize, stored_input_scale
+    from quantgate.exporter.source import TORCH_DTYPES
 
     found = lookup(MODELOPT, job.spec.name)
     if found is None or not found[1].experts_3d or found[0].numerics.scale_from_amax is None:
@@ -219,6 +220,7 @@ def quantize_bmm(job: BmmJob, source: Source, scales: InputScales, device: torch
         result[output_name(job.tensor, form.suffix(name))] = stored
     if num.input_scale is not None and job.spec.activation_scales:
         amax_in = scales.amax(job.modules[0].name)   # shared by every expert of this projection (InputScales)
-        scale_in = num.input_scale(torch.tensor(amax_in, dtype=torch.float32), numerics)
-        result[output_name(job.tensor, "input_scale")] = scale_in.to(torch.float32).reshape(())
+        suffix, scale_in = stored_input_scale(entry, form, amax_in, TORCH_DTYPES[source.info(job.tensor).dtype],
+                                             (), numerics)
+        result[output_name(job.tensor, suffix)] = scale_in
     return result

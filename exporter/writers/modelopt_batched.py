@@ -22,23 +22,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from quantgate.exporter.numerics.common import NumericsError, check_weight
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.numerics.nvfp4 import (
     BLOCK,
     matrix_amax,
     nvfp4_global_scales,
-    nvfp4_input_scale,
     quantize_nvfp4,
 )
 from quantgate.exporter.schemes import lookup
-from quantgate.exporter.schemes.apply import shares_scale
+from quantgate.exporter.schemes.apply import shares_scale, stored_input_scale
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
 from quantgate.exporter.writers.sharding import Unit
 from quantgate.validators.schemes import MODELOPT
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +88,7 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
             check_weight(group[m.name], what=f"NVFP4 {m.name}", in_divisor=BLOCK)
             names.append(m.name)
             weights.append(group[m.name])
+    weight_dtypes = [w.dtype for w in weights]
     by_shape: dict[tuple[int, int, torch.dtype], list[int]] = {}
     for i, w in enumerate(weights):
         by_shape.setdefault((w.shape[0], w.shape[1], w.dtype), []).append(i)
@@ -133,14 +132,15 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
     out: list[dict[str, Tensor]] = []
     k = 0
     for job in jobs:
+        entry, form = lookup(MODELOPT, job.spec.name)
         tensors: dict[str, Tensor] = {}
         for m in job.modules:
             tensors[f"{m.name}.weight"] = packed[k]
             tensors[f"{m.name}.weight_scale"] = block[k]
             tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
             if job.spec.activation_scales:
-                amax_in = torch.tensor(scales.amax(m.name), dtype=torch.float32)
-                tensors[f"{m.name}.input_scale"] = nvfp4_input_scale(amax_in, numerics).reshape(()).clone()
+                suffix, scale_in = stored_input_scale(entry, form, scales.amax(m.name), weight_dtypes[k], (), numerics)
+                tensors[f"{m.name}.{suffix}"] = scale_in
             k += 1
         out.append(tensors)
     return out
