@@ -204,6 +204,23 @@ def _events(lines: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return timings, result
 
 
+def _lce(timings: dict[str, Any]) -> dict[str, Any]:
+    """Load + calibrate + export of a quantgate job: its whole run (`total`), and the same without
+    transformers' first-use imports, which ModelOpt's process pays in its import phase, before its
+    load timer starts (so that figure compares like with like)."""
+    timings["load_calibrate_export"] = timings.get("total", float("nan"))
+    timings["load_calibrate_export_after_imports"] = (timings["load_calibrate_export"]
+                                                      - timings.get("transformers_import_seconds", 0.0))
+    return timings
+
+
+def _ratios(mo: dict[str, Any], qg: dict[str, Any]) -> dict[str, float]:
+    return {"process_wall": qg["process_wall"] / mo["process_wall"],
+            "load_calibrate_export": qg["load_calibrate_export"] / mo["load_calibrate_export"],
+            "load_calibrate_export_after_imports": qg["load_calibrate_export_after_imports"]
+            / mo["load_calibrate_export"]}
+
+
 def _name_architecture(config: Path) -> None:
     """`architectures` in config.json, as save_pretrained of a model writes it (ModelOpt's export
     reads it; the synthetic checkpoint saves a bare config)."""
@@ -221,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="hidden 256, 2 layers, 8 experts (the FP8 case)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--cpu-check", action="store_true")
+    p.add_argument("--serial-too", action="store_true", help="also run quantgate with QUANTGATE_OVERLAP=0")
     p.add_argument("--json", default=None)
     p.add_argument("--role", default="parent", choices=("parent", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
@@ -271,11 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         print((work / "quantgate.log").read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"quantgate failed ({rc})")
     timings, _ = _events(lines)
-    timings["load_calibrate_export"] = timings.get("total", float("nan"))
+    _lce(timings)
     res["quantgate"] = {"process_wall": wall, **timings}
     mo_t, qg_t = res["modelopt"], res["quantgate"]
-    res["ratios"] = {"process_wall": qg_t["process_wall"] / mo_t["process_wall"],
-                     "load_calibrate_export": qg_t["load_calibrate_export"] / mo_t["load_calibrate_export"]}
+    res["ratios"] = _ratios(mo_t, qg_t)
+    if args.serial_too:   # the same job with the weight pass after calibration (QUANTGATE_OVERLAP=0)
+        wall, lines, rc = _spawn(qg_cmd[:-5] + ["--out", str(work / "quantgate-serial"), "--overwrite", "--progress",
+                                               "json"], {**base_env, "PYTHONPATH": source_path,
+                                                         "QUANTGATE_OVERLAP": "0"}, work / "quantgate-serial.log")
+        if rc != 0:
+            raise SystemExit(f"quantgate (serial) failed ({rc})")
+        serial = _lce(_events(lines)[0])
+        res["quantgate_serial"] = {"process_wall": wall, **serial}
+        res["ratios_serial"] = _ratios(mo_t, res["quantgate_serial"])
 
     sys.path[:0] = source_path.split(":")   # in-process imports of quantgate.* below
     mo_tensors = _load_all(mo_out)

@@ -263,7 +263,8 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
 
 
 #: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
-CALIBRATION_TIMINGS: dict[str, str] = {"load_seconds": "load_seconds", "forward_seconds": "seconds"}
+CALIBRATION_TIMINGS: dict[str, str] = {"transformers_import_seconds": "transformers_import_seconds", "load_seconds": "load_seconds",
+                                        "forward_seconds": "seconds"}
 
 
 @dataclass

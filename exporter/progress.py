@@ -3,9 +3,11 @@
 The pipeline reports `ProgressEvent`s through a plain callback. The CLI turns them into a bar on a
 terminal (stderr) or into JSON lines (`--progress json`, what the service's worker relays); the
 library never prints. Stages, in order: plan, calibrate, quantize, write, validate, finalize.
-Each stage's last event carries `seconds` (the calibrate one also `load_seconds` and
-`forward_seconds`, the weight pass `gb_per_s`), and the finalize event all of them as `timings`;
-the CLI adds `import_seconds` (process start to the pipeline imported) to its first event.
+Each stage's last event carries `seconds` (the calibrate one also `transformers_import_seconds`
+for its first-use imports, `load_seconds` and `forward_seconds`; the weight pass `gb_per_s`),
+and the finalize event all of them as `timings`; the CLI adds `import_seconds` (process start to
+the pipeline imported) to its first event. Where the weight pass runs alongside calibration
+(exporter.overlap), their events interleave and a last `write` event gives `overlap_seconds`.
 """
 
 from __future__ import annotations

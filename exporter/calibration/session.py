@@ -50,15 +50,18 @@ class ModelSession:
         self._model = model
         self._tokenizer: Any = _UNSET
         self.loads = 0              # how many times this session loaded the model (0 or 1)
-        self.load_seconds = 0.0
+        self.load_seconds = 0.0      # from_pretrained, after...
+        self.import_seconds = 0.0    # ...transformers' first-use imports (calib_model.import_transformers)
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
     def model(self) -> nn.Module:
-        """The model, loaded on first use (bf16; `device_map="auto"` on CUDA, CPU otherwise)."""
+        """The model, loaded on first use (bf16; `device_map="auto"` on CUDA, CPU otherwise); the
+        transformers imports it needs first are timed apart (`import_seconds`)."""
         if self._model is None:
+            self.import_seconds = calib_model.import_transformers()
             start = time.perf_counter()
             self._model = calib_model.load_calibration_model(   # looked up per call: patchable
                 self.model_ref, device=self.device, dtype=self.dtype, token=self.token, revision=self.revision

@@ -8,6 +8,7 @@ arithmetic drifts from the deferred formulas fails loudly instead of writing sta
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from quantgate.exporter.overlap import OVERLAP_ENV, overlap_enabled, run_concurr
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.writers.sharding import OutTensor, Shard, ShardWriter, Unit, patch_tensors
 
+#: `QUANTGATE_TEST_DEVICE=cuda` runs the byte-identity cases on a GPU (where the overlap is the default).
+DEVICE = os.environ.get("QUANTGATE_TEST_DEVICE", "cpu")
 CALIB = {"calib_samples": 4, "calib_seq_len": 16, "calib_batch_size": 2}
 #: (arch, recipe, dialect): per-expert (mixtral), fused 3-D (gemma4, qwen3_moe), BMM (gpt_oss).
 CASES = [
@@ -43,7 +46,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def _run(monkeypatch, source: Path, out: Path, recipe: str, dialect: str, overlap: str, events=None):
     monkeypatch.setenv(OVERLAP_ENV, overlap)
-    req = QuantizeRequest(source=str(source), recipe=recipe, dialect=dialect, out=out, device="cpu", **CALIB)
+    req = QuantizeRequest(source=str(source), recipe=recipe, dialect=dialect, out=out, device=DEVICE, **CALIB)
     return run_quantize(req, events.append if events is not None else None)
 
 
