@@ -2,8 +2,9 @@
 
 `ModelSession(model_ref, ...)` loads nothing until `model()` is first called (a job that reuses a
 scores file and activation stats never instantiates the model); the tokenizer is loaded only for
-text calibration data, once (so its warnings appear once). The pipeline releases the session before
-the weight pass, which never needs the model.
+text calibration data, once (so its warnings appear once). The pipeline releases the session when
+calibration ends; the weight pass never needs the model (it reads the checkpoint, alongside
+calibration on CUDA: exporter.overlap).
 
 Scoring runs backward passes and perturbs weights in place; `check_untouched` is the cheap guard
 that it handed the model back as calibration expects it: eval mode, no gradient kept.
