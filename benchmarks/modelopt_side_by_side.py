@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.source_tree import source_pythonpath
-
 ISSUE_MODEL: dict[str, Any] = {"hidden": 2048, "layers": 12, "experts": 64, "top_k_experts": 8,
                                "moe_intermediate": 1024, "intermediate": 4096, "vocab": 32000, "heads": 16,
                                "kv_heads": 8, "head_dim": 128, "global_head_dim": 128}
@@ -250,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from benchmarks.export_bench import _page_cache, synthetic_model
+    from benchmarks.source_tree import source_pythonpath   # not at the top: the ModelOpt child runs this
+    # file as a script with only ModelOpt on its path
 
     size = dict(SMALL_MODEL if args.small else ISSUE_MODEL)
     if args.layers:

@@ -134,11 +134,15 @@ def test_weight_pass_failure_stops_calibration_and_cleans_up(tiny_model, tmp_pat
 
 
 def test_a_writer_drifting_from_the_deferred_formula_fails_loudly(tiny_model, tmp_path: Path, monkeypatch) -> None:
-    from quantgate.exporter.writers import modelopt
+    from quantgate.exporter.writers import modelopt, modelopt_batched
 
     real = modelopt._activation_scale
-    monkeypatch.setattr(modelopt, "_activation_scale", lambda amax, spec, numerics="modelopt-cuda": real(amax, spec,
-                                                                                                       numerics) * 2)
+
+    def drifted(amax, spec, numerics="modelopt-cuda"):
+        return real(amax, spec, numerics) * 2
+
+    monkeypatch.setattr(modelopt, "_activation_scale", drifted)
+    monkeypatch.setattr(modelopt_batched, "_activation_scale", drifted)   # the CUDA weight pass's copy
     with pytest.raises(DeferredInputScaleError, match="input_scale is not what the deferred"):
         _run(monkeypatch, tiny_model("mixtral"), tmp_path / "out", "nvfp4", "modelopt", "1")
     assert not any(tmp_path.iterdir())
