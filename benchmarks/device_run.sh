@@ -4,6 +4,7 @@
 # Usage: bash .gpuwork/benchmarks/device_run.sh STEPS...   (steps: see the case list below)
 set -u
 ROOT=$(pwd)
+VARIANTS=${VARIANTS:-}   # e.g. "--variant late:QUANTGATE_OVERLAP_START=imports"
 OUT=${OUT:-/tmp/out}
 LOG=$OUT/run.log
 export PYTHONUNBUFFERED=1
@@ -34,7 +35,7 @@ for step in "$@"; do
         --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
     issue_overlap)   # the issue model; quantgate with the overlap (default on CUDA) and without; no CPU run
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
-        --serial-too --json $OUT/sbs_issue_overlap.json >>$LOG 2>&1 ;;
+        --serial-too $VARIANTS --json $OUT/sbs_issue_overlap.json >>$LOG 2>&1 ;;
     overlap_tests)   # the overlap's byte identity on CUDA, and the batched GPU writer
       QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py \
         tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;

@@ -22,6 +22,7 @@ Process walls are measured from outside (spawn to exit).
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import re
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--cpu-check", action="store_true")
     p.add_argument("--serial-too", action="store_true", help="also run quantgate with QUANTGATE_OVERLAP=0")
+    p.add_argument("--variant", action="append", default=[], help="NAME:ENV=VAL[,ENV=VAL]: quantgate again so")
     p.add_argument("--json", default=None)
     p.add_argument("--role", default="parent", choices=("parent", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
@@ -303,6 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         res["quantgate_serial"] = {"process_wall": wall, **serial}
         res["ratios_serial"] = _ratios(mo_t, res["quantgate_serial"])
 
+    for variant in args.variant:   # the same job under other settings, e.g. "late:QUANTGATE_OVERLAP_START=imports"
+        name, _, assignments = variant.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        out = work / f"quantgate-{name}"
+        wall, lines, rc = _spawn(qg_cmd[:-5] + ["--out", str(out), "--overwrite", "--progress", "json"],
+                                 {**base_env, "PYTHONPATH": source_path, **env}, work / f"quantgate-{name}.log")
+        if rc != 0:
+            raise SystemExit(f"quantgate ({name}) failed ({rc})")
+        t = _lce(_events(lines)[0])
+        same = all(filecmp.cmp(f, out / f.name, shallow=False) for f in sorted(qg_out.glob("*.safetensors")))
+        res.setdefault("variants", {})[name] = {"env": env, "process_wall": wall, **t,
+                                                "ratios": _ratios(mo_t, {"process_wall": wall, **t}),
+                                                "shards_identical_to_default": same}
     sys.path[:0] = source_path.split(":")   # in-process imports of quantgate.* below
     mo_tensors = _load_all(mo_out)
     scheme = SCHEMES[args.recipe]

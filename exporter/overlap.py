@@ -20,6 +20,7 @@ they ran together.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,29 @@ W = TypeVar("W")
 OVERLAP_ENV = "QUANTGATE_OVERLAP"
 OVERLAP_DEVICES: frozenset[str] = frozenset({"cuda"})
 _ON, _OFF = frozenset({"1", "on", "true", "yes"}), frozenset({"0", "off", "false", "no"})
+
+
+#: When the weight pass starts: "start" (with calibration) or "imports" (once transformers' imports,
+#: which hold the GIL most of their time, are done).
+OVERLAP_START_ENV = "QUANTGATE_OVERLAP_START"
+OVERLAP_STARTS: tuple[str, ...] = ("start", "imports")
+DEFAULT_OVERLAP_START = "start"
+#: The interpreter's thread switch interval while both run (seconds; Python's default is 0.005): a
+#: shorter one hands the GIL to the weight pass's many short Python steps sooner.
+SWITCH_INTERVAL_ENV = "QUANTGATE_SWITCH_INTERVAL"
+DEFAULT_SWITCH_INTERVAL: float | None = None
+
+
+def overlap_start() -> str:
+    start = os.environ.get(OVERLAP_START_ENV, "").strip() or DEFAULT_OVERLAP_START
+    if start not in OVERLAP_STARTS:
+        raise ValueError(f"{OVERLAP_START_ENV}={start!r}: expected one of {', '.join(OVERLAP_STARTS)}")
+    return start
+
+
+def _switch_interval() -> float | None:
+    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
+    return float(raw) if raw else DEFAULT_SWITCH_INTERVAL
 
 
 def overlap_enabled(device: torch.device, dialect: str) -> bool:
@@ -76,8 +100,10 @@ def locked(progress: ProgressCallback | None) -> ProgressCallback | None:
 
 def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
                      weight_pass: Callable[[ProgressCallback | None, Callable[[], None]], W],
-                     progress: ProgressCallback | None) -> tuple[T, W, dict[str, float]]:
-    """Run `calibrate(progress)` on a background thread and `weight_pass(progress, check)` here.
+                     progress: ProgressCallback | None, *,
+                     ready: threading.Event | None = None) -> tuple[T, W, dict[str, float]]:
+    """Run `calibrate(progress)` on a background thread and `weight_pass(progress, check)` here
+    (once `ready` is set, when given: calibration sets it).
 
     `check()` (call it between units) raises `OtherSideFailed` once calibration has failed; the
     progress `calibrate` gets raises it once the weight pass has failed. Returns both results and
@@ -109,15 +135,26 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
             raise OtherSideFailed("calibration failed")
 
     thread = threading.Thread(target=background, name="quantgate-calibrate", daemon=True)
+    interval, before = _switch_interval(), sys.getswitchinterval()
+    if interval is not None:
+        sys.setswitchinterval(interval)
     thread.start()
-    wp.start = time.perf_counter()
     try:
+        if ready is not None:   # the weight pass waits for this (or for calibration to fail)
+            while not ready.wait(0.05) and not stop.is_set():
+                pass
+            if stop.is_set():
+                raise OtherSideFailed("calibration failed before the weight pass started")
+        wp.start = time.perf_counter()
         wp.result = weight_pass(progress, check)
     except BaseException as exc:
         wp.error = exc
         stop.set()
     wp.end = time.perf_counter()
-    _join(thread, stop)
+    try:
+        _join(thread, stop)
+    finally:
+        sys.setswitchinterval(before)
     waited = max(0.0, cal.end - wp.end)
     if cal.error is not None and (wp.error is None or isinstance(wp.error, OtherSideFailed)):
         raise cal.error

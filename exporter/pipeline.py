@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStat
 from quantgate.exporter.deferred_scales import DeferredInputScales
 from quantgate.exporter.jsonfile import write_json_atomic
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
-from quantgate.exporter.overlap import overlap_enabled, run_concurrently
+from quantgate.exporter.overlap import overlap_enabled, overlap_start, run_concurrently
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.exporter.recipes import WRITABLE_DIALECTS, Plan, check_dialect, get_recipe, make_plan, resolve_dialect
 from quantgate.exporter.source import Source, open_source
@@ -212,9 +213,13 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
             session.release()   # the weight pass reads the checkpoint, never the model
         return stats, write_export(source, plan, stats, tmp, progress=progress, **write)
     deferred = DeferredInputScales(req.dialect, source, req.numerics)
+    ready = threading.Event() if overlap_start() == "imports" else None
 
     def calibrate(events: ProgressCallback | None) -> ActivationStats | None:
         try:
+            if ready is not None:
+                session.import_transformers()
+                ready.set()
             return _calibration(req, source, plan, tmp, events, timings, session)
         finally:
             session.release()
@@ -222,7 +227,7 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
     def weight_pass(events: ProgressCallback | None, check: Any) -> _WriteStats:
         return write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check, **write)
 
-    stats, writer, together = run_concurrently(calibrate, weight_pass, progress)
+    stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready)
     from quantgate.exporter.writers.registry import writer_for
 
     t = time.perf_counter()

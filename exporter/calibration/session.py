@@ -53,6 +53,7 @@ class ModelSession:
         self.loads = 0              # how many times this session loaded the model (0 or 1)
         self.load_seconds = 0.0      # from_pretrained, after...
         self.import_seconds = 0.0    # ...transformers' first-use imports (calib_model.import_transformers)
+        self._imported = False
 
     @property
     def loaded(self) -> bool:
@@ -62,7 +63,7 @@ class ModelSession:
         """The model, loaded on first use (bf16; `device_map="auto"` on CUDA, CPU otherwise); the
         transformers imports it needs first are timed apart (`import_seconds`)."""
         if self._model is None:
-            self.import_seconds = calib_model.import_transformers()
+            self.import_transformers()
             start = time.perf_counter()
             self._model = calib_model.load_calibration_model(   # looked up per call: patchable
                 self.model_ref, device=self.device, dtype=self.dtype, token=self.token, revision=self.revision
@@ -70,6 +71,12 @@ class ModelSession:
             self.load_seconds = time.perf_counter() - start
             self.loads += 1
         return self._model
+
+    def import_transformers(self) -> None:
+        """transformers' first-use imports, once, timed (`import_seconds`); `model()` does this first."""
+        if not self._imported:
+            self.import_seconds = calib_model.import_transformers()
+            self._imported = True
 
     def tokenizer(self) -> Any | None:
         """The model's tokenizer or None (see `calib_model.load_tokenizer`), looked up once."""
