@@ -41,13 +41,12 @@ for step in "$@"; do
         tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
     readbench)   # what bounds the weight pass's reads: GB/s by thread count, pageable / pinned / pinned + H2D
       PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda >$OUT/read_bench.json 2>&1 ;;
-    wp)   # the weight pass alone (a calibration file as stats), by workers:read-threads: GB/s of BF16 read
+    wp)   # the weight pass alone (a calibration file as stats), by worker count: GB/s of BF16 read
       STATS=/tmp/sbs/issue/nvfp4/modelopt_amax_stats.json; [ -f $STATS ] || STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
-      for wr in ${WP_CONFIGS:-1:4 2:1 2:4 4:4}; do
-        w=${wr%%:*}; r=${wr##*:}
-        echo "workers=$w read_threads=$r $(QUANTGATE_WEIGHT_WORKERS=$w QUANTGATE_READ_THREADS=$r PYTHONPATH=$SRC:. \
-          python3 -m quantgate.service.cli quantize /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS \
-          --out /tmp/wp$w --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
+      for w in ${WP_WORKERS:-1 2 4}; do
+        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
+          /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/wp$w --overwrite \
+          --progress json | grep weight.pass)" >>$OUT/wp.txt
       done
       # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
       (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin

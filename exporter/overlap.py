@@ -2,13 +2,18 @@
 
 The weight pass needs no activation statistics except for the 4-byte input scales, which are
 written at their planned offsets afterwards (exporter.deferred_scales). So a job that calibrates
-runs calibration (model load, mostly transformers' first-use imports and CUDA start, then the
-forward) on a background thread while the calling thread runs the weight pass; then the input
-scales are patched in, and validation and the rename follow as before.
+runs calibration (transformers' first-use imports, the model load, the forward) on a background
+thread while the calling thread runs the weight pass; then the input scales are patched in, and
+validation and the rename follow as before.
 
-Used where it pays: on CUDA (the weight pass is host-copy bound, the load is import bound, so
-neither slows the other much); on a CPU both want every core (`QUANTGATE_OVERLAP=1` forces it,
-`0` turns it off everywhere). Either way the bytes are identical (tests/exporter/test_overlap.py).
+When: both sides are bound by the interpreter lock more than by the hardware (the GPU weight pass
+by its per-unit Python steps: page-cached reads alone run at 5.5 GB/s per thread and scale with
+threads, the pass does not scale with workers; transformers' imports by executing module code).
+Started together they slow each other (H200, issue model: weight pass 3.4 s alone, 12.6 s next to
+the imports); so by default the weight pass starts once the imports are done and runs alongside
+the load and the forward (`QUANTGATE_OVERLAP_START=imports`; `start` starts both at once).
+Used on CUDA; on a CPU both want every core (`QUANTGATE_OVERLAP=1` forces it, `0` turns it off
+everywhere). Either way the bytes are identical (tests/exporter/test_overlap.py).
 
 Failures: whichever side fails first stops the other at its next progress point (a calibration
 batch, a weight-pass unit) and its exception is raised; the background thread is always joined
@@ -20,7 +25,6 @@ they ran together.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,11 +49,7 @@ _ON, _OFF = frozenset({"1", "on", "true", "yes"}), frozenset({"0", "off", "false
 #: which hold the GIL most of their time, are done).
 OVERLAP_START_ENV = "QUANTGATE_OVERLAP_START"
 OVERLAP_STARTS: tuple[str, ...] = ("start", "imports")
-DEFAULT_OVERLAP_START = "start"
-#: The interpreter's thread switch interval while both run (seconds; Python's default is 0.005): a
-#: shorter one hands the GIL to the weight pass's many short Python steps sooner.
-SWITCH_INTERVAL_ENV = "QUANTGATE_SWITCH_INTERVAL"
-DEFAULT_SWITCH_INTERVAL: float | None = None
+DEFAULT_OVERLAP_START = "imports"
 
 
 def overlap_start() -> str:
@@ -57,11 +57,6 @@ def overlap_start() -> str:
     if start not in OVERLAP_STARTS:
         raise ValueError(f"{OVERLAP_START_ENV}={start!r}: expected one of {', '.join(OVERLAP_STARTS)}")
     return start
-
-
-def _switch_interval() -> float | None:
-    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
-    return float(raw) if raw else DEFAULT_SWITCH_INTERVAL
 
 
 def overlap_enabled(device: torch.device, dialect: str) -> bool:
@@ -135,9 +130,6 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
             raise OtherSideFailed("calibration failed")
 
     thread = threading.Thread(target=background, name="quantgate-calibrate", daemon=True)
-    interval, before = _switch_interval(), sys.getswitchinterval()
-    if interval is not None:
-        sys.setswitchinterval(interval)
     thread.start()
     try:
         if ready is not None:   # the weight pass waits for this (or for calibration to fail)
@@ -151,10 +143,7 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
         wp.error = exc
         stop.set()
     wp.end = time.perf_counter()
-    try:
-        _join(thread, stop)
-    finally:
-        sys.setswitchinterval(before)
+    _join(thread, stop)
     waited = max(0.0, cal.end - wp.end)
     if cal.error is not None and (wp.error is None or isinstance(wp.error, OtherSideFailed)):
         raise cal.error

@@ -9,11 +9,8 @@ Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused: loading them ex
 from __future__ import annotations
 
 import logging
-import os
 import re
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,22 +104,15 @@ class Source:
             raise CheckpointReadError(f"{self.path}: tensor {info.name} has dtype {info.dtype}, which cannot be read")
         file = self.path / info.file
         buf = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
-        view = memoryview(buf.numpy())
-        start = self._data_offset(info.file) + info.start + offset
-        threads = read_threads(pin)
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            if threads > 1 and length >= 2 * READ_CHUNK:   # one copy out of the page cache per thread
-                futures = [_reader_pool(threads).submit(_pread_into, fd, view[at:at + READ_CHUNK], start + at)
-                           for at in range(0, length, READ_CHUNK)]
-                wait(futures)   # every chunk is done with `fd` before it is closed
-                complete = all(f.result() for f in futures)
-            else:
-                complete = _pread_into(fd, view, start)
-        finally:
-            os.close(fd)
-        if not complete:
-            raise CheckpointReadError(f"{file}: truncated while reading {info.name}")
+        with open(file, "rb", buffering=0) as fh:
+            fh.seek(self._data_offset(info.file) + info.start + offset)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < length:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CheckpointReadError(f"{file}: truncated while reading {info.name}")
+                got += n
         return buf.view(dtype)
 
     def _data_offset(self, file: str) -> int:
@@ -135,45 +125,6 @@ class Source:
     def other_files(self) -> list[str]:
         """Non-weight files to copy into the export (tokenizer, generation config, processor ...)."""
         return [f for f in self.view.other_files() if (self.path / f).is_file()]
-
-
-#: Reads of page-locked buffers (the CUDA weight pass) are split into chunks copied out of the page
-#: cache by a few threads at once: one thread's copy, not the memory, bounds a single read.
-READ_CHUNK = 4 * 2**20
-PINNED_READ_THREADS = 4
-#: Overrides the threads per read (any read, pinned or not), e.g. QUANTGATE_READ_THREADS=1.
-READ_THREADS_ENV = "QUANTGATE_READ_THREADS"
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def read_threads(pin: bool) -> int:
-    """Threads one read of `length >= 2 * READ_CHUNK` bytes uses (1: read in the calling thread)."""
-    override = os.environ.get(READ_THREADS_ENV, "").strip()
-    if override:
-        if not override.isdigit() or int(override) < 1:
-            raise ValueError(f"{READ_THREADS_ENV}={override!r}: expected a positive integer")
-        return int(override)
-    return PINNED_READ_THREADS if pin else 1
-
-
-def _reader_pool(threads: int) -> ThreadPoolExecutor:
-    with _pools_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quantgate-read")
-        return _pools[threads]
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> bool:
-    """Fill `view` from `fd` at `offset` (positioned reads; the GIL is released while copying);
-    False when the file ends first."""
-    got = 0
-    while got < view.nbytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if not n:
-            return False
-        got += n
-    return True
 
 
 def slice_fused(expert: torch.Tensor, fused: FusedSlice) -> torch.Tensor:

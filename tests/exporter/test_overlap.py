@@ -219,21 +219,18 @@ def test_progress_bar_shares_one_line_between_stages_that_report_at_once() -> No
     assert "calibrated" in lines[1].rsplit("\r", 1)[-1] and "quantized" in lines[2]
 
 
-def test_weight_pass_started_after_transformers_imports_is_byte_identical(tiny_model, tmp_path: Path,
-                                                                          monkeypatch) -> None:
-    import sys
+def test_weight_pass_started_with_calibration_is_byte_identical(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """The default starts the weight pass after transformers' imports; `start` starts both at once."""
+    from quantgate.exporter.overlap import DEFAULT_OVERLAP_START, OVERLAP_START_ENV
 
-    from quantgate.exporter.overlap import OVERLAP_START_ENV, SWITCH_INTERVAL_ENV
-
+    assert DEFAULT_OVERLAP_START == "imports"
     source = tiny_model("qwen3_moe")
     serial = _run(monkeypatch, source, tmp_path / "serial", "nvfp4", "modelopt", "0")
-    monkeypatch.setenv(OVERLAP_START_ENV, "imports")
-    monkeypatch.setenv(SWITCH_INTERVAL_ENV, "0.0005")
-    before = sys.getswitchinterval()
-    late = _run(monkeypatch, source, tmp_path / "late", "nvfp4", "modelopt", "1")
-    assert _files(serial.output) == _files(late.output)
-    assert late.timings["transformers_import_seconds"] >= 0 and "overlap_seconds" in late.timings
-    assert sys.getswitchinterval() == before                 # restored after the job
+    monkeypatch.setenv(OVERLAP_START_ENV, "start")
+    early = _run(monkeypatch, source, tmp_path / "early", "nvfp4", "modelopt", "1")
+    assert _files(serial.output) == _files(early.output)
+    assert early.timings["transformers_import_seconds"] >= 0 and "overlap_seconds" in early.timings
     monkeypatch.setenv(OVERLAP_START_ENV, "later")
     with pytest.raises(ValueError, match="expected one of start, imports"):
         _run(monkeypatch, source, tmp_path / "typo", "nvfp4", "modelopt", "1")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".typo")]

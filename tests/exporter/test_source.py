@@ -108,34 +108,3 @@ def test_other_files_lists_tokenizer_and_generation_config(tiny_model) -> None:
     files = src.other_files()
     assert any(f.startswith("tokenizer") for f in files)
     assert not any(f.endswith(".safetensors") for f in files)
-
-
-def test_chunked_reads_on_several_threads_equal_one_read(tiny_model, monkeypatch) -> None:
-    """Reads split across threads (the CUDA weight pass's page-locked reads) give the same bytes,
-    and a file that ends early is still a read error, not a short tensor."""
-    from quantgate.exporter import source as source_mod
-
-    path = tiny_model("qwen3_moe")
-    src = open_source(str(path))
-    expected = {}
-    for f in sorted(path.glob("*.safetensors")):
-        expected.update(load_file(str(f)))
-    monkeypatch.setattr(source_mod, "READ_CHUNK", 4096)
-    monkeypatch.setenv(source_mod.READ_THREADS_ENV, "3")
-    big = [n for n, t in expected.items() if t.numel() * t.element_size() >= 3 * 4096]
-    assert big
-    for name in big:
-        assert torch.equal(src.tensor(name), expected[name]), name
-    info = src.info(big[0])
-    to_end = (path / info.file).stat().st_size - src._data_offset(info.file) - info.start
-    with pytest.raises(CheckpointReadError, match="truncated"):
-        src._read(info, 0, to_end + 3 * 4096)   # three chunks past the end of the file
-
-
-def test_read_threads_override_is_checked(monkeypatch) -> None:
-    from quantgate.exporter import source as source_mod
-
-    assert source_mod.read_threads(True) == source_mod.PINNED_READ_THREADS and source_mod.read_threads(False) == 1
-    monkeypatch.setenv(source_mod.READ_THREADS_ENV, "zero")
-    with pytest.raises(ValueError, match="positive integer"):
-        source_mod.read_threads(True)
