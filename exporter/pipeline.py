@@ -217,7 +217,8 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
 
     def calibrate(events: ProgressCallback | None) -> ActivationStats | None:
         try:
-            if ready is not None:
+            if ready is not None:   # the calibrate stage begins before the weight pass reports
+                emit(events, "calibrate", 0.0, "importing transformers")
                 session.import_transformers()
                 ready.set()
             return _calibration(req, source, plan, tmp, events, timings, session)
@@ -270,6 +271,10 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
 #: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
 CALIBRATION_TIMINGS: dict[str, str] = {"transformers_import_seconds": "transformers_import_seconds", "load_seconds": "load_seconds",
                                         "forward_seconds": "seconds"}
+
+
+#: The weight pass reports its progress each time this fraction more of the output is produced.
+PROGRESS_STEP = 0.01
 
 
 @dataclass
@@ -331,10 +336,14 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
                               else sum(_weight_bytes(source, m) for m in job.modules))
         return out
 
+    reported = -1.0
+
     def after(unit) -> None:
-        nonlocal done
+        nonlocal done, reported
         done += unit.nbytes
-        emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
+        if done / total - reported >= PROGRESS_STEP or done >= total:   # ~100 events, not one per unit
+            reported = done / total
+            emit(progress, "quantize", reported, unit.key, bytes_written=done, bytes_read=result.bytes_read)
         if should_stop is not None:
             should_stop()
 

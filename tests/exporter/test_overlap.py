@@ -22,7 +22,7 @@ from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.calibration import model as calib_model
 from quantgate.exporter.deferred_scales import PLACEHOLDER_AMAX, DeferredInputScaleError
 from quantgate.exporter.overlap import OVERLAP_ENV, overlap_enabled, run_concurrently
-from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.pipeline import PROGRESS_STEP, QuantizeRequest, run_quantize
 from quantgate.exporter.writers.sharding import OutTensor, Shard, ShardWriter, Unit, patch_tensors
 
 #: `QUANTGATE_TEST_DEVICE=cuda` runs the byte-identity cases on a GPU (where the overlap is the default).
@@ -63,6 +63,11 @@ def test_overlapped_export_is_byte_identical(tiny_model, tmp_path: Path, monkeyp
     assert first and first == second            # every shard, header and byte
     stats = [ActivationStats.load(r.output / "calibration.json") for r in (serial, both)]
     assert stats[0].amax == stats[1].amax
+    # the stages still first appear in their documented order, and the pass reports ~1 % steps
+    assert list(dict.fromkeys(e.stage for e in events)) == ["plan", "calibrate", "quantize", "write", "validate",
+                                                            "finalize"]
+    quantize = [e.fraction for e in events if e.stage == "quantize"]
+    assert quantize[-1] == 1.0 and len(quantize) <= 1 / PROGRESS_STEP + 1
     patched = [e for e in events if e.stage == "write" and "patched" in e.data]
     scales = [k for f in first for k in load_file(str(serial.output / f)) if "input" in k and "scale" in k]
     assert len(patched) == 1 and patched[0].data["patched"] == len(scales) > 0
@@ -234,3 +239,15 @@ def test_weight_pass_started_with_calibration_is_byte_identical(tiny_model, tmp_
     with pytest.raises(ValueError, match="expected one of start, imports"):
         _run(monkeypatch, source, tmp_path / "typo", "nvfp4", "modelopt", "1")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".typo")]
+
+
+def test_weight_pass_reports_progress_in_steps_not_per_unit(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from quantgate.exporter import pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_STEP", 0.25)
+    events: list = []
+    result = _run(monkeypatch, tiny_model("mixtral"), tmp_path / "out", "nvfp4", "modelopt", "0", events)
+    quantize = [e.fraction for e in events if e.stage == "quantize"]
+    units = sum(1 for f in _files(result.output) for k in load_file(str(result.output / f)) if k.endswith(".weight"))
+    assert units > 5 and 2 <= len(quantize) <= 5 and quantize[-1] == 1.0
+    assert all(b - a >= 0.25 for a, b in zip(quantize, quantize[1:-1]))
