@@ -119,7 +119,7 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
         cal.start = time.perf_counter()
         try:
             cal.result = calibrate(guarded)
-        except BaseException as exc:   # handed to the calling thread
+        except BaseException as exc:   # noqa: BLE001 - handed to the calling thread, re-raised there
             cal.error = exc
             stop.set()
         finally:
@@ -139,7 +139,7 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
                 raise OtherSideFailed("calibration failed before the weight pass started")
         wp.start = time.perf_counter()
         wp.result = weight_pass(progress, check)
-    except BaseException as exc:
+    except BaseException as exc:   # noqa: BLE001 - re-raised below, after the thread is joined
         wp.error = exc
         stop.set()
     wp.end = time.perf_counter()

@@ -204,8 +204,8 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
     """Calibration, then the weight pass; or both at once (exporter.overlap) where that pays, with
     the input scales patched in afterwards (exporter.deferred_scales)."""
     device = resolve_device(req.device)
-    write = dict(shard_size=req.shard_size, device=device, timings=timings, on_buffer=on_buffer,
-                 dialect=req.dialect, numerics=req.numerics)
+    write = {"shard_size": req.shard_size, "device": device, "timings": timings, "on_buffer": on_buffer,
+             "dialect": req.dialect, "numerics": req.numerics}
     if not (plan.needs_calibration and req.calib_stats is None and overlap_enabled(device, req.dialect)):
         try:
             stats = _calibration(req, source, plan, tmp, progress, timings, session)

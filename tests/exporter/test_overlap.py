@@ -8,6 +8,7 @@ arithmetic drifts from the deferred formulas fails loudly instead of writing sta
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -250,4 +251,4 @@ def test_weight_pass_reports_progress_in_steps_not_per_unit(tiny_model, tmp_path
     quantize = [e.fraction for e in events if e.stage == "quantize"]
     units = sum(1 for f in _files(result.output) for k in load_file(str(result.output / f)) if k.endswith(".weight"))
     assert units > 5 and 2 <= len(quantize) <= 5 and quantize[-1] == 1.0
-    assert all(b - a >= 0.25 for a, b in zip(quantize, quantize[1:-1]))
+    assert all(b - a >= 0.25 for a, b in itertools.pairwise(quantize[:-1]))   # the last one may be closer
