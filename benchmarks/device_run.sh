@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device call: ModelOpt fixtures, their tests on CUDA, side-by-side runs. Run from the repo root
 # of a copy that holds .whl/ (ModelOpt 0.47 and its dependencies) and this tree under .gpuwork/.
-# Usage: bash .gpuwork/benchmarks/device_run.sh STEPS...   (steps: fixtures tests small_fp8 issue_nvfp4)
+# Usage: bash .gpuwork/benchmarks/device_run.sh STEPS...   (steps: see the case list below)
 set -u
 ROOT=$(pwd)
+VARIANTS=${VARIANTS:-}   # e.g. "--variant late:QUANTGATE_OVERLAP_START=imports"
 OUT=${OUT:-/tmp/out}
 LOG=$OUT/run.log
 export PYTHONUNBUFFERED=1
@@ -32,11 +33,20 @@ for step in "$@"; do
     issue_nvfp4)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
         --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
-    wp)   # the weight pass alone (ModelOpt's amax as stats), by worker count: GB/s of BF16 read
-      for w in 1 2 4; do
-        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize /tmp/sbs/issue/src \
-          --recipe nvfp4 --device cuda --calib-stats /tmp/sbs/issue/nvfp4/modelopt_amax_stats.json --out /tmp/wp$w \
-          --overwrite --progress json | grep weight.pass)" >>$OUT/wp.txt
+    issue_overlap)   # the issue model; quantgate with the overlap (default on CUDA) and without; no CPU run
+      python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
+        --serial-too $VARIANTS --json $OUT/sbs_issue_overlap.json >>$LOG 2>&1 ;;
+    overlap_tests)   # the overlap's byte identity on CUDA, and the batched GPU writer
+      QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py \
+        tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
+    readbench)   # what bounds the weight pass's reads: GB/s by thread count, pageable / pinned / pinned + H2D
+      PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda >$OUT/read_bench.json 2>&1 ;;
+    wp)   # the weight pass alone (a calibration file as stats), by worker count: GB/s of BF16 read
+      STATS=/tmp/sbs/issue/nvfp4/modelopt_amax_stats.json; [ -f $STATS ] || STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      for w in ${WP_WORKERS:-1 2 4}; do
+        echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
+          /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/wp$w --overwrite \
+          --progress json | grep weight.pass)" >>$OUT/wp.txt
       done
       # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
       (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
@@ -52,6 +62,10 @@ for dm in ('auto', 'cuda', 'auto', 'cuda'):
     print(dm, round(time.perf_counter() - t, 3), flush=True)
     del m; torch.cuda.empty_cache()
 " >>$OUT/loadexp.txt 2>&1 ;;
+    trimports)   # where transformers' first-use imports go (import_transformers, cumulative us, largest first)
+      PYTHONPATH=$SRC:. python3 -X importtime -c "import torch; from quantgate.exporter.calibration.model import \
+        import_transformers as i; print('import_transformers', i())" 2>$OUT/trimport_raw.txt >$OUT/trimport.txt
+      sort -t'|' -k2 -n -r $OUT/trimport_raw.txt | head -60 >>$OUT/trimport.txt; rm -f $OUT/trimport_raw.txt ;;
     imports)   # where the CLI's import time goes (cumulative microseconds, largest first)
       PYTHONPATH=$SRC:. python3 -X importtime -c "import quantgate.service.commands.quantize as q, quantgate.exporter.pipeline, \
         quantgate.exporter.calibration.forward, quantgate.exporter.calibration.model, transformers; from transformers import AutoModelForCausalLM; \

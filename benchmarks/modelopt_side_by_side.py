@@ -22,6 +22,7 @@ Process walls are measured from outside (spawn to exit).
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import re
@@ -30,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from benchmarks.source_tree import source_pythonpath
 
 ISSUE_MODEL: dict[str, Any] = {"hidden": 2048, "layers": 12, "experts": 64, "top_k_experts": 8,
                                "moe_intermediate": 1024, "intermediate": 4096, "vocab": 32000, "heads": 16,
@@ -204,6 +203,23 @@ def _events(lines: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return timings, result
 
 
+def _lce(timings: dict[str, Any]) -> dict[str, Any]:
+    """Load + calibrate + export of a quantgate job: its whole run (`total`), and the same without
+    transformers' first-use imports, which ModelOpt's process pays in its import phase, before its
+    load timer starts (so that figure compares like with like)."""
+    timings["load_calibrate_export"] = timings.get("total", float("nan"))
+    timings["load_calibrate_export_after_imports"] = (timings["load_calibrate_export"]
+                                                      - timings.get("transformers_import_seconds", 0.0))
+    return timings
+
+
+def _ratios(mo: dict[str, Any], qg: dict[str, Any]) -> dict[str, float]:
+    return {"process_wall": qg["process_wall"] / mo["process_wall"],
+            "load_calibrate_export": qg["load_calibrate_export"] / mo["load_calibrate_export"],
+            "load_calibrate_export_after_imports": qg["load_calibrate_export_after_imports"]
+            / mo["load_calibrate_export"]}
+
+
 def _name_architecture(config: Path) -> None:
     """`architectures` in config.json, as save_pretrained of a model writes it (ModelOpt's export
     reads it; the synthetic checkpoint saves a bare config)."""
@@ -221,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="hidden 256, 2 layers, 8 experts (the FP8 case)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--cpu-check", action="store_true")
+    p.add_argument("--serial-too", action="store_true", help="also run quantgate with QUANTGATE_OVERLAP=0")
+    p.add_argument("--variant", action="append", default=[], help="NAME:ENV=VAL[,ENV=VAL]: quantgate again so")
     p.add_argument("--json", default=None)
     p.add_argument("--role", default="parent", choices=("parent", "modelopt"), help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from benchmarks.export_bench import _page_cache, synthetic_model
+    from benchmarks.source_tree import source_pythonpath   # not at the top: the ModelOpt child runs this
+    # file as a script with only ModelOpt on its path
 
     size = dict(SMALL_MODEL if args.small else ISSUE_MODEL)
     if args.layers:
@@ -271,12 +291,33 @@ def main(argv: list[str] | None = None) -> int:
         print((work / "quantgate.log").read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"quantgate failed ({rc})")
     timings, _ = _events(lines)
-    timings["load_calibrate_export"] = timings.get("total", float("nan"))
+    _lce(timings)
     res["quantgate"] = {"process_wall": wall, **timings}
     mo_t, qg_t = res["modelopt"], res["quantgate"]
-    res["ratios"] = {"process_wall": qg_t["process_wall"] / mo_t["process_wall"],
-                     "load_calibrate_export": qg_t["load_calibrate_export"] / mo_t["load_calibrate_export"]}
+    res["ratios"] = _ratios(mo_t, qg_t)
+    if args.serial_too:   # the same job with the weight pass after calibration (QUANTGATE_OVERLAP=0)
+        wall, lines, rc = _spawn(qg_cmd[:-5] + ["--out", str(work / "quantgate-serial"), "--overwrite", "--progress",
+                                               "json"], {**base_env, "PYTHONPATH": source_path,
+                                                         "QUANTGATE_OVERLAP": "0"}, work / "quantgate-serial.log")
+        if rc != 0:
+            raise SystemExit(f"quantgate (serial) failed ({rc})")
+        serial = _lce(_events(lines)[0])
+        res["quantgate_serial"] = {"process_wall": wall, **serial}
+        res["ratios_serial"] = _ratios(mo_t, res["quantgate_serial"])
 
+    for variant in args.variant:   # the same job under other settings, e.g. "late:QUANTGATE_OVERLAP_START=imports"
+        name, _, assignments = variant.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        out = work / f"quantgate-{name}"
+        wall, lines, rc = _spawn(qg_cmd[:-5] + ["--out", str(out), "--overwrite", "--progress", "json"],
+                                 {**base_env, "PYTHONPATH": source_path, **env}, work / f"quantgate-{name}.log")
+        if rc != 0:
+            raise SystemExit(f"quantgate ({name}) failed ({rc})")
+        t = _lce(_events(lines)[0])
+        same = all(filecmp.cmp(f, out / f.name, shallow=False) for f in sorted(qg_out.glob("*.safetensors")))
+        res.setdefault("variants", {})[name] = {"env": env, "process_wall": wall, **t,
+                                                "ratios": _ratios(mo_t, {"process_wall": wall, **t}),
+                                                "shards_identical_to_default": same}
     sys.path[:0] = source_path.split(":")   # in-process imports of quantgate.* below
     mo_tensors = _load_all(mo_out)
     scheme = SCHEMES[args.recipe]

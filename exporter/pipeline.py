@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,8 +29,10 @@ from quantgate.exporter.auto.options import (
 )
 from quantgate.exporter.calibration.session import ModelSession
 from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.deferred_scales import DeferredInputScales
 from quantgate.exporter.jsonfile import write_json_atomic
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS, NUMERICS_MODES
+from quantgate.exporter.overlap import overlap_enabled, overlap_start, run_concurrently
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.exporter.recipes import WRITABLE_DIALECTS, Plan, check_dialect, get_recipe, make_plan, resolve_dialect
 from quantgate.exporter.source import Source, open_source
@@ -159,13 +162,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        try:
-            stats = _calibration(req, source, plan, tmp, progress, timings, session)
-        finally:
-            session.release()   # the weight pass reads the checkpoint, never the model
-        writer = write_export(source, plan, stats, tmp, shard_size=req.shard_size,
-                                 device=resolve_device(req.device), progress=progress, timings=timings,
-                                 on_buffer=_writer_hook, dialect=req.dialect, numerics=req.numerics)
+        stats, writer = _calibrate_and_write(req, source, plan, tmp, progress, timings, session, _writer_hook)
         if auto is not None:
             from quantgate.exporter.auto.stage import write_auto_files
 
@@ -201,6 +198,49 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     return result
 
 
+def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path,
+                         progress: ProgressCallback | None, timings: dict[str, float], session: ModelSession,
+                         on_buffer: Any) -> tuple[ActivationStats | None, _WriteStats]:
+    """Calibration, then the weight pass; or both at once (exporter.overlap) where that pays, with
+    the input scales patched in afterwards (exporter.deferred_scales)."""
+    device = resolve_device(req.device)
+    write = {"shard_size": req.shard_size, "device": device, "timings": timings, "on_buffer": on_buffer,
+             "dialect": req.dialect, "numerics": req.numerics}
+    if not (plan.needs_calibration and req.calib_stats is None and overlap_enabled(device, req.dialect)):
+        try:
+            stats = _calibration(req, source, plan, tmp, progress, timings, session)
+        finally:
+            session.release()   # the weight pass reads the checkpoint, never the model
+        return stats, write_export(source, plan, stats, tmp, progress=progress, **write)
+    deferred = DeferredInputScales(req.dialect, source, req.numerics)
+    ready = threading.Event() if overlap_start() == "imports" else None
+
+    def calibrate(events: ProgressCallback | None) -> ActivationStats | None:
+        try:
+            if ready is not None:   # the calibrate stage begins before the weight pass reports
+                emit(events, "calibrate", 0.0, "importing transformers")
+                session.import_transformers()
+                ready.set()
+            return _calibration(req, source, plan, tmp, events, timings, session)
+        finally:
+            session.release()
+
+    def weight_pass(events: ProgressCallback | None, check: Any) -> _WriteStats:
+        return write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check, **write)
+
+    stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready)
+    from quantgate.exporter.writers.registry import writer_for
+
+    t = time.perf_counter()
+    scales = writer_for(req.dialect).input_scales(plan, source, stats)
+    patched = deferred.patch(writer.shards, scales, tmp)
+    timings.update(together, input_scales_patch=time.perf_counter() - t)
+    emit(progress, "write", 1.0, f"{patched} input scales written; the weight pass ran alongside calibration "
+         f"for {together['overlap_seconds']:.2f} s", patched=patched, seconds=timings["input_scales_patch"],
+         **together)
+    return stats, writer
+
+
 def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
                  timings: dict[str, float], session: ModelSession | None = None) -> ActivationStats | None:
     if not plan.needs_calibration:
@@ -229,23 +269,33 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
 
 
 #: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
-CALIBRATION_TIMINGS: dict[str, str] = {"load_seconds": "load_seconds", "forward_seconds": "seconds"}
+CALIBRATION_TIMINGS: dict[str, str] = {"transformers_import_seconds": "transformers_import_seconds", "load_seconds": "load_seconds",
+                                        "forward_seconds": "seconds"}
+
+
+#: The weight pass reports its progress each time this fraction more of the output is produced.
+PROGRESS_STEP = 0.01
 
 
 @dataclass
 class _WriteStats:
     bytes_read: int = 0
     max_buffered_bytes: int = 0
+    shards: list = field(default_factory=list)   # the shard plan written (offsets of deferred tensors)
 
 
 def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
                     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
                     progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
-                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS) -> _WriteStats:
+                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS,
+                    deferred: DeferredInputScales | None = None, should_stop: Any = None) -> _WriteStats:
     """The weight pass: write every shard, the index, the configs and the non-weight files.
 
     `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
     `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
+    `deferred`: no statistics yet; input scales are written with a placeholder amax, checked, and
+    recorded for `DeferredInputScales.patch`. `should_stop()` is called after each unit (it raises
+    to abandon the pass).
     """
     from quantgate.exporter.writers.registry import writer_for
 
@@ -257,10 +307,10 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     write_configs = dialect_writer.prepare_configs(source, plan)   # before any weight is read: fails fast
     units = dialect_writer.build_units(source, plan)
     shards = plan_shards(units, shard_size)
-    scales = dialect_writer.input_scales(plan, source, stats)
+    scales = deferred.scales if deferred is not None else dialect_writer.input_scales(plan, source, stats)
     total = sum(u.nbytes for u in units) or 1
     done = 0
-    result = _WriteStats()
+    result = _WriteStats(shards=shards)
     writer = ShardWriter(out_dir, on_buffer=on_buffer)
 
     # Units are read, quantized and brought to the host ahead of the writer, in plan order, on a
@@ -279,15 +329,23 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
 
     def produce(unit) -> dict[str, torch.Tensor]:
         out = feed.get(unit)
+        if deferred is not None:
+            deferred.produced(unit, out)
         job = unit.job
         result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
                               else sum(_weight_bytes(source, m) for m in job.modules))
         return out
 
+    reported = -1.0
+
     def after(unit) -> None:
-        nonlocal done
+        nonlocal done, reported
         done += unit.nbytes
-        emit(progress, "quantize", done / total, unit.key, bytes_written=done, bytes_read=result.bytes_read)
+        if done / total - reported >= PROGRESS_STEP or done >= total:   # ~100 events, not one per unit
+            reported = done / total
+            emit(progress, "quantize", reported, unit.key, bytes_written=done, bytes_read=result.bytes_read)
+        if should_stop is not None:
+            should_stop()
 
     batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
     with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
@@ -301,6 +359,8 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
             t_close = time.perf_counter()
             writer.close()   # waits for the shards' fsyncs (durability before the final rename)
             sync_wait = time.perf_counter() - t_close
+    if deferred is not None:
+        deferred.check_complete()
     if len(shards) > 1:
         from quantgate.exporter.writers.sharding import index_for
 

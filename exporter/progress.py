@@ -3,9 +3,11 @@
 The pipeline reports `ProgressEvent`s through a plain callback. The CLI turns them into a bar on a
 terminal (stderr) or into JSON lines (`--progress json`, what the service's worker relays); the
 library never prints. Stages, in order: plan, calibrate, quantize, write, validate, finalize.
-Each stage's last event carries `seconds` (the calibrate one also `load_seconds` and
-`forward_seconds`, the weight pass `gb_per_s`), and the finalize event all of them as `timings`;
-the CLI adds `import_seconds` (process start to the pipeline imported) to its first event.
+Each stage's last event carries `seconds` (the calibrate one also `transformers_import_seconds`
+for its first-use imports, `load_seconds` and `forward_seconds`; the weight pass `gb_per_s`),
+and the finalize event all of them as `timings`; the CLI adds `import_seconds` (process start to
+the pipeline imported) to its first event. Where the weight pass runs alongside calibration
+(exporter.overlap), their events interleave and a last `write` event gives `overlap_seconds`.
 """
 
 from __future__ import annotations
@@ -81,13 +83,16 @@ class BarProgress:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self._stage: str | None = None
+        self._stage_done = True
         self._last_draw = 0.0
         self._started = time.monotonic()
 
     def __call__(self, event: ProgressEvent) -> None:
         now = time.monotonic()
         if event.stage != self._stage:
-            if self._stage is not None:
+            # a finished stage keeps its line; two stages reporting at once (calibration alongside
+            # the weight pass: exporter.overlap) share the line in hand instead of one line per event
+            if self._stage is not None and self._stage_done:
                 self.stream.write("\n")
             self._stage = event.stage
         elif now - self._last_draw < MIN_REDRAW_S and (event.fraction or 0.0) < 1.0:
@@ -105,6 +110,7 @@ class BarProgress:
         line = f"\r{event.stage:<9} [{bar}] {pct} {elapsed:6.1f}s  {event.message[:70]}"
         self.stream.write(line.ljust(120))
         self.stream.flush()
+        self._stage_done = fraction is not None and fraction >= 1.0
 
     def close(self) -> None:
         if self._stage is not None:

@@ -360,6 +360,7 @@ def calibrate(
             "batch_size": batch_size,
             "seed": seed,
             "load_seconds": round(load_seconds, 3),
+            "transformers_import_seconds": round(session.import_seconds, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "transformers_version": __import__("transformers").__version__,
             "torch_version": torch.__version__,

@@ -2,8 +2,9 @@
 
 `ModelSession(model_ref, ...)` loads nothing until `model()` is first called (a job that reuses a
 scores file and activation stats never instantiates the model); the tokenizer is loaded only for
-text calibration data, once (so its warnings appear once). The pipeline releases the session before
-the weight pass, which never needs the model.
+text calibration data, once (so its warnings appear once). The pipeline releases the session when
+calibration ends; the weight pass never needs the model (it reads the checkpoint, alongside
+calibration on CUDA: exporter.overlap).
 
 Scoring runs backward passes and perturbs weights in place; `check_untouched` is the cheap guard
 that it handed the model back as calibration expects it: eval mode, no gradient kept.
@@ -50,15 +51,19 @@ class ModelSession:
         self._model = model
         self._tokenizer: Any = _UNSET
         self.loads = 0              # how many times this session loaded the model (0 or 1)
-        self.load_seconds = 0.0
+        self.load_seconds = 0.0      # from_pretrained, after...
+        self.import_seconds = 0.0    # ...transformers' first-use imports (calib_model.import_transformers)
+        self._imported = False
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
     def model(self) -> nn.Module:
-        """The model, loaded on first use (bf16; `device_map="auto"` on CUDA, CPU otherwise)."""
+        """The model, loaded on first use (bf16; `device_map="auto"` on CUDA, CPU otherwise); the
+        transformers imports it needs first are timed apart (`import_seconds`)."""
         if self._model is None:
+            self.import_transformers()
             start = time.perf_counter()
             self._model = calib_model.load_calibration_model(   # looked up per call: patchable
                 self.model_ref, device=self.device, dtype=self.dtype, token=self.token, revision=self.revision
@@ -66,6 +71,12 @@ class ModelSession:
             self.load_seconds = time.perf_counter() - start
             self.loads += 1
         return self._model
+
+    def import_transformers(self) -> None:
+        """transformers' first-use imports, once, timed (`import_seconds`); `model()` does this first."""
+        if not self._imported:
+            self.import_seconds = calib_model.import_transformers()
+            self._imported = True
 
     def tokenizer(self) -> Any | None:
         """The model's tokenizer or None (see `calib_model.load_tokenizer`), looked up once."""

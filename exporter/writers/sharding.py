@@ -268,3 +268,28 @@ def _fsync(path: Path) -> None:
 def iter_units(shards: Iterable[Shard[U]]) -> Iterable[Unit[U]]:
     for shard in shards:
         yield from shard.units
+
+
+def patch_tensors(out_dir: Path, shards: Sequence[Shard[U]], data: dict[str, bytes]) -> None:
+    """Overwrite planned tensors of written shards in place: each name's bytes at its planned offset
+    (`shard_header`), then `fdatasync` each touched file. Used for tensors known only after the
+    weight pass (exporter.deferred_scales); the sizes must be the planned ones."""
+    remaining = dict(data)
+    for shard in shards:
+        tensors = [t for u in shard.units for t in u.tensors]
+        mine = {t.name: t for t in tensors if t.name in remaining}
+        if not mine:
+            continue
+        header, offsets = shard_header(tensors)
+        fd = os.open(out_dir / shard.file, os.O_WRONLY)
+        try:
+            for name, spec in mine.items():
+                raw = remaining.pop(name)
+                if len(raw) != spec.nbytes:
+                    raise RuntimeError(f"{name}: patch of {len(raw)} bytes, planned {spec.nbytes}")
+                _pwrite_all(fd, raw, len(header) + offsets[name])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    if remaining:
+        raise RuntimeError(f"patched tensors not in the shard plan: {sorted(remaining)[:3]}")
