@@ -110,7 +110,7 @@ PROFILED: tuple[tuple[str, str], ...] = (
     ("quantgate.exporter.writers.sharding", "tensor_bytes"),
     ("quantgate.exporter.writers.sharding", "_pwrite_all"),
     ("quantgate.exporter.unit_feed", "UnitFeed.get"),
-    ("quantgate.exporter.pipeline", "copy_other_files"),
+    ("quantgate.exporter.weight_pass", "copy_other_files"),
     ("quantgate.exporter.pipeline", "_validate"),
     ("quantgate.exporter.calibration.model", "load_calibration_model"),   # called through the module by calib_session
     ("quantgate.exporter.calibration.session", "load_tokenizer"),

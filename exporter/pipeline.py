@@ -36,22 +36,13 @@ from quantgate.exporter.overlap import overlap_enabled, overlap_start, run_concu
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.exporter.recipes import WRITABLE_DIALECTS, Plan, check_dialect, get_recipe, make_plan, resolve_dialect
 from quantgate.exporter.source import Source, open_source
-from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
 from quantgate.exporter.writers.bmm_experts import check_bmm_plan
-from quantgate.exporter.writers.common import CopyJob
-from quantgate.exporter.writers.modelopt_batched import feed_batching
-from quantgate.exporter.writers.sharding import (
-    DEFAULT_SHARD_SIZE,
-    INDEX_FILE,
-    ShardWriter,
-    plan_shards,
-)
+from quantgate.exporter.weight_pass import REPORT_HTML, REPORT_JSON, WriteStats, write_export
+from quantgate.exporter.writers.sharding import DEFAULT_SHARD_SIZE
 from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-REPORT_JSON = "quantgate-report.json"
-REPORT_HTML = "quantgate-report.html"
 FAILED_SUFFIX = ".failed-validation"
 
 
@@ -200,7 +191,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
 
 def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path,
                          progress: ProgressCallback | None, timings: dict[str, float], session: ModelSession,
-                         on_buffer: Any) -> tuple[ActivationStats | None, _WriteStats]:
+                         on_buffer: Any) -> tuple[ActivationStats | None, WriteStats]:
     """Calibration, then the weight pass; or both at once (exporter.overlap) where that pays, with
     the input scales patched in afterwards (exporter.deferred_scales)."""
     device = resolve_device(req.device)
@@ -225,7 +216,7 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
         finally:
             session.release()
 
-    def weight_pass(events: ProgressCallback | None, check: Any) -> _WriteStats:
+    def weight_pass(events: ProgressCallback | None, check: Any) -> WriteStats:
         return write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check, **write)
 
     stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready)
@@ -271,139 +262,6 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
 #: Stage timings taken from the calibration metadata: timings key -> ActivationStats.metadata key.
 CALIBRATION_TIMINGS: dict[str, str] = {"transformers_import_seconds": "transformers_import_seconds", "load_seconds": "load_seconds",
                                         "forward_seconds": "seconds"}
-
-
-#: The weight pass reports its progress each time this fraction more of the output is produced.
-PROGRESS_STEP = 0.01
-
-
-@dataclass
-class _WriteStats:
-    bytes_read: int = 0
-    max_buffered_bytes: int = 0
-    shards: list = field(default_factory=list)   # the shard plan written (offsets of deferred tensors)
-
-
-def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
-                    shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
-                    progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
-                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS,
-                    deferred: DeferredInputScales | None = None, should_stop: Any = None) -> _WriteStats:
-    """The weight pass: write every shard, the index, the configs and the non-weight files.
-
-    `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
-    `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
-    `deferred`: no statistics yet; input scales are written with a placeholder amax, checked, and
-    recorded for `DeferredInputScales.patch`. `should_stop()` is called after each unit (it raises
-    to abandon the pass).
-    """
-    from quantgate.exporter.writers.registry import writer_for
-
-    dialect_writer = writer_for(dialect)
-    t = time.perf_counter()
-    device = device or torch.device("cpu")
-    if not plan.quantized():
-        raise UsageError(f"recipe {plan.recipe} quantizes no module of this model; nothing to export")
-    write_configs = dialect_writer.prepare_configs(source, plan)   # before any weight is read: fails fast
-    units = dialect_writer.build_units(source, plan)
-    shards = plan_shards(units, shard_size)
-    scales = deferred.scales if deferred is not None else dialect_writer.input_scales(plan, source, stats)
-    total = sum(u.nbytes for u in units) or 1
-    done = 0
-    result = _WriteStats(shards=shards)
-    writer = ShardWriter(out_dir, on_buffer=on_buffer)
-
-    # Units are read, quantized and brought to the host ahead of the writer, in plan order, on a
-    # few threads (exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which
-    # batches many groups per call: exporter.writers.modelopt_batched).
-    ordered = [u for shard in shards for u in shard.units]
-
-    def work(unit) -> dict[str, torch.Tensor]:
-        with device_stream(device):
-            data = dialect_writer.read(unit, source, device)
-            job = unit.job
-            if isinstance(job, CopyJob):
-                return {job.name: data}
-            out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
-            return {name: t.to("cpu") for name, t in out.items()}
-
-    def produce(unit) -> dict[str, torch.Tensor]:
-        out = feed.get(unit)
-        if deferred is not None:
-            deferred.produced(unit, out)
-        job = unit.job
-        result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
-                              else sum(_weight_bytes(source, m) for m in job.modules))
-        return out
-
-    reported = -1.0
-
-    def after(unit) -> None:
-        nonlocal done, reported
-        done += unit.nbytes
-        if done / total - reported >= PROGRESS_STEP or done >= total:   # ~100 events, not one per unit
-            reported = done / total
-            emit(progress, "quantize", reported, unit.key, bytes_written=done, bytes_read=result.bytes_read)
-        if should_stop is not None:
-            should_stop()
-
-    batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
-    with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
-                  **batching) as feed:
-        try:
-            for i, shard in enumerate(shards):
-                writer.write(shard, produce, after)
-                emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
-                     index=i + 1, shards=len(shards), nbytes=shard.nbytes)
-        finally:
-            t_close = time.perf_counter()
-            writer.close()   # waits for the shards' fsyncs (durability before the final rename)
-            sync_wait = time.perf_counter() - t_close
-    if deferred is not None:
-        deferred.check_complete()
-    if len(shards) > 1:
-        from quantgate.exporter.writers.sharding import index_for
-
-        write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
-    write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
-    copy_other_files(source, out_dir)
-    result.max_buffered_bytes = writer.max_buffered_bytes
-    seconds = time.perf_counter() - t
-    if timings is not None:
-        timings["weights"] = seconds
-    if timings is not None:
-        timings["weights_sync_wait"] = sync_wait
-    emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
-         seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
-         gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
-    return result
-
-
-def _weight_bytes(source: Source, module) -> int:
-    if module.fused is not None:
-        info = source.info(module.fused.tensor)
-        share = (module.fused.rows[1] - module.fused.rows[0]) / info.shape[1 if not module.fused.transposed else 2] \
-            if module.fused.rows else 1.0
-        return int(info.nbytes / info.shape[0] * share)
-    return module.tensors["weight"].nbytes
-
-
-#: Files never copied from the source: we write our own, or they describe the source's weights.
-NOT_COPIED: frozenset[str] = frozenset({"config.json", "hf_quant_config.json", INDEX_FILE, REPORT_JSON,
-                                        REPORT_HTML, STATS_FILE_NAME})
-
-
-def copy_other_files(source: Source, out_dir: Path) -> list[str]:
-    """Copy tokenizer, generation config, chat template and processor files unchanged."""
-    copied = []
-    for rel in source.other_files():
-        if Path(rel).name in NOT_COPIED or rel.endswith(".safetensors"):
-            continue
-        dest = out_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source.path / rel, dest)
-        copied.append(rel)
-    return copied
 
 
 def _validate(out_dir: Path, progress: ProgressCallback | None, timings: dict[str, float],

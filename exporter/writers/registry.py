@@ -1,4 +1,4 @@
-"""Dialect name -> the writer the streaming weight pass drives (`quantgate.exporter.pipeline.write_export`)."""
+"""Dialect name -> the writer the streaming weight pass drives (`quantgate.exporter.weight_pass.write_export`)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.calibration import model as calib_model
 from quantgate.exporter.deferred_scales import PLACEHOLDER_AMAX, DeferredInputScaleError
 from quantgate.exporter.overlap import OVERLAP_ENV, overlap_enabled, run_concurrently
-from quantgate.exporter.pipeline import PROGRESS_STEP, QuantizeRequest, run_quantize
+from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
+from quantgate.exporter.weight_pass import PROGRESS_STEP
 from quantgate.exporter.writers.sharding import OutTensor, Shard, ShardWriter, Unit, patch_tensors
 
 #: `QUANTGATE_TEST_DEVICE=cuda` runs the byte-identity cases on a GPU (where the overlap is the default).
@@ -250,9 +251,9 @@ def test_weight_pass_started_with_calibration_is_byte_identical(tiny_model, tmp_
 
 
 def test_weight_pass_reports_progress_in_steps_not_per_unit(tiny_model, tmp_path: Path, monkeypatch) -> None:
-    from quantgate.exporter import pipeline
+    from quantgate.exporter import weight_pass
 
-    monkeypatch.setattr(pipeline, "PROGRESS_STEP", 0.25)
+    monkeypatch.setattr(weight_pass, "PROGRESS_STEP", 0.25)
     events: list = []
     result = _run(monkeypatch, tiny_model("mixtral"), tmp_path / "out", "nvfp4", "modelopt", "0", events)
     quantize = [e.fraction for e in events if e.stage == "quantize"]

@@ -1,0 +1,170 @@
+"""The weight pass: every shard streamed through a dialect writer, then the index, configs and other files.
+
+`write_export(source, plan, stats, out_dir, ...)` picks the writer for the dialect
+(exporter.writers.registry), plans the shards, produces units ahead of the writer in plan order
+(exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which batches many
+groups per call: exporter.writers.modelopt_batched) and writes each tensor at its planned offset
+(exporter.writers.sharding). With `deferred` it runs before calibration has produced statistics
+(exporter.deferred_scales). `pipeline.run_quantize` drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
+from quantgate.exporter.deferred_scales import DeferredInputScales
+from quantgate.exporter.jsonfile import write_json_atomic
+from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
+from quantgate.exporter.progress import ProgressCallback, emit
+from quantgate.exporter.recipes import Plan
+from quantgate.exporter.source import Source
+from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
+from quantgate.exporter.writers.common import CopyJob
+from quantgate.exporter.writers.modelopt_batched import feed_batching
+from quantgate.exporter.writers.sharding import DEFAULT_SHARD_SIZE, INDEX_FILE, ShardWriter, plan_shards
+from quantgate.validators.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "quantgate-report.json"
+REPORT_HTML = "quantgate-report.html"
+
+#: The weight pass reports its progress each time this fraction more of the output is produced.
+PROGRESS_STEP = 0.01
+
+
+@dataclass
+class WriteStats:
+    bytes_read: int = 0
+    max_buffered_bytes: int = 0
+    shards: list = field(default_factory=list)   # the shard plan written (offsets of deferred tensors)
+
+
+def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
+                    shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | None = None,
+                    progress: ProgressCallback | None = None, timings: dict[str, float] | None = None,
+                    on_buffer: Any = None, dialect: str = "modelopt", numerics: str = DEFAULT_NUMERICS,
+                    deferred: DeferredInputScales | None = None, should_stop: Any = None) -> WriteStats:
+    """The weight pass: write every shard, the index, the configs and the non-weight files.
+
+    `dialect` picks the writer (exporter.writers.registry); the streaming loop is the same for all.
+    `numerics` (exporter.numerics.modes) says whose bits to reproduce: ModelOpt on CUDA or on the CPU.
+    `deferred`: no statistics yet; input scales are written with a placeholder amax, checked, and
+    recorded for `DeferredInputScales.patch`. `should_stop()` is called after each unit (it raises
+    to abandon the pass).
+    """
+    from quantgate.exporter.writers.registry import writer_for
+
+    dialect_writer = writer_for(dialect)
+    t = time.perf_counter()
+    device = device or torch.device("cpu")
+    if not plan.quantized():
+        raise UsageError(f"recipe {plan.recipe} quantizes no module of this model; nothing to export")
+    write_configs = dialect_writer.prepare_configs(source, plan)   # before any weight is read: fails fast
+    units = dialect_writer.build_units(source, plan)
+    shards = plan_shards(units, shard_size)
+    scales = deferred.scales if deferred is not None else dialect_writer.input_scales(plan, source, stats)
+    total = sum(u.nbytes for u in units) or 1
+    done = 0
+    result = WriteStats(shards=shards)
+    writer = ShardWriter(out_dir, on_buffer=on_buffer)
+
+    # Units are read, quantized and brought to the host ahead of the writer, in plan order, on a
+    # few threads (exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which
+    # batches many groups per call: exporter.writers.modelopt_batched).
+    ordered = [u for shard in shards for u in shard.units]
+
+    def work(unit) -> dict[str, torch.Tensor]:
+        with device_stream(device):
+            data = dialect_writer.read(unit, source, device)
+            job = unit.job
+            if isinstance(job, CopyJob):
+                return {job.name: data}
+            out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
+            return {name: t.to("cpu") for name, t in out.items()}
+
+    def produce(unit) -> dict[str, torch.Tensor]:
+        out = feed.get(unit)
+        if deferred is not None:
+            deferred.produced(unit, out)
+        job = unit.job
+        result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
+                              else sum(_weight_bytes(source, m) for m in job.modules))
+        return out
+
+    reported = -1.0
+
+    def after(unit) -> None:
+        nonlocal done, reported
+        done += unit.nbytes
+        if done / total - reported >= PROGRESS_STEP or done >= total:   # ~100 events, not one per unit
+            reported = done / total
+            emit(progress, "quantize", reported, unit.key, bytes_written=done, bytes_read=result.bytes_read)
+        if should_stop is not None:
+            should_stop()
+
+    batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
+    with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
+                  **batching) as feed:
+        try:
+            for i, shard in enumerate(shards):
+                writer.write(shard, produce, after)
+                emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
+                     index=i + 1, shards=len(shards), nbytes=shard.nbytes)
+        finally:
+            t_close = time.perf_counter()
+            writer.close()   # waits for the shards' fsyncs (durability before the final rename)
+            sync_wait = time.perf_counter() - t_close
+    if deferred is not None:
+        deferred.check_complete()
+    if len(shards) > 1:
+        from quantgate.exporter.writers.sharding import index_for
+
+        write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
+    write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
+    copy_other_files(source, out_dir)
+    result.max_buffered_bytes = writer.max_buffered_bytes
+    seconds = time.perf_counter() - t
+    if timings is not None:
+        timings["weights"] = seconds
+    if timings is not None:
+        timings["weights_sync_wait"] = sync_wait
+    emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
+         seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
+         gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
+    return result
+
+
+def _weight_bytes(source: Source, module) -> int:
+    if module.fused is not None:
+        info = source.info(module.fused.tensor)
+        share = (module.fused.rows[1] - module.fused.rows[0]) / info.shape[1 if not module.fused.transposed else 2] \
+            if module.fused.rows else 1.0
+        return int(info.nbytes / info.shape[0] * share)
+    return module.tensors["weight"].nbytes
+
+
+#: Files never copied from the source: we write our own, or they describe the source's weights.
+NOT_COPIED: frozenset[str] = frozenset({"config.json", "hf_quant_config.json", INDEX_FILE, REPORT_JSON,
+                                        REPORT_HTML, STATS_FILE_NAME})
+
+
+def copy_other_files(source: Source, out_dir: Path) -> list[str]:
+    """Copy tokenizer, generation config, chat template and processor files unchanged."""
+    copied = []
+    for rel in source.other_files():
+        if Path(rel).name in NOT_COPIED or rel.endswith(".safetensors"):
+            continue
+        dest = out_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.path / rel, dest)
+        copied.append(rel)
+    return copied
