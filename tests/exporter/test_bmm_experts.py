@@ -265,3 +265,18 @@ def test_schemes_without_a_3d_form_export_the_rest_with_bf16_experts(tiny_model,
     attention = [m.name for m in export.layout.by_kind(Kind.ATTENTION)]
     assert attention and all("weight_scale" in export.layout.modules[n].tensors
                              or "weight_scale_inv" in export.layout.modules[n].tensors for n in attention)
+    # and the dequantized export's logits stay inside the scheme's noise bound (the form's own numerics)
+    from quantgate.exporter.schemes import lookup
+    from quantgate.exporter.schemes.apply import quantize
+
+    from quantgate.exporter.recipes import get_recipe
+
+    entry, form = lookup(dialect, get_recipe(recipe).scheme_name)
+    num = entry.numerics_for(form)
+    w = source.tensor(source.layout.modules[attention[0]].tensors["weight"].name)
+    deq = num.dequantize(*quantize(num, w), dtype=torch.float32)
+    eps = float((deq - w.float()).norm() / w.float().norm())
+    plan = make_plan(source.layout, recipe, ("*experts*",), dialect=dialect)
+    noisy = {weight_tensor(source, n): eps for n in plan.quantized()}
+    assert noisy and not any(t in noisy for t in _fused_tensors(source))
+    assert_logits_within_noise_bound(source, source_dir, result.output, noisy)
