@@ -112,7 +112,7 @@ PROFILED: tuple[tuple[str, str], ...] = (
     ("quantgate.exporter.unit_feed", "UnitFeed.get"),
     ("quantgate.exporter.weight_pass", "copy_other_files"),
     ("quantgate.exporter.pipeline", "_validate"),
-    ("quantgate.exporter.calibration.model", "load_calibration_model"),   # called through the module by calib_session
+    ("quantgate.exporter.calibration.model", "load_calibration_model"),   # called through the module by calibration.session
     ("quantgate.exporter.calibration.session", "load_tokenizer"),
     ("quantgate.exporter.calibration.forward", "calibrate_model"),
     ("quantgate.exporter.calibration.session", "calibration_batches"),
