@@ -208,6 +208,11 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.
     return out.reshape(*packed.shape[:-1], in_f)
 
 
-__all__ = ["E8M0_BIAS", "MX_BLOCK", "ct_block_exponent", "dequantize_mxfp4", "e8m0_to_float",
+
+def dequantize_mxfp4_native(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """GPT-OSS ``*_blocks`` uint8 [..., out, in/32, 16] + ``*_scales`` [..., out, in/32] -> [..., out, in]."""
+    return dequantize_mxfp4(*mxfp4_from_native(blocks, scales), dtype)
+
+__all__ = ["E8M0_BIAS", "MX_BLOCK", "ct_block_exponent", "dequantize_mxfp4", "dequantize_mxfp4_native", "e8m0_to_float",
            "mxfp4_from_native", "mxfp4_native_layout", "native_block_exponent", "quantize_mxfp4_ct",
            "quantize_mxfp4_native"]

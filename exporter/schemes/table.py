@@ -126,10 +126,10 @@ SCHEMES: tuple[Scheme, ...] = (
         description="e4m3 weights with one scale per 128x128 block, dynamic activations"),
     Scheme(
         "MXFP4",
-        Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_native"), Lazy(_N + "mxfp4:dequantize_mxfp4"),
-                 ("weight_packed", "weight_scale")),
+        Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_native"), Lazy(_N + "mxfp4:dequantize_mxfp4_native"),
+                 ("blocks", "scales")),
         # GPT-OSS native `*_blocks` / `*_scales`: written whole per 3-D tensor by writers/mxfp4_native.py
-        forms=(Form(MXFP4, "MXFP4", experts_3d=True, renames={"weight_packed": "blocks", "weight_scale": "scales"}),
+        forms=(Form(MXFP4, "MXFP4", experts_3d=True),
                # llm-compressor's MXFP4A16 preset (the MXFP4 preset's weights, no input quantization)
                Form(COMPRESSED_TENSORS, "MXFP4",
                     numerics=Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_ct"), Lazy(_N + "mxfp4:dequantize_mxfp4"),

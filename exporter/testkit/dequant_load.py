@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 
 
 def _mxfp4_native_fused(export: Source, module: Module, dtype: torch.dtype) -> tuple[str, torch.Tensor] | None:
-    """GPT-OSS native mxfp4: `<t>_blocks` [E, out, in/32, 16] + `<t>_scales` -> (`<t>`, [E, in, out])."""
-    from quantgate.exporter.numerics.mxfp4 import dequantize_mxfp4, mxfp4_from_native
+    """GPT-OSS native mxfp4: `<t>_blocks` [E, out, in/32, 16] + `<t>_scales` -> (`<t>`, [E, in, out]),
+    through the registry's native form."""
+    from quantgate.exporter.schemes import lookup
+    from quantgate.exporter.schemes.apply import dequantize_stored
 
     blocks, scales = module.tensors.get("blocks"), module.tensors.get("scales")
     if blocks is None or scales is None:
         return None
-    w = dequantize_mxfp4(*mxfp4_from_native(export.tensor(blocks.name), export.tensor(scales.name)), dtype)
+    entry, form = lookup(MXFP4, "MXFP4")
+    w = dequantize_stored(entry, form, {"blocks": export.tensor(blocks.name), "scales": export.tensor(scales.name)},
+                          dtype)
     return blocks.name.removesuffix("_blocks"), w.transpose(-1, -2).contiguous()   # the source's [E, in, out]
 
 

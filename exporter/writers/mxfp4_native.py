@@ -37,7 +37,7 @@ from quantgate.exporter.writers.compressed_tensors import ignore_list
 from quantgate.exporter.writers.sharding import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Kind
-from quantgate.validators.schemes import SchemeSpec
+from quantgate.validators.schemes import MXFP4, SchemeSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,19 @@ def quantize_native(job: BmmJob, source: Source, scales: InputScales, device: to
                     weights: torch.Tensor | None = None, numerics: str | None = None) -> dict[str, torch.Tensor]:
     """`<t>_blocks` and `<t>_scales` of one fused [E, in, out] tensor (`numerics`, ModelOpt's rounding
     modes, does not apply: MXFP4's scales are powers of two)."""
-    from quantgate.exporter.numerics.mxfp4 import quantize_mxfp4_native
+    from quantgate.exporter.schemes import lookup
+    from quantgate.exporter.schemes.apply import quantize
 
-    if weights is not None:   # the whole [E, in, out] tensor, read by BmmJob.read
-        blocks, e8m0 = quantize_mxfp4_native(weights.transpose(-1, -2))   # [E, out, in/32, 16], [E, out, in/32]
+    entry, form = lookup(MXFP4, job.spec.name)   # the registry's native form (its own numerics and names)
+    num = entry.numerics_for(form)
+    if weights is not None:   # the whole [E, in, out] tensor, read by BmmJob.read, quantized as [E, out, in]
+        outs = quantize(num, weights.transpose(-1, -2))
     else:                     # larger than WHOLE_READ_MAX: one expert at a time (no shared scale to find first)
-        parts = [quantize_mxfp4_native(source.expert_tensor(job.tensor, e, pin=device.type == "cuda")
-                                       .to(device, non_blocking=True).t())
+        parts = [quantize(num, source.expert_tensor(job.tensor, e, pin=device.type == "cuda")
+                          .to(device, non_blocking=True).t())
                  for e in range(source.info(job.tensor).shape[0])]
-        blocks, e8m0 = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    return {f"{job.tensor}_blocks": blocks.contiguous(), f"{job.tensor}_scales": e8m0.contiguous()}
+        outs = tuple(torch.stack([p[i] for p in parts]) for i in range(len(num.outputs)))
+    return {f"{job.tensor}_{form.suffix(name)}": t.contiguous() for name, t in zip(num.outputs, outs)}
 
 
 def quantization_config(source: Source, plan: Plan) -> dict:

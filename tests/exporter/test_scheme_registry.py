@@ -101,3 +101,22 @@ def test_the_registry_imports_without_torch() -> None:
             "assert 'torch' not in sys.modules; print(len(s.SCHEMES))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("scheme", [s.name for s in SCHEMES])
+def test_every_forms_numerics_round_trip(scheme: str) -> None:
+    """Each form's quantize output is what its dequantize reads (names and layout agree): the canonical
+    outputs of every entry, fed back, give the weight within a 4-bit format's error."""
+    import torch
+
+    from quantgate.exporter.schemes import get_scheme
+    from quantgate.exporter.schemes.apply import quantize
+
+    entry = get_scheme(scheme)
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for form in entry.forms:
+        num = entry.numerics_for(form)
+        outs = quantize(num, w)
+        assert len(outs) == len(num.outputs), (scheme, form.dialect)
+        back = num.dequantize(*outs, dtype=torch.float32)
+        assert back.shape == w.shape and float((back - w.float()).norm() / w.float().norm()) < 0.2, (scheme, form.dialect)
