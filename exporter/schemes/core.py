@@ -94,7 +94,9 @@ class Form:
     `renames`: canonical output name -> on-disk suffix; `conversions`: on-disk suffix -> a
     `SCALE_CONVERSIONS` name; `scales_in_weight_dtype`: the weight is quantized with its stored
     (weight-dtype, rounded-up) scale; `numerics`: this producer's own numerics (default: the
-    scheme's); `also_reads`: other specs of the dialect the same dequantizer reads.
+    scheme's); `also_reads`: other specs of the dialect the same dequantizer reads;
+    `experts_3d`: transposed 3-D experts are written in this form; `architectures`: the only
+    architectures whose engine loaders read this form (empty: any), with the loader that does.
     """
 
     dialect: str
@@ -107,6 +109,10 @@ class Form:
     numerics: Numerics | None = None
     also_reads: tuple[str, ...] = ()
     experts_3d: bool = False
+    architectures: Mapping[str, str] = field(default_factory=dict)
+
+    def loaded_for(self, architecture: str | None) -> bool:
+        return not self.architectures or architecture in self.architectures
 
     def suffix(self, canonical: str) -> str:
         return self.renames.get(canonical, canonical)

@@ -129,7 +129,8 @@ SCHEMES: tuple[Scheme, ...] = (
         Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_native"), Lazy(_N + "mxfp4:dequantize_mxfp4_native"),
                  ("blocks", "scales")),
         # GPT-OSS native `*_blocks` / `*_scales`: written whole per 3-D tensor by writers/mxfp4_native.py
-        forms=(Form(MXFP4, "MXFP4", experts_3d=True),
+        forms=(Form(MXFP4, "MXFP4", experts_3d=True,
+                    architectures={"GptOssForCausalLM": "vLLM / SGLang models/gpt_oss.py::_load_weights_mxfp4"}),
                # llm-compressor's MXFP4A16 preset (the MXFP4 preset's weights, no input quantization)
                Form(COMPRESSED_TENSORS, "MXFP4",
                     numerics=Numerics(Lazy(_N + "mxfp4:quantize_mxfp4_ct"), Lazy(_N + "mxfp4:dequantize_mxfp4"),

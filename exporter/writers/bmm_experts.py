@@ -38,7 +38,7 @@ from quantgate.exporter.source import Source
 from quantgate.exporter.writers.sharding import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Module
-from quantgate.validators.schemes import MODELOPT, MXFP4, SchemeSpec
+from quantgate.validators.schemes import MODELOPT, SchemeSpec
 
 if TYPE_CHECKING:
     from quantgate.exporter.writers.common import InputScales
@@ -141,12 +141,10 @@ def _bmm_alternatives(spec: SchemeSpec, architecture: str | None) -> str:
     """What the user can do instead: the dialects in which this scheme has a 3-D expert form this
     architecture's loaders read, if any."""
     from quantgate.exporter.schemes import lookup
-    from quantgate.exporter.writers.mxfp4_native import NATIVE_ARCHITECTURES
 
-    only_for = {MXFP4: NATIVE_ARCHITECTURES}   # dialects whose 3-D form only some model loaders read
     found = lookup(spec.dialect, spec.name)
-    dialects = [f.dialect for f in found[0].forms if f.experts_3d and f.writable
-                and (f.dialect not in only_for or architecture in only_for[f.dialect])] if found else []
+    dialects = [f.dialect for f in found[0].forms
+                if f.experts_3d and f.writable and f.loaded_for(architecture)] if found else []
     keep = "keep the experts BF16 with --exclude '*experts*'"
     if not dialects:
         return f"No engine-loaded 3-D form of {spec.name} is written by quantgate: {keep}"

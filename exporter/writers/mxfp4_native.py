@@ -16,7 +16,7 @@ facts the validator checks this form against). vLLM `quantization/mxfp4.py` buil
 * config.json `quantization_config` = {"modules_to_not_convert": [...], "quant_method": "mxfp4"}: the
   engines never read the list (QG140); transformers does, so it names every module left BF16.
 
-Which models can be written so is a table (`NATIVE_ARCHITECTURES`), not a model-family branch; any
+Which models can be written so is data (the registry form's `architectures`), not a model-family branch; any
 other model, or a plan that leaves experts BF16, is refused before a weight is read.
 """
 
@@ -42,10 +42,6 @@ from quantgate.validators.schemes import MXFP4, SchemeSpec
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "mxfp4"
-#: architectures whose engine loaders read the fused MXFP4 expert tensors (both engines, gpt_oss.py)
-NATIVE_ARCHITECTURES: dict[str, str] = {
-    "GptOssForCausalLM": "vLLM / SGLang models/gpt_oss.py::_load_weights_mxfp4",
-}
 
 
 def output_tensors(tensor: str, shape: tuple[int, ...], spec: SchemeSpec) -> tuple[OutTensor, ...]:
@@ -59,10 +55,13 @@ def output_tensors(tensor: str, shape: tuple[int, ...], spec: SchemeSpec) -> tup
 def check_native_plan(source: Source, plan: Plan) -> None:
     """Refuse what this form cannot hold: a model whose loaders do not read it, or experts left BF16
     (no engine can keep an MoE layer BF16 under mxfp4: every FusedMoE is built MXFP4, QG440)."""
+    from quantgate.exporter.schemes import lookup
+
+    form = lookup(MXFP4, "MXFP4")[1]
     arch = source.architecture or "this model"
-    if arch not in NATIVE_ARCHITECTURES:
+    if not form.loaded_for(source.architecture):
         raise UnsupportedArchitectureError(
-            f"the native mxfp4 form (experts.*_blocks / *_scales) is loaded for {', '.join(NATIVE_ARCHITECTURES)} "
+            f"the native mxfp4 form (experts.*_blocks / *_scales) is loaded for {', '.join(form.architectures)} "
             f"only, not {arch}; write MXFP4 as compressed-tensors (--dialect compressed-tensors)")
     experts = list(source.layout.by_kind(Kind.EXPERT))
     bf16 = [m.name for m in experts if not plan.assignments[m.name].quantized]
@@ -113,5 +112,5 @@ def prepare_configs(source: Source, plan: Plan) -> Callable[[Path], None]:
     return write
 
 
-__all__ = ["NATIVE_ARCHITECTURES", "QUANT_METHOD", "build_native_units", "check_native_plan", "output_tensors",
+__all__ = ["QUANT_METHOD", "build_native_units", "check_native_plan", "output_tensors",
            "prepare_configs", "quantization_config", "quantize_native"]
