@@ -51,6 +51,27 @@ for step in "$@"; do
       # the disk under the export: buffered write of 3 GB, then with fdatasync (the writer's durability)
       (dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 2>&1 | tail -1; rm -f /tmp/dd.bin
        dd if=/dev/zero of=/tmp/dd.bin bs=16M count=192 conv=fdatasync 2>&1 | tail -1; rm -f /tmp/dd.bin) >>$OUT/wp.txt ;;
+    build)   # the issue model only (page-cached), and one calibration file for the weight-pass-only steps
+      python3 -c "
+import sys; sys.path[:0] = ['$SRC', '.']
+from pathlib import Path
+from benchmarks.modelopt_side_by_side import ISSUE_MODEL, _name_architecture
+from benchmarks.export_bench import _page_cache, synthetic_model
+src, _ = synthetic_model(Path('/tmp/sbs/issue/src'), dict(ISSUE_MODEL)); _name_architecture(src / 'config.json')
+print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
+      [ -f /tmp/sbs/issue/nvfp4/quantgate/calibration.json ] || PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
+        /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-samples 8 --calib-seq-len 128 --out /tmp/sbs/issue/nvfp4/quantgate \
+        --overwrite >>$LOG 2>&1 ;;
+    prof)   # where the weight pass's wall time goes, per thread: py-spy (carried in .whl/) on the weights-only job
+      STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      for mode in ${PROF_MODES:-idle gil}; do
+        flag=--idle; [ $mode = gil ] && flag=--gil
+        PYTHONPATH=$SRC:. /tmp/mo/bin/py-spy record --threads $flag -r 250 -f raw -o $OUT/prof_$mode.txt -- \
+          python3 -m quantgate.service.cli quantize /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS \
+          --out /tmp/prof_$mode --overwrite --progress json 2>&1 | grep "weight pass" >>$OUT/prof.txt
+      done ;;
+    writebench)   # what bounds the writes: pwrite GB/s into one file / a file each, by thread count
+      PYTHONPATH=$SRC:. python3 -m benchmarks.write_bench /tmp --gib 3 >$OUT/write_bench.json 2>&1 ;;
     loadexp)   # from_pretrained of the issue model on one GPU: device_map "auto" vs "cuda" (after imports)
       PYTHONPATH=$SRC:. python3 -c "
 import time, torch, transformers

@@ -23,6 +23,7 @@ restated here; the check of step 2 still catches a writer that stops using it. T
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,8 +70,26 @@ def input_scale_tensors(unit: Unit, amax: AmaxFn, numerics: str, source: Source)
     """The unit's activation-derived tensors, as bytes by name, from the scheme registry's
     `stored_input_scale` (the function every writer calls): per module, or once per 3-D expert tensor
     (one input quantizer per projection, asked as its first module). Empty for units without them."""
+    return input_scale_bytes([unit], amax, numerics, source)
+
+
+def input_scale_bytes(units: list[Unit], amax: AmaxFn, numerics: str, source: Source) -> dict[str, bytes]:
+    """`input_scale_tensors` of many units, one registry call per scheme, form, weight dtype and shape
+    (`stored_input_scales`: element-wise, the same bits as one call per module)."""
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for unit in units:
+        for key, name, module in _input_scale_entries(unit, source):
+            groups.setdefault(key, []).append((name, amax(module)))
+    out: dict[str, bytes] = {}
+    for key, members in groups.items():
+        stored = _stored_bytes(*key, tuple(a for _, a in members), numerics)
+        out.update(zip((name for name, _ in members), stored))
+    return out
+
+
+def _input_scale_entries(unit: Unit, source: Source) -> list[tuple[tuple, str, str]]:
+    """(group key, stored tensor name, module whose amax it takes) of each activation-derived tensor."""
     from quantgate.exporter.schemes import lookup
-    from quantgate.exporter.schemes.apply import stored_input_scale
     from quantgate.exporter.source import TORCH_DTYPES
     from quantgate.exporter.writers.bmm_experts import BmmJob, output_name
 
@@ -78,20 +97,30 @@ def input_scale_tensors(unit: Unit, amax: AmaxFn, numerics: str, source: Source)
     spec = getattr(job, "spec", None)
     found = lookup(spec.dialect, spec.name) if spec is not None and spec.activation_scales else None
     if found is None or found[0].numerics_for(found[1]).input_scale is None:
-        return {}
-    scheme, form = found
+        return []
+    suffix = found[1].suffix(INPUT_SCALE)
     if isinstance(job, BmmJob):
         dtype = TORCH_DTYPES[source.info(job.tensor).dtype]
-        suffix, t = stored_input_scale(scheme, form, amax(job.modules[0].name), dtype, (), numerics)
-        return {output_name(job.tensor, suffix): bytes(tensor_bytes(t))}
-    out: dict[str, bytes] = {}
+        return [((spec.dialect, spec.name, dtype, ()), output_name(job.tensor, suffix), job.modules[0].name)]
+    entries = []
     for m in job.modules:
         dtype = TORCH_DTYPES[_weight_info(source, m).dtype]
-        suffix = form.suffix(INPUT_SCALE)
         shape = tuple(spec.by_suffix[suffix].shape(m.out_features, m.in_features))
-        out[f"{m.name}.{suffix}"] = bytes(tensor_bytes(stored_input_scale(scheme, form, amax(m.name), dtype, shape,
-                                                                          numerics)[1]))
-    return out
+        entries.append(((spec.dialect, spec.name, dtype, shape), f"{m.name}.{suffix}", m.name))
+    return entries
+
+
+@functools.lru_cache(maxsize=1024)
+def _stored_bytes(dialect: str, spec_name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                  amaxes: tuple[float, ...], numerics: str) -> tuple[bytes, ...]:
+    """The stored input scales of modules with these amaxes, as bytes each (cached: during a deferred
+    pass every module has the placeholder amax, so each unit's check costs a lookup)."""
+    from quantgate.exporter.schemes import lookup
+    from quantgate.exporter.schemes.apply import stored_input_scales
+
+    scheme, form = lookup(dialect, spec_name)
+    _, stored = stored_input_scales(scheme, form, list(amaxes), dtype, shape, numerics)
+    return tuple(bytes(tensor_bytes(t)) for t in stored)
 
 
 def _weight_info(source: Source, module: Any):
@@ -117,9 +146,11 @@ class DeferredInputScales:
     scales: PlaceholderInputScales = field(default_factory=PlaceholderInputScales)
     units: list[Unit] = field(default_factory=list)
     covered: set[str] = field(default_factory=set)   # modules whose amax the formulas use
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def produced(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> None:
-        """Check a unit's produced placeholder-valued tensors against the formulas (step 2)."""
+    def produced(self, unit: Unit, tensors: dict[str, Any]) -> None:
+        """Check a unit's produced placeholder-valued tensors against the formulas (step 2); called
+        by the producing threads."""
         expected = self._tensors(unit, self._recording_amax)
         for name, data in expected.items():
             got = tensors.get(name)
@@ -128,7 +159,8 @@ class DeferredInputScales:
                     f"{unit.key}: the {self.dialect} writer's {name} is not what the deferred input-scale "
                     f"formula gives for the same amax; run with QUANTGATE_OVERLAP=0 and report this")
         if expected:
-            self.units.append(unit)
+            with self._lock:
+                self.units.append(unit)
 
     def check_complete(self) -> None:
         """Every module the writer asked an amax for has its tensors among those patched later."""
@@ -142,14 +174,13 @@ class DeferredInputScales:
     def patch(self, shards: list[Shard], scales: Any, out_dir: Path) -> int:
         """Write the real activation-derived tensors (from `scales`, an InputScales) at their planned
         offsets; returns how many were written."""
-        real: dict[str, bytes] = {}
-        for unit in self.units:
-            real.update(self._tensors(unit, scales.amax))
+        real = input_scale_bytes(self.units, scales.amax, self.numerics, self.source)
         patch_tensors(out_dir, shards, real)
         return len(real)
 
     def _recording_amax(self, module: str) -> float:
-        self.covered.add(module)
+        with self._lock:
+            self.covered.add(module)
         return PLACEHOLDER_AMAX
 
     def _tensors(self, unit: Unit, amax: AmaxFn) -> dict[str, bytes]:

@@ -76,13 +76,15 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     done = 0
     result = WriteStats(shards=shards)
     writer = ShardWriter(out_dir, on_buffer=on_buffer)
+    writer.place(shards)
 
-    # Units are read, quantized and brought to the host ahead of the writer, in plan order, on a
-    # few threads (exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which
-    # batches many groups per call: exporter.writers.modelopt_batched).
+    # Units are read, quantized, brought to the host and written at their planned offsets ahead of
+    # this thread, in plan order, on a few threads (exporter.unit_feed: one single-threaded worker
+    # per core on CPU, a few on CUDA, which batch many groups per call:
+    # exporter.writers.modelopt_batched); this thread only walks them in order.
     ordered = [u for shard in shards for u in shard.units]
 
-    def work(unit) -> dict[str, torch.Tensor]:
+    def compute(unit) -> dict[str, Any]:
         with device_stream(device):
             data = dialect_writer.read(unit, source, device)
             job = unit.job
@@ -91,14 +93,17 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
             out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
             return {name: t.to("cpu") for name, t in out.items()}
 
-    def produce(unit) -> dict[str, torch.Tensor]:
-        out = feed.get(unit)
+    def finish(unit, tensors: dict[str, Any]) -> int:   # on the producing thread
         if deferred is not None:
-            deferred.produced(unit, out)
+            deferred.produced(unit, tensors)
+        return writer.write_unit(unit, tensors)
+
+    def produce(unit) -> int:
+        held = feed.get(unit)
         job = unit.job
         result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
                               else sum(_weight_bytes(source, m) for m in job.modules))
-        return out
+        return held
 
     reported = -1.0
 
@@ -111,18 +116,22 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         if should_stop is not None:
             should_stop()
 
+    def shard_done(i: int, shard) -> None:
+        emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
+             index=i + 1, shards=len(shards), nbytes=shard.nbytes)
+
     batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
-    with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
-                  **batching) as feed:
-        try:
-            for i, shard in enumerate(shards):
-                writer.write(shard, produce, after)
-                emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
-                     index=i + 1, shards=len(shards), nbytes=shard.nbytes)
-        finally:
-            t_close = time.perf_counter()
-            writer.close()   # waits for the shards' fsyncs (durability before the final rename)
-            sync_wait = time.perf_counter() - t_close
+    if "work_batch" in batching:
+        compute_batch = batching["work_batch"]
+        batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
+    try:
+        with UnitFeed(ordered, lambda unit: finish(unit, compute(unit)), feed_workers(device),
+                      single_threaded_torch=device.type == "cpu", **batching) as feed:
+            writer.write_placed(shards, produce, after, shard_done)
+    finally:   # the feed has stopped every producing thread: no write is in flight
+        t_close = time.perf_counter()
+        writer.close()   # waits for the shards' fsyncs (durability before the final rename)
+        sync_wait = time.perf_counter() - t_close
     if deferred is not None:
         deferred.check_complete()
     if len(shards) > 1:

@@ -55,6 +55,22 @@ def stored_input_scale(scheme: Scheme, form: Form, amax: float, weight_dtype: to
     return suffix, _convert(form, suffix, t, weight_dtype).reshape(shape).clone()
 
 
+def stored_input_scales(scheme: Scheme, form: Form, amaxes: Sequence[float], weight_dtype: torch.dtype,
+                        shape: tuple[int, ...] = (), numerics: str = DEFAULT_NUMERICS) -> tuple[str, Tensor]:
+    """`stored_input_scale` of many modules with one weight dtype and planned shape, in one call:
+    (suffix, [n, *shape]). The input-scale formulas are element-wise, so entry i has the bits of the
+    one-module call for amaxes[i] (tested); a form whose stored scale needs a conversion takes them
+    one by one."""
+    suffix = form.suffix(INPUT_SCALE)
+    if suffix in form.conversions or not amaxes:
+        return suffix, torch.stack([stored_input_scale(scheme, form, a, weight_dtype, shape, numerics)[1]
+                                    for a in amaxes]) if amaxes else torch.empty((0, *shape))
+    num = scheme.numerics_for(form)
+    assert num.input_scale is not None, f"{scheme.name} has no static input scale"
+    t = num.input_scale(torch.tensor(list(amaxes), dtype=torch.float32), numerics).to(torch.float32)
+    return suffix, t.reshape(len(amaxes), *shape)
+
+
 def quantize(num: Numerics, w: Tensor, scale: Tensor | None = None,
              numerics: str = DEFAULT_NUMERICS) -> tuple[Tensor, ...]:
     """`num.quantize` with the arguments it takes: (w, [scale], [numerics=], **kwargs)."""

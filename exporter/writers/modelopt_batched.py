@@ -31,10 +31,10 @@ from quantgate.exporter.numerics.nvfp4 import (
     quantize_nvfp4,
 )
 from quantgate.exporter.schemes import lookup
-from quantgate.exporter.schemes.apply import shares_scale, stored_input_scale
+from quantgate.exporter.schemes.apply import shares_scale, stored_input_scales
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
-from quantgate.exporter.writers.sharding import Unit
+from quantgate.exporter.writers.sharding import HostBytes, Unit
 from quantgate.validators.schemes import MODELOPT
 from torch import Tensor
 
@@ -78,7 +78,7 @@ def plan_batches(units: Sequence[Unit], sizes: Sequence[int], *,
 
 def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
                    device: torch.device, numerics: str = DEFAULT_NUMERICS) -> list[dict[str, Tensor]]:
-    """Each unit's output tensors (on the CPU), byte-identical to `modelopt.quantize_group`."""
+    """Each unit's output tensors as host bytes (`HostBytes`), byte-identical to `modelopt.quantize_group`."""
     jobs: list[QuantJob] = [u.job for u in units]
     names: list[str] = []            # one entry per module, in job order
     weights: list[Tensor] = []
@@ -117,33 +117,56 @@ def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
     scale_amax = torch.tensor(group_amax, dtype=torch.float32).to(device)
     ws2 = nvfp4_global_scales(scale_amax, numerics)                                   # fp32 [M]
 
-    # 3. quantize each shape's stack in chunks; one device-to-host copy per output kind and shape
-    packed: dict[int, Tensor] = {}
-    block: dict[int, Tensor] = {}
+    # 3. quantize each shape's stack; one device-to-host copy per output kind and shape, whose host
+    #    arrays every module's outputs are views of (no torch call per output tensor)
+    packed: list[Any] = [None] * len(names)
+    block: list[Any] = [None] * len(names)
     for key, idx in by_shape.items():
         p, b, _ = quantize_nvfp4(stacks.pop(key), ws2[torch.tensor(idx, device=device)], numerics)
-        p, b = _to_host(p), _to_host(b)
+        p_host, b_host = _to_host(p).numpy(), _to_host(b).view(torch.uint8).numpy()   # [n, out, in/2], [n, out, in/16]
         for j, i in enumerate(idx):
-            packed[i], block[i] = p[j], b[j]
-    host_ws2 = _to_host(ws2)
+            packed[i], block[i] = p_host[j], b_host[j]
+    ws2_host = _to_host(ws2).numpy()                                                    # fp32 [M]
+    inputs = _input_scales(jobs, weight_dtypes, scales, numerics)
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()   # the copies above are asynchronous
 
-    out: list[dict[str, Tensor]] = []
+    out: list[dict[str, HostBytes]] = []
     k = 0
     for job in jobs:
-        entry, form = lookup(MODELOPT, job.spec.name)
-        tensors: dict[str, Tensor] = {}
+        tensors: dict[str, HostBytes] = {}
         for m in job.modules:
-            tensors[f"{m.name}.weight"] = packed[k]
-            tensors[f"{m.name}.weight_scale"] = block[k]
-            tensors[f"{m.name}.weight_scale_2"] = host_ws2[k].reshape(()).clone()
-            if job.spec.activation_scales:
-                suffix, scale_in = stored_input_scale(entry, form, scales.amax(m.name), weight_dtypes[k], (), numerics)
-                tensors[f"{m.name}.{suffix}"] = scale_in
+            tensors[f"{m.name}.weight"] = HostBytes.of(packed[k], "U8")
+            tensors[f"{m.name}.weight_scale"] = HostBytes.of(block[k], "F8_E4M3")
+            tensors[f"{m.name}.weight_scale_2"] = HostBytes.of(ws2_host[k:k + 1].reshape(()), "F32")
+            if k in inputs:
+                suffix, stored = inputs[k]
+                tensors[f"{m.name}.{suffix}"] = stored
             k += 1
         out.append(tensors)
     return out
+
+
+def _input_scales(jobs: Sequence[QuantJob], weight_dtypes: Sequence[torch.dtype], scales: InputScales,
+                  numerics: str) -> dict[int, tuple[str, HostBytes]]:
+    """Module index -> (suffix, stored input scale) for the jobs with static input scales, one
+    registry call per scheme and weight dtype (`stored_input_scales`: the same bits per module)."""
+    groups: dict[tuple[str, torch.dtype], list[tuple[int, str]]] = {}
+    k = 0
+    for job in jobs:
+        for m in job.modules:
+            if job.spec.activation_scales:
+                groups.setdefault((job.spec.name, weight_dtypes[k]), []).append((k, m.name))
+            k += 1
+    found: dict[int, tuple[str, HostBytes]] = {}
+    for (spec_name, dtype), members in groups.items():
+        entry, form = lookup(MODELOPT, spec_name)
+        suffix, stored = stored_input_scales(entry, form, [scales.amax(name) for _, name in members], dtype, (),
+                                             numerics)
+        host = stored.numpy()                                                         # fp32 [n]
+        for j, (i, _) in enumerate(members):
+            found[i] = (suffix, HostBytes.of(host[j:j + 1].reshape(()), "F32"))
+    return found
 
 
 def _to_host(t: Tensor) -> Tensor:

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -109,15 +110,21 @@ class ShardWriter:
     """Streams planned shards to disk: no shard is ever held in memory.
 
     Every tensor's name, dtype and shape is planned, so a shard's safetensors header (and with it
-    every tensor's byte offset) is final before its first tensor is produced. Each produced tensor
-    is written at its offset with `pwrite` and released at once, so memory holds only the unit in
-    hand (`max_buffered_bytes` records that high-water mark). The file is byte-identical to
-    `safetensors.torch.save_file` of the same tensors (same order, header and padding).
+    every tensor's byte offset) is final before its first tensor is produced. `place(shards)` fixes
+    them; `write_unit(unit, tensors)` then writes one unit's tensors at their offsets with `pwrite`
+    from any thread (the weight pass's producing threads write what they made, so the bytes never
+    pass through one consumer thread), opening the unit's shard on first use. `write_placed` walks
+    the units in plan order on the calling thread, taking each unit's held byte count from
+    `produce(unit)` (which returns once the unit is written), and finishes each shard after its
+    last unit. The file is byte-identical to `safetensors.torch.save_file` of the same tensors
+    (same order, header and padding). `write(shard, produce)` is the one-thread form: `produce`
+    returns the tensors and they are written here.
 
     Durability overlaps with production: a background thread `fdatasync`s a shard every
     `sync_every` bytes written and, once the shard is complete, fsyncs and renames it from
-    `.<name>.partial` into place. `close()` waits for that. `on_buffer(nbytes)` (tests) is called
-    with the bytes held after each unit.
+    `.<name>.partial` into place. `close()` waits for that and closes what a failure left open;
+    callers must stop every writing thread first. `max_buffered_bytes` records the largest unit
+    held at once; `on_buffer(nbytes)` (tests) is called with each unit's bytes.
     """
 
     def __init__(self, out_dir: Path, on_buffer: Callable[[int], None] | None = None, *,
@@ -128,54 +135,117 @@ class ShardWriter:
         self.sync_every = sync_every
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantgate-fsync")
         self._syncs: list[Future] = []
+        self._placed: dict[int, _Placed] = {}      # id(unit) -> its shard's placement
+        self._open_lock = threading.Lock()
 
-    def close(self) -> None:
-        """Wait until every shard written is on disk and in place; re-raises an I/O error."""
-        try:
-            for future in self._syncs:
-                future.result()
-        finally:
-            self._syncer.shutdown(wait=True)
+    def place(self, shards: Sequence[Shard[U]]) -> None:
+        """Fix the header and every tensor's offset of `shards` (before any `write_unit`)."""
+        for shard in shards:
+            header, offsets = shard_header([t for u in shard.units for t in u.tensors])
+            placed = _Placed(self.out_dir / shard.file, header, offsets)
+            for unit in shard.units:
+                self._placed[id(unit)] = placed
 
-    def write(self, shard: Shard[U], produce: Callable[[Unit[U]], dict[str, torch.Tensor]],
-              after_unit: Callable[[Unit[U]], None] | None = None) -> None:
-        header, offsets = shard_header([t for u in shard.units for t in u.tensors])
-        path = self.out_dir / shard.file
-        tmp = path.with_name(f".{path.name}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        handed_off = False
-        try:
-            _pwrite_all(fd, header, 0)
-            base = len(header)
+    def write_unit(self, unit: Unit[U], tensors: Mapping[str, torch.Tensor | HostBytes]) -> int:
+        """Write `unit`'s produced tensors at their planned offsets (thread-safe); returns their bytes."""
+        placed = self._placed.get(id(unit))
+        if placed is None:
+            raise RuntimeError(f"unit {unit.key} is not in a placed shard")
+        expected = {t.name: t for t in unit.tensors}
+        if tensors.keys() != expected.keys():
+            raise RuntimeError(f"unit {unit.key} produced {sorted(tensors)} instead of {sorted(expected)}")
+        fd = self._fd(placed)
+        base = len(placed.header)
+        held = 0
+        for name, tensor in tensors.items():
+            data = checked_bytes(tensor, expected[name])
+            held += data.nbytes
+            _pwrite_all(fd, data, base + placed.offsets[name])
+        return held
+
+    def write_placed(self, shards: Sequence[Shard[U]], produce: Callable[[Unit[U]], int],
+                     after_unit: Callable[[Unit[U]], None] | None = None,
+                     after_shard: Callable[[int, Shard[U]], None] | None = None) -> None:
+        """Walk `shards` (placed) in order: `produce(unit)` returns once the unit is written, with its
+        bytes; a shard is synced and renamed in the background after its last unit."""
+        for i, shard in enumerate(shards):
             unsynced = 0
             for unit in shard.units:
-                tensors = produce(unit)
-                expected = {t.name: t for t in unit.tensors}
-                if set(tensors) != set(expected):
-                    raise RuntimeError(f"unit {unit.key} produced {sorted(tensors)} instead of {sorted(expected)}")
-                held = 0
-                for name, tensor in tensors.items():
-                    _check(tensor, expected[name])
-                    data = tensor_bytes(tensor)
-                    held += len(data)
-                    _pwrite_all(fd, data, base + offsets[name])
+                held = produce(unit)
                 unsynced += held
                 self.max_buffered_bytes = max(self.max_buffered_bytes, held)
                 if self.on_buffer is not None:
                     self.on_buffer(held)
-                del tensors
                 if after_unit is not None:
                     after_unit(unit)
                 if unsynced >= self.sync_every:
-                    self._syncs.append(self._syncer.submit(os.fdatasync, fd))
+                    self._syncs.append(self._syncer.submit(os.fdatasync, self._fd(self._placed[id(unit)])))
                     unsynced = 0
-            self._syncs.append(self._syncer.submit(_finish_shard, fd, tmp, path))
-            handed_off = True
+            placed = self._placed[id(shard.units[-1])]
+            self._syncs.append(self._syncer.submit(_finish_shard, self._fd(placed), placed.tmp, placed.path))
+            placed.handed_off = True
+            if after_shard is not None:
+                after_shard(i, shard)
+
+    def write(self, shard: Shard[U], produce: Callable[[Unit[U]], Mapping[str, torch.Tensor | HostBytes]],
+              after_unit: Callable[[Unit[U]], None] | None = None) -> None:
+        """One shard on this thread: `produce(unit)` returns the unit's tensors, written here."""
+        self.place([shard])
+        try:
+            self.write_placed([shard], lambda unit: self.write_unit(unit, produce(unit)), after_unit)
         finally:
-            if not handed_off:   # a failed produce: the background syncs of this fd must end first
-                for future in self._syncs:
+            self._close_unfinished()
+
+    def close(self) -> None:
+        """Wait until every shard written is on disk and in place; re-raises an I/O error. Closes the
+        files of shards a failure left unfinished (their `.partial` files stay in the temporary
+        directory the caller removes)."""
+        try:
+            for future in self._syncs:
+                future.result()
+        finally:
+            self._close_unfinished()
+            self._syncer.shutdown(wait=True)
+
+    def _close_unfinished(self) -> None:
+        for placed in {id(p): p for p in self._placed.values()}.values():
+            if placed.fd is not None and not placed.handed_off:
+                for future in self._syncs:   # background syncs of this fd must end before it closes
                     future.exception()
-                os.close(fd)
+                os.close(placed.fd)
+                placed.fd = None
+
+    def _fd(self, placed: _Placed) -> int:
+        fd = placed.fd
+        if fd is not None:
+            return fd
+        with self._open_lock:
+            if placed.fd is None:
+                if placed.handed_off:
+                    raise RuntimeError(f"{placed.path.name} is already finished")
+                fd = os.open(placed.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    _pwrite_all(fd, placed.header, 0)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                placed.fd = fd
+            return placed.fd
+
+
+@dataclass(eq=False)
+class _Placed:
+    """One shard's file, header and tensor offsets (in its data section)."""
+
+    path: Path
+    header: bytes
+    offsets: dict[str, int]
+    fd: int | None = None
+    handed_off: bool = False      # its final sync and rename are submitted
+
+    @property
+    def tmp(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.partial")
 
 
 def shard_header(tensors: Sequence[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
@@ -204,8 +274,26 @@ def _alignment(dtype: str) -> int:
     return max(1, DTYPE_BITS[dtype] // 8)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+@dataclass(frozen=True, slots=True)
+class HostBytes:
+    """One produced tensor as host bytes with its safetensors dtype and shape: what a writer that
+    already holds its outputs in host arrays (the batched GPU writer) hands the shard writer, so a
+    tensor costs no torch call on its way to disk."""
+
+    data: memoryview          # C-contiguous, little-endian
+    dtype: str                # safetensors dtype, e.g. "U8", "F8_E4M3", "F32"
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, array: Any, dtype: str) -> HostBytes:
+        """From a C-contiguous numpy array (a view of a host tensor); `dtype` names what its bytes hold."""
+        return cls(memoryview(array).cast("B"), dtype, array.shape)
+
+
+def tensor_bytes(tensor: torch.Tensor | HostBytes) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
+    if isinstance(tensor, HostBytes):
+        return tensor.data
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.dtype is not torch.uint8:
         flat = flat.view(torch.uint8)
@@ -235,11 +323,18 @@ _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
 }
 
 
-def _check(tensor: torch.Tensor, spec: OutTensor) -> None:
-    dtype = _SAFETENSORS_DTYPE.get(tensor.dtype)
-    if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-        raise RuntimeError(f"{spec.name}: produced {dtype} {list(tensor.shape)}, planned {spec.dtype} "
-                           f"{list(spec.shape)}")
+def checked_bytes(tensor: torch.Tensor | HostBytes, spec: OutTensor) -> memoryview:
+    """`tensor_bytes(tensor)`, after checking its dtype and shape against the plan."""
+    if isinstance(tensor, HostBytes):
+        dtype, shape = tensor.dtype, tuple(tensor.shape)
+    else:
+        dtype, shape = _SAFETENSORS_DTYPE.get(tensor.dtype), tuple(tensor.shape)
+    if dtype != spec.dtype or shape != spec.shape:
+        raise RuntimeError(f"{spec.name}: produced {dtype} {list(shape)}, planned {spec.dtype} {list(spec.shape)}")
+    data = tensor_bytes(tensor)
+    if data.nbytes != spec.nbytes:
+        raise RuntimeError(f"{spec.name}: produced {data.nbytes} bytes, planned {spec.nbytes}")
+    return data
 
 
 def write_atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], *, sync: bool = True) -> Path:

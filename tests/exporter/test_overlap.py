@@ -145,18 +145,18 @@ def test_a_writer_drifting_from_the_deferred_formula_fails_loudly(tiny_model, tm
     writer's, doubled) fails the job: the deferred patch would otherwise overwrite it with other bits."""
     from quantgate.exporter.writers import modelopt, modelopt_batched
 
-    real_members, real_scale = modelopt.quantize_members, modelopt_batched.stored_input_scale
+    real_members, real_scales = modelopt.quantize_members, modelopt_batched.stored_input_scales
 
     def drifted_members(*args, **kwargs):
         out = real_members(*args, **kwargs)
         return {k: v * 2 if k.endswith(".input_scale") else v for k, v in out.items()}
 
-    def drifted_scale(*args, **kwargs):
-        suffix, t = real_scale(*args, **kwargs)
+    def drifted_scales(*args, **kwargs):
+        suffix, t = real_scales(*args, **kwargs)
         return suffix, t * 2
 
     monkeypatch.setattr(modelopt, "quantize_members", drifted_members)
-    monkeypatch.setattr(modelopt_batched, "stored_input_scale", drifted_scale)   # the CUDA weight pass
+    monkeypatch.setattr(modelopt_batched, "stored_input_scales", drifted_scales)   # the CUDA weight pass
     with pytest.raises(DeferredInputScaleError, match="input_scale is not what the deferred"):
         _run(monkeypatch, tiny_model("mixtral"), tmp_path / "out", "nvfp4", "modelopt", "1")
     assert not any(tmp_path.iterdir())
