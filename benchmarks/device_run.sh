@@ -40,7 +40,8 @@ for step in "$@"; do
       QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py \
         tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
     readbench)   # what bounds the weight pass's reads: GB/s by thread count, pageable / pinned / pinned + H2D
-      PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda >$OUT/read_bench.json 2>&1 ;;
+      for c in ${READ_CHUNKS:-8}; do PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda \
+        --chunk-mib $c --threads ${READ_THREADS:-1,2,4,8} >>$OUT/read_bench.json 2>&1; done ;;
     wp)   # the weight pass alone (a calibration file as stats), by worker count: GB/s of BF16 read
       STATS=/tmp/sbs/issue/nvfp4/modelopt_amax_stats.json; [ -f $STATS ] || STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
       for w in ${WP_WORKERS:-1 2 4}; do
@@ -72,6 +73,13 @@ print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
       done ;;
     writebench)   # what bounds the writes: pwrite GB/s into one file / a file each, by thread count
       PYTHONPATH=$SRC:. python3 -m benchmarks.write_bench /tmp --gib 3 >$OUT/write_bench.json 2>&1 ;;
+    probe)   # the weights-only job with one stage taken out (benchmarks/weight_pass_probe.py), PROBES="base noprealloc nowrite ..."
+      STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      for v in ${PROBES:-base nowrite noread nosync nowrite+noread}; do
+        echo "$v workers=${QUANTGATE_WEIGHT_WORKERS:-default} $(PYTHONPATH=$SRC:. python3 -m benchmarks.weight_pass_probe $v -- quantize \
+          /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/probe --overwrite \
+          --progress json 2>&1 | grep "weight pass")" >>$OUT/probe.txt
+      done ;;
     loadexp)   # from_pretrained of the issue model on one GPU: device_map "auto" vs "cuda" (after imports)
       PYTHONPATH=$SRC:. python3 -c "
 import time, torch, transformers

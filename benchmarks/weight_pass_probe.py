@@ -1,0 +1,124 @@
+"""Where the weight pass's time goes: the weights-only job with one stage taken out.
+
+    python3 -m benchmarks.weight_pass_probe VARIANT -- quantize SRC --recipe nvfp4 --device cuda \
+        --calib-stats STATS --out OUT --overwrite --progress json
+
+Runs `quantgate quantize` in this process after replacing one stage (a measurement, never an
+export: the job's validation is expected to fail for `nowrite` / `noread`):
+
+- `base`: unchanged;
+- `nowrite`: the shard writer's positioned writes do nothing (files stay sparse);
+- `noread`: every source read returns one reused buffer of the right size (no page-cache copy);
+- `nosync`: no background `fdatasync` while the shard is written (only its final fsync);
+- `noprealloc`: shards not reserved when opened (`exporter.writers.preallocate`; the writes extend
+  the file, as before 2026-12-03);
+- `fallocate`: each shard's blocks also allocated with `posix_fallocate` (how the reservation was
+  first measured, before the writer did it itself);
+- `mmap`: each shard sized up front and mapped; units are copied into the mapping (numpy copies,
+  which release the GIL) instead of `pwrite` (one file's buffered writes serialise on its inode lock);
+- `a+b`: several of them.
+
+The weight pass's own progress event (GB/s) is printed as the job prints it; compare variants.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    variant, sep, *argv = sys.argv[1:]
+    if sep != "--":
+        raise SystemExit(__doc__)
+    parts = set(variant.split("+"))
+    if "nowrite" in parts:
+        from quantgate.exporter.writers import sharding
+
+        sharding._pwrite_all = lambda fd, data, offset: None
+    if "noprealloc" in parts:
+        from quantgate.exporter.writers import sharding
+
+        sharding.preallocate = lambda fd, size, path: False
+    if "nosync" in parts:
+        from quantgate.exporter.writers import sharding
+
+        sharding.ShardWriter.__init__.__kwdefaults__["sync_every"] = 1 << 62
+    if "fallocate" in parts or "mmap" in parts:
+        _presize(mapped="mmap" in parts)
+    if "noread" in parts:
+        import torch
+
+        from quantgate.exporter.source import TORCH_DTYPES, Source
+
+        buffers: dict[tuple[int, bool], torch.Tensor] = {}
+
+        def reused(self, info, offset, length, pin=False):   # Source._read's signature
+            key = (length, pin)
+            if key not in buffers:
+                buffers[key] = torch.zeros(length, dtype=torch.uint8, pin_memory=pin)
+            return buffers[key].view(TORCH_DTYPES[info.dtype])
+
+        Source._read = reused
+    from quantgate.service.cli import main as cli
+
+    return cli(argv)
+
+
+def _presize(*, mapped: bool) -> None:
+    import mmap
+    import os
+    import threading
+
+    import numpy as np
+
+    from quantgate.exporter.writers import sharding
+
+    W = sharding.ShardWriter
+    place, open_fd = W.place, W._fd
+    sizes: dict[int, int] = {}
+    maps: dict[int, mmap.mmap] = {}
+
+    def sized_place(self, shards):
+        place(self, shards)
+        for shard in shards:
+            placed = self._placed[id(shard.units[0])]
+            sizes[id(placed)] = len(placed.header) + sum(t.nbytes for u in shard.units for t in u.tensors)
+
+    lock = threading.Lock()
+
+    def sized_fd(self, placed):
+        if id(placed) in maps:
+            return placed.fd
+        with lock:
+            fd = open_fd(self, placed)
+            if id(placed) in maps:
+                return fd
+            if mapped:
+                rw = os.open(placed.tmp, os.O_RDWR)   # the writer's fd is write-only; fsync is per inode
+                os.ftruncate(rw, sizes[id(placed)])
+                maps[id(placed)] = mmap.mmap(rw, sizes[id(placed)], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                os.close(rw)
+            else:
+                os.posix_fallocate(fd, 0, sizes[id(placed)])
+                maps[id(placed)] = None
+            return fd
+
+    def mapped_write(self, unit, tensors):
+        placed = self._placed[id(unit)]
+        self._fd(placed)
+        target = np.frombuffer(maps[id(placed)], dtype=np.uint8)
+        base, held = len(placed.header), 0
+        for t in unit.tensors:
+            data = sharding.checked_bytes(tensors[t.name], t)
+            start = base + placed.offsets[t.name]
+            target[start:start + data.nbytes] = np.frombuffer(data, dtype=np.uint8)
+            held += data.nbytes
+        return held
+
+    W.place, W._fd = sized_place, sized_fd
+    if mapped:
+        W.write_unit = mapped_write
+
+
+if __name__ == "__main__":
+    sys.exit(main())
