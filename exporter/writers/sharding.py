@@ -5,7 +5,8 @@ gives the quantized shapes), so shards are planned up front: units (a fused grou
 pass-through tensor) are packed in order into shards of at most `shard_size` bytes (a unit larger
 than that gets a shard of its own), and the file names and the index are final from the start.
 The writer streams each produced tensor to its planned offset (`pwrite`), so it holds only the unit
-in hand, never a shard.
+in hand, never a shard; each shard's blocks are reserved when it is opened
+(exporter.writers.preallocate: a full disk fails at once, and the writes run faster).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from safetensors.torch import save_file
 
+from quantgate.exporter.writers.preallocate import check_free_space, preallocate
 from quantgate.validators.safetensors_header import DTYPE_BITS
 
 log = logging.getLogger(__name__)
@@ -139,12 +141,16 @@ class ShardWriter:
         self._open_lock = threading.Lock()
 
     def place(self, shards: Sequence[Shard[U]]) -> None:
-        """Fix the header and every tensor's offset of `shards` (before any `write_unit`)."""
+        """Fix the header and every tensor's offset of `shards` (before any `write_unit`); fails with
+        `OutputSpaceError` when the directory has not room for them all."""
+        placed_all = []
         for shard in shards:
             header, offsets = shard_header([t for u in shard.units for t in u.tensors])
-            placed = _Placed(self.out_dir / shard.file, header, offsets)
+            placed = _Placed(self.out_dir / shard.file, header, offsets, len(header) + shard.nbytes)
+            placed_all.append(placed)
             for unit in shard.units:
                 self._placed[id(unit)] = placed
+        check_free_space(self.out_dir, sum(p.size for p in placed_all))
 
     def write_unit(self, unit: Unit[U], tensors: Mapping[str, torch.Tensor | HostBytes]) -> int:
         """Write `unit`'s produced tensors at their planned offsets (thread-safe); returns their bytes."""
@@ -225,6 +231,7 @@ class ShardWriter:
                     raise RuntimeError(f"{placed.path.name} is already finished")
                 fd = os.open(placed.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
+                    preallocate(fd, placed.size, placed.tmp)   # fails fast on a full disk; faster writes
                     _pwrite_all(fd, placed.header, 0)
                 except BaseException:
                     os.close(fd)
@@ -240,6 +247,7 @@ class _Placed:
     path: Path
     header: bytes
     offsets: dict[str, int]
+    size: int                     # the whole file: header + data
     fd: int | None = None
     handed_off: bool = False      # its final sync and rename are submitted
 
