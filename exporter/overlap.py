@@ -6,12 +6,12 @@ runs calibration (transformers' first-use imports, the model load, the forward) 
 thread while the calling thread runs the weight pass; then the input scales are patched in, and
 validation and the rename follow as before.
 
-When: both sides are bound by the interpreter lock more than by the hardware (the GPU weight pass
-by its per-unit Python steps: page-cached reads alone run at 5.5 GB/s per thread and scale with
-threads, the pass does not scale with workers; transformers' imports by executing module code).
-Started together they slow each other (H200, issue model: weight pass 3.4 s alone, 12.6 s next to
-the imports); so by default the weight pass starts once the imports are done and runs alongside
-the load and the forward (`QUANTGATE_OVERLAP_START=imports`; `start` starts both at once).
+When: transformers' imports execute module code under the interpreter lock, and the weight pass's
+producing threads need it between their reads and writes (the writes themselves, into one shard
+file's page cache, bound the pass: BENCHMARKS.md "issue 11"). Started together they slow each other
+(H200, issue model: weight pass 3.4 s alone, 12.6 s next to the imports); so by default the weight
+pass starts once the imports are done and runs alongside the load and the forward
+(`QUANTGATE_OVERLAP_START=imports`; `start` starts both at once).
 Used on CUDA; on a CPU both want every core (`QUANTGATE_OVERLAP=1` forces it, `0` turns it off
 everywhere). Either way the bytes are identical (tests/exporter/test_overlap.py).
 
