@@ -38,7 +38,7 @@ def main() -> int:
     if "noprealloc" in parts:
         from quantgate.exporter.writers import sharding
 
-        sharding.preallocate = lambda fd, size, path: False
+        sharding.preallocate = lambda *args: False
     if "nosync" in parts:
         from quantgate.exporter.writers import sharding
 

@@ -110,6 +110,7 @@ def _write_html(report: Any, job_dir: Path, push: dict | None = None) -> None:
 def run_job(spec: dict[str, Any], channel: Channel) -> int:
     """Run the job; every outcome is reported on `channel` and mapped to an exit status."""
     from quantgate.exporter.pipeline import run_quantize
+    from quantgate.exporter.writers.preallocate import OutputSpaceError
     from quantgate.validators.errors import (
         CheckpointReadError,
         QuantgateError,
@@ -122,6 +123,9 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
     except (CheckpointReadError, UsageError, UnsupportedArchitectureError) as exc:
         channel.send({"event": "error", "code": "bad_input", "message": str(exc)})
         return EXIT_BAD_INPUT
+    except OutputSpaceError as exc:   # the operator's to fix (disk or quota of the output root), not the job's
+        channel.send({"event": "error", "code": "no_space", "message": str(exc)})
+        return EXIT_INTERNAL
     except QuantgateError as exc:
         channel.send({"event": "error", "code": "quantgate_error", "message": str(exc)})
         return EXIT_INTERNAL

@@ -54,11 +54,12 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _FALLOCATE = _load_fallocate()
 
 
-def preallocate(fd: int, size: int, path: Path) -> bool:
+def preallocate(fd: int, size: int, name: str, where: Path) -> bool:
     """Reserve `size` bytes of blocks for the open file `fd` (its apparent size becomes `size`).
 
     Returns False where the filesystem or platform cannot reserve (nothing changed). Raises
-    `OutputSpaceError` when there is no room, naming `path`; any other failure as `OSError`.
+    `OutputSpaceError` when there is no room, naming the file (`name`) and the directory the user
+    chose (`where`, on the same filesystem); any other failure as `OSError`.
     """
     if size <= 0 or _FALLOCATE is None:
         return False
@@ -69,13 +70,13 @@ def preallocate(fd: int, size: int, path: Path) -> bool:
         if code == errno.EINTR:
             continue
         if code in UNSUPPORTED:
-            log.debug("%s: the filesystem cannot reserve space (%s); writing without", path, os.strerror(code))
+            log.debug("%s: the filesystem cannot reserve space (%s); writing without", name, os.strerror(code))
             return False
         if code in NO_ROOM:
             raise OutputSpaceError(
-                f"no room for {path.name} ({size / 1e9:.2f} GB) in {path.parent}: {os.strerror(code)}; "
-                "free space there or write the export to another --out")
-        raise OSError(code, os.strerror(code), str(path))
+                f"no room for shard {name} ({size / 1e9:.2f} GB) on the filesystem of {where}: {os.strerror(code)}; "
+                "free space there or write the export elsewhere (--out, or the service's output root)")
+        raise OSError(code, os.strerror(code), name)
 
 
 def check_free_space(directory: Path, needed: int) -> None:
@@ -86,4 +87,4 @@ def check_free_space(directory: Path, needed: int) -> None:
     if needed > free:
         raise OutputSpaceError(
             f"the export needs {needed / 1e9:.2f} GB of shards but {directory} has {free / 1e9:.2f} GB free; "
-            "free space there or write the export to another --out")
+            "free space there or write the export elsewhere (--out, or the service's output root)")

@@ -150,7 +150,7 @@ class ShardWriter:
             placed_all.append(placed)
             for unit in shard.units:
                 self._placed[id(unit)] = placed
-        check_free_space(self.out_dir, sum(p.size for p in placed_all))
+        check_free_space(self.out_dir.parent, sum(p.size for p in placed_all))   # the user's dir, same filesystem
 
     def write_unit(self, unit: Unit[U], tensors: Mapping[str, torch.Tensor | HostBytes]) -> int:
         """Write `unit`'s produced tensors at their planned offsets (thread-safe); returns their bytes."""
@@ -231,7 +231,7 @@ class ShardWriter:
                     raise RuntimeError(f"{placed.path.name} is already finished")
                 fd = os.open(placed.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    preallocate(fd, placed.size, placed.tmp)   # fails fast on a full disk; faster writes
+                    preallocate(fd, placed.size, placed.path.name, self.out_dir.parent)   # full disk: fails now
                     _pwrite_all(fd, placed.header, 0)
                 except BaseException:
                     os.close(fd)

@@ -59,8 +59,8 @@ def test_a_reserved_shard_is_byte_identical_to_save_file(tmp_path: Path, monkeyp
     sizes: list[int] = []
     real = prealloc.preallocate
 
-    def spy(fd: int, size: int, path: Path) -> bool:
-        reserved = real(fd, size, path)
+    def spy(fd: int, size: int, name: str, where: Path) -> bool:
+        reserved = real(fd, size, name, where)
         if reserved:   # the file has its final length before a byte of data lands in it
             assert os.fstat(fd).st_size == size
             assert os.fstat(fd).st_blocks * 512 >= size
@@ -80,7 +80,7 @@ def test_preallocate_reserves_blocks_and_length(tmp_path: Path) -> None:
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        if not prealloc.preallocate(fd, 3 << 20, path):
+        if not prealloc.preallocate(fd, 3 << 20, path.name, tmp_path):
             pytest.skip(f"{tmp_path}'s filesystem cannot reserve space")
         assert os.fstat(fd).st_size == 3 << 20
         assert os.fstat(fd).st_blocks * 512 >= 3 << 20
@@ -94,7 +94,8 @@ def test_no_room_for_a_shard_names_it_and_what_to_do(tmp_path: Path, monkeypatch
     fake = _failing(code)
     monkeypatch.setattr(prealloc, "_FALLOCATE", fake)
     units, tensors = _units()
-    with pytest.raises(OutputSpaceError, match=r"no room for \.model\.safetensors\.partial .* another --out"):
+    expected = rf"no room for shard model\.safetensors \(0\.00 GB\) on the filesystem of {tmp_path}: .*elsewhere \(--out"
+    with pytest.raises(OutputSpaceError, match=expected):
         _write(tmp_path / "out", units, tensors)
     assert fake.calls and fake.calls[0][0] == 0
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -125,7 +126,7 @@ def test_an_interrupted_reservation_is_retried(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(prealloc, "_FALLOCATE", interrupted_once)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        assert prealloc.preallocate(fd, 4096, tmp_path / "f") is True
+        assert prealloc.preallocate(fd, 4096, "f", tmp_path) is True
     finally:
         os.close(fd)
     assert calls == [4096, 4096]
@@ -134,7 +135,7 @@ def test_an_interrupted_reservation_is_retried(tmp_path: Path, monkeypatch) -> N
 def test_other_failures_stay_os_errors(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(prealloc, "_FALLOCATE", _failing(errno.EIO))
     with pytest.raises(OSError) as caught:
-        prealloc.preallocate(0, 4096, tmp_path / "f")
+        prealloc.preallocate(0, 4096, "f", tmp_path)
     assert caught.value.errno == errno.EIO and not isinstance(caught.value, OutputSpaceError)
 
 
@@ -157,5 +158,5 @@ def test_quantize_without_room_fails_before_writing_and_exits_2(tiny_model, tmp_
                  "--calib-seq-len", "8", "--out", str(out), "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "has 0.00 GB free" in err and "another --out" in err and "Traceback" not in err
+    assert "has 0.00 GB free" in err and "elsewhere (--out" in err and "Traceback" not in err
     assert not out.exists() and not list(out.parent.iterdir())
