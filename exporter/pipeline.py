@@ -9,6 +9,7 @@ removes the temporary directory. The final path is never half-written.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -118,10 +119,35 @@ def check_request(req: QuantizeRequest) -> Path:
     out = Path(req.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not req.overwrite:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    _check_writable_parent(out)
     if req.calib_stats is not None and not Path(req.calib_stats).exists():
         raise UsageError(f"--calib-stats {req.calib_stats}: no such file")
     resolve_device(req.device)
     return out
+
+
+def _check_writable_parent(out: Path) -> None:
+    """The export is written in a hidden sibling of `out` and renamed: its nearest existing ancestor
+    must be a directory this process may create entries in."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write {out}: {ancestor} is not a directory; choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: no permission to create files in {ancestor}; "
+                         "choose a --out in a directory you can write")
+
+
+def _make_temp_dir(out: Path) -> Path:
+    """The hidden sibling the export is built in (renamed to `out` once validated)."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:   # a filesystem that refuses entries (sysfs, read-only mounts) whatever the mode bits
+        raise UsageError(f"cannot write {out}: creating {exc.filename or tmp} failed ({exc.strerror}); "
+                         "choose a --out in a directory you can write") from exc
+    return tmp
 
 
 def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None, *,
@@ -150,8 +176,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
                          f"({source.architecture or 'unknown architecture'}); choose another recipe")
     check_bmm_plan(plan, source, req.dialect)   # transposed 3-D experts: what the 3-D writer can write
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = _make_temp_dir(out)
     try:
         stats, writer = _calibrate_and_write(req, source, plan, tmp, progress, timings, session, _writer_hook)
         if auto is not None:

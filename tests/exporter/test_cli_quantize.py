@@ -94,6 +94,28 @@ def test_existing_output_exits_2(tiny_model, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--overwrite" in _reason(proc)
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "refusing_filesystem", "no_permission"])
+def test_unwritable_output_exits_2_before_loading(tiny_model, tmp_path: Path, monkeypatch, capsys, where: str) -> None:
+    """An --out nobody can create: one line saying why and what to do, exit 2, no traceback (before: a
+    PermissionError traceback, exit 1)."""
+    source = tiny_model("llama")
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("x")
+        out, reason = tmp_path / "afile" / "sub" / "o", f"{tmp_path / 'afile'} is not a directory"
+    elif where == "refusing_filesystem":   # sysfs refuses new entries even to root, whatever the mode bits
+        out, reason = Path("/sys/kernel/quantgate-test/o"), "Operation not permitted"
+        if not out.parent.parent.is_dir():
+            pytest.skip("no sysfs here")
+    else:   # mode bits (tests here may run as root, who passes them: the check is os.access)
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+        out, reason = tmp_path / "o", f"no permission to create files in {tmp_path}"
+    code = main(["quantize", str(source), "--recipe", "fp8", "--out", str(out), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert reason in err and "choose a" in err and "--out" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_bad_shard_size_is_a_usage_error(tiny_model, tmp_path: Path) -> None:
     proc = _cli(str(tiny_model("llama")), "--recipe", "fp8", "--out", str(tmp_path / "o"), "--shard-size", "lots")
     assert proc.returncode == 2 and "invalid size" in proc.stderr
