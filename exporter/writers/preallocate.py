@@ -54,6 +54,14 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _FALLOCATE = _load_fallocate()
 
 
+def _size(nbytes: int) -> str:
+    """Bytes for a message: "3.00 GB", "412.5 kB" (decimal units, as `df -H` and the Hub show them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}" if unit == "GB" else f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def preallocate(fd: int, size: int, name: str, where: Path) -> bool:
     """Reserve `size` bytes of blocks for the open file `fd` (its apparent size becomes `size`).
 
@@ -74,7 +82,7 @@ def preallocate(fd: int, size: int, name: str, where: Path) -> bool:
             return False
         if code in NO_ROOM:
             raise OutputSpaceError(
-                f"no room for shard {name} ({size / 1e9:.2f} GB) on the filesystem of {where}: {os.strerror(code)}; "
+                f"no room for shard {name} ({_size(size)}) on the filesystem of {where}: {os.strerror(code)}; "
                 "free space there or write the export elsewhere (--out, or the service's output root)")
         raise OSError(code, os.strerror(code), name)
 
@@ -86,5 +94,5 @@ def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise OutputSpaceError(
-            f"the export needs {needed / 1e9:.2f} GB of shards but {directory} has {free / 1e9:.2f} GB free; "
+            f"the export needs {_size(needed)} of shards but {directory} has {_size(free)} free; "
             "free space there or write the export elsewhere (--out, or the service's output root)")

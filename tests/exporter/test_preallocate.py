@@ -94,7 +94,7 @@ def test_no_room_for_a_shard_names_it_and_what_to_do(tmp_path: Path, monkeypatch
     fake = _failing(code)
     monkeypatch.setattr(prealloc, "_FALLOCATE", fake)
     units, tensors = _units()
-    expected = rf"no room for shard model\.safetensors \(0\.00 GB\) on the filesystem of {tmp_path}: .*elsewhere \(--out"
+    expected = rf"no room for shard model\.safetensors \(13\.\d kB\) on the filesystem of {tmp_path}: .*elsewhere \(--out"
     with pytest.raises(OutputSpaceError, match=expected):
         _write(tmp_path / "out", units, tensors)
     assert fake.calls and fake.calls[0][0] == 0
@@ -139,6 +139,12 @@ def test_other_failures_stay_os_errors(tmp_path: Path, monkeypatch) -> None:
     assert caught.value.errno == errno.EIO and not isinstance(caught.value, OutputSpaceError)
 
 
+@pytest.mark.parametrize(("nbytes", "shown"), [(3_000_000_000, "3.00 GB"), (412_500, "412.5 kB"),
+                                               (2_500_000, "2.5 MB"), (999, "999 bytes")])
+def test_sizes_in_messages_read_at_any_scale(nbytes: int, shown: str) -> None:
+    assert prealloc._size(nbytes) == shown
+
+
 def test_check_free_space(tmp_path: Path, monkeypatch) -> None:
     check_free_space(tmp_path, 1)
     usage = shutil.disk_usage(tmp_path)
@@ -158,5 +164,5 @@ def test_quantize_without_room_fails_before_writing_and_exits_2(tiny_model, tmp_
                  "--calib-seq-len", "8", "--out", str(out), "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "has 0.00 GB free" in err and "elsewhere (--out" in err and "Traceback" not in err
+    assert "has 1.0 kB free" in err and "elsewhere (--out" in err and "Traceback" not in err
     assert not out.exists() and not list(out.parent.iterdir())

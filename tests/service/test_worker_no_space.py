@@ -25,7 +25,7 @@ def test_a_job_without_room_for_its_shards_fails_as_no_space(tiny_model, tmp_pat
     errors = [e for e in events if e["event"] == "error"]
     assert code == EXIT_INTERNAL and len(errors) == 1
     assert errors[0]["code"] == "no_space"
-    assert "GB free" in errors[0]["message"] and "elsewhere (--out" in errors[0]["message"]
+    assert "4.1 kB free" in errors[0]["message"] and "elsewhere (--out" in errors[0]["message"]
     outcome = interpret(code, None, errors[0], [])
     assert outcome.status == "failed" and outcome.error_code == "no_space"
     assert not out.exists() and not list(out.parent.iterdir())
