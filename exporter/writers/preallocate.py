@@ -91,7 +91,10 @@ def check_free_space(directory: Path, needed: int) -> None:
     """Fail before anything is written when `directory`'s filesystem has fewer than `needed` bytes
     free for this user (quotas and a filesystem's own overhead can still stop the writes later:
     `preallocate` catches those per shard)."""
-    free = shutil.disk_usage(directory).free
+    usage = shutil.disk_usage(directory)
+    if usage.total == 0:   # the filesystem reports no sizes (some FUSE mounts): nothing to judge by
+        return
+    free = usage.free
     if needed > free:
         raise OutputSpaceError(
             f"the export needs {_size(needed)} of shards but {directory} has {_size(free)} free; "

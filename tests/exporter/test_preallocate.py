@@ -151,6 +151,8 @@ def test_check_free_space(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1_500_000_000))
     with pytest.raises(OutputSpaceError, match=r"needs 2\.00 GB of shards but .* has 1\.50 GB free"):
         check_free_space(tmp_path, 2_000_000_000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(total=0, used=0, free=0))
+    check_free_space(tmp_path, 2_000_000_000)   # a filesystem that reports no sizes is not judged
 
 
 def test_quantize_without_room_fails_before_writing_and_exits_2(tiny_model, tmp_path: Path, monkeypatch,
