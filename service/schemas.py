@@ -184,8 +184,12 @@ class JobProgress(BaseModel):
 
 # Why a job failed.
 class JobError(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description=(
+        "Stable reason code. From the worker: bad_input (source, recipe or options rejected), no_space "
+        "(the output root has no room for the planned shards), out_of_memory, quantgate_error, "
+        "internal_error, push_rejected, push_failed, validation_failed; from the executor: worker_killed, "
+        "worker_crashed, worker_error, worker_lost, launch_failed, unschedulable, interrupted."))
+    message: str = Field(description="What went wrong and what to do next.")
 
 
 # A job as the API returns it.
