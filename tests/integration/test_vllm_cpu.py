@@ -18,7 +18,8 @@ Tolerances (derived, not fitted):
 * W8A8-int8 also quantizes activations per token at run time, which the BF16 twin does not. Its
   bound is BF16_TOL + MARGIN * delta, where delta is what per-token int8 fake-quantization of the
   quantized Linears' inputs changes in the same log-probs under transformers (teacher forced on the
-  BF16 twin's tokens).
+  BF16 twin's tokens). W4A16 gets the same bound where vLLM CPU runs it as W4A8 (on AMX, by default:
+  `runs_as_w4a8`); the checkpoint is W4A16, the int8 activations are the engine's run-time choice.
 * fp8_block (native `fp8` dialect, and compressed-tensors FP8_BLOCK; vLLM CPU's `CPUFp8BlockScaledMMKernel`
   is W8A16 and its CPU Fp8 MoE backend alike): the twin stores each weight as bf16(q * scale), while the
   kernel's small-M (decode) path applies the fp32 block scale to the fp8 values without that rounding (measured:
@@ -54,6 +55,7 @@ import torch
 pytestmark = pytest.mark.vllm
 
 VLLM_PYTHON_ENV = "QUANTGATE_VLLM_PYTHON"
+W4A8_ENV = "VLLM_CPU_INT4_W4A8"                 # vLLM CPU: int4 weight-only as W4A8 on AMX (default on)
 RESULTS_ENV = "QUANTGATE_VLLM_RESULTS"          # optional: write the comparison summary (JSON) here
 DRIVER = Path(__file__).with_name("vllm_driver.py")
 TINY = {"hidden": 128, "head_dim": 32, "initializer_range": 0.2}
@@ -104,6 +106,14 @@ CASES = (
 #: the `quantization` vLLM reports for a checkpoint of each dialect
 ENGINE_QUANTIZATION: dict[str, str] = {"compressed-tensors": "compressed-tensors", "fp8": "fp8",
                                        "mxfp4": "gpt_oss_mxfp4"}
+
+
+def runs_as_w4a8(info: dict) -> bool:
+    """vLLM CPU runs int4 weight-only checkpoints as W4A8 where the CPU has AMX tiles (`layer.use_w4a8 =
+    envs.VLLM_CPU_INT4_W4A8 and torch.cpu._is_amx_tile_supported()`, on by default): activations are
+    quantized to int8 per token at run time, as in W8A8. Turning it off (`VLLM_CPU_INT4_W4A8=0`) is no way
+    out: vLLM CPU 0.32's weight-only int4 path then kills its worker on the first step (AMX host, 2026-12-03)."""
+    return bool(info.get("amx")) and os.environ.get(W4A8_ENV, "1") not in ("0", "false", "False")
 
 
 def vllm_python() -> str | None:
@@ -246,7 +256,7 @@ def test_vllm_loads_export_and_matches_bf16_twin(probe, runs, case: Case) -> Non
     diff, compared = max_logprob_diff(steps)
     tol = BF16_TOL
     delta = None
-    if case.recipe == "w8a8_int8":
+    if case.recipe == "w8a8_int8" or (case.recipe == "w4a16" and runs_as_w4a8(info)):
         from quantgate.exporter.recipes import make_plan
         from quantgate.exporter.source import open_source
 
