@@ -44,7 +44,7 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         func = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # no libc to open (not POSIX), or no fallocate in it
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     func.restype = ctypes.c_int
