@@ -30,7 +30,7 @@ from quantgate.validators.safetensors_header import DTYPE_BITS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 5_000_000_000          # bytes, transformers' "5GB"
+DEFAULT_SHARD_SIZE = 5_000_000_000          # bytes: the Hub's usual 5 GB (transformers v4's default; v5 writes up to 50GB)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HEADER_ALIGN = 8                            # safetensors pads its JSON header to this
