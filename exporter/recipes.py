@@ -19,7 +19,8 @@ from quantgate.exporter.auto.options import AUTO_DIALECT, AUTO_RECIPE
 from quantgate.exporter.schemes import DECODER_LINEAR_KINDS, SCHEMES, get_scheme
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, Layout, Module
-from quantgate.validators.schemes import COMPRESSED_TENSORS, MODELOPT, MXFP4, SchemeSpec, scheme
+from quantgate.validators.engines import ArchNaming, naming_for, packed_name
+from quantgate.validators.schemes import CT_FLOAT_STRATEGY, COMPRESSED_TENSORS, MODELOPT, MXFP4, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,12 @@ def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect:
     entry = get_scheme(rec.scheme_name)
     spec = scheme(dialect, entry.spec_name(dialect))
     plan = Plan(recipe=rec.name, assignments={})
+    naming = naming_for(layout.architecture)
     for name, module in sorted(layout.modules.items()):
         plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings)
+        if plan.assignments[name].quantized and (problem := _engine_block_problem(module, spec, naming)):
+            plan.warnings.append(f"{name}: {problem}; left BF16 and excluded")
+            plan.assignments[name] = Assignment(name, None, problem)
     _propagate_groups(layout, plan)
     plan.needs_calibration = entry.calibrates and any(a.quantized for a in plan.assignments.values())
     if not any(a.quantized for a in plan.assignments.values()):
@@ -200,6 +205,33 @@ def _shape_problem(module: Module, spec: SchemeSpec) -> str | None:
         # transformers' FineGrainedFP8 quantizer (Fp8Quantize) leaves such weights unquantized
         return (f"weight [{out_f}, {in_f}] does not split into whole {spec.weight_block[0]}x"
                 f"{spec.weight_block[1]} blocks ({spec.name})")
+    return None
+
+
+def _engine_block_problem(module: Module, spec: SchemeSpec, naming: ArchNaming) -> str | None:
+    """A compressed-tensors FP8_BLOCK module whose rows the engines must split at a fused partition
+    that is not a whole number of blocks (the validator's QG320, applied before anything is written).
+
+    llm-compressor pads such a module's last block and writes it; vLLM and SGLang then refuse the
+    checkpoint at load ("Weight output_partition_size = 64 is not divisible by weight quantization
+    block_n = 128" for a merged qkv / gate_up shard other than the last; "The output_size of gate's
+    and up's weight ..." for MoE experts). Leaving it BF16 (with its fused group, all-or-nothing)
+    gives an export that loads. Native fp8 leaves every ragged module BF16 already (`_shape_problem`).
+    """
+    if not (spec.name == CT_FLOAT_STRATEGY["block"] and spec.ct_format and spec.group_size):
+        return None
+    block, out_f = spec.group_size, module.out_features
+    if module.fused is not None or out_f is None or out_f % block == 0:
+        return None
+    if module.kind is Kind.EXPERT:
+        if module.role in ("gate", "up"):
+            return (f"{out_f} rows of a MoE gate/up do not split into whole {block}-row blocks "
+                    "(the engines' fp8 MoE refuses them)")
+        return None
+    packed = packed_name(module.name, naming)
+    if packed is not None and module.name != packed[1][-1]:
+        return (f"{out_f} rows of a shard of the engines' merged {packed[0].rpartition('.')[2]} do not split "
+                f"into whole {block}-row blocks (the engines refuse it at load)")
     return None
 
 

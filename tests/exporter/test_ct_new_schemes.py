@@ -19,6 +19,7 @@ import torch
 from logit_bounds import assert_logits_within_noise_bound, weight_tensor
 from safetensors.torch import load_file, save_file
 
+from quantgate.exporter import recipes
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.recipes import check_dialect, default_dialect, make_plan
 from quantgate.exporter.schemes import get_scheme
@@ -47,9 +48,10 @@ def reference_config() -> dict:
 def fixture_export(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     """`fixture_export(tag, recipe)` -> (export dir, QuantizeResult) of a tiny llama whose fixture modules
     hold the fixture's source weights (the rest of the model is random). The fixture models' q_proj (160
-    or 64 rows) is a non-last shard of vLLM's merged qkv that 128x128 blocks cannot split, so their
-    FP8_BLOCK exports fail validation (QG320), as llm-compressor's own output would fail to load; the
-    export is kept (`temp_output`) and its bytes are compared all the same."""
+    or 64 rows) is a non-last shard of vLLM's merged qkv that 128x128 blocks cannot split: our plan
+    leaves such groups BF16, llm-compressor quantizes them. To compare bytes with its output, the
+    FP8_BLOCK exports here are planned as llm-compressor plans them, and so fail validation (QG320), as
+    its own output fails to load; the export is kept (`temp_output`) and its bytes are compared."""
     root = tmp_path_factory.mktemp("ct_fixture_exports")
     cache: dict[tuple[str, str], tuple[Path, object]] = {}
 
@@ -65,7 +67,10 @@ def fixture_export(tiny_model, tmp_path_factory: pytest.TempPathFactory):
                     state[name] = w
                 save_file(state, src / "model.safetensors", metadata={"format": "pt"})
             out = root / f"{recipe}_{tag}"
-            result = run_quantize(QuantizeRequest(source=str(src), recipe=recipe, dialect=CT, out=out))
+            with pytest.MonkeyPatch.context() as mp:
+                if recipe == "fp8_block":   # as llm-compressor plans it: ragged merged shards quantized
+                    mp.setattr(recipes, "_engine_block_problem", lambda *args: None)
+                result = run_quantize(QuantizeRequest(source=str(src), recipe=recipe, dialect=CT, out=out))
             errors = {f.code for f in result.report.findings if f.severity == "error"}
             assert errors == (set() if recipe == "mxfp4" else {"QG320"}), errors
             cache[(tag, recipe)] = (result.output or result.temp_output, result)
@@ -162,12 +167,35 @@ def test_dequantized_logits_within_scheme_bound(moe_export, arch: str, recipe: s
     assert_logits_within_noise_bound(source, src, out, noisy)
 
 
-def test_fp8_block_shard_vllm_cannot_split_is_reported(tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("moe_intermediate", "bf16"), [(64, True), (128, False)])
+def test_fp8_block_moe_gate_up_rows_must_split_into_blocks(tiny_model, moe_intermediate: int, bf16: bool) -> None:
+    """The engines' fp8 MoE refuses gate/up whose rows are not whole 128-row blocks ("The output_size of
+    gate's and up's weight = 64 is not divisible by weight quantization block_n = 128"): such experts stay
+    BF16 (all experts of the layer, all-or-nothing), with a warning."""
+    src = tiny_model("qwen3_moe", hidden=128, heads=2, kv_heads=2, head_dim=64, moe_intermediate=moe_intermediate)
+    plan = make_plan(open_source(str(src)).layout, "fp8_block", dialect=CT)
+    experts = [n for n in plan.assignments if ".experts." in n]
+    assert experts and all(plan.assignments[n].quantized is not bf16 for n in experts)
+    assert any("rows of a MoE gate/up do not split" in w for w in plan.warnings) is bf16
+
+
+def test_fp8_block_leaves_shards_the_engines_cannot_split_bf16(tiny_model, tmp_path: Path, monkeypatch) -> None:
     """k_proj of 64 rows is a non-last shard of vLLM's merged qkv: `validate_fp8_block_shape` raises
     "Weight output_partition_size = 64 is not divisible by weight quantization block_n = 128" (seen
-    loading such an export in vLLM CPU 0.32), so our validator must fail it (QG320), not say loads."""
+    loading such an export in vLLM CPU 0.32). Our plan leaves q/k/v BF16 with a warning and the export
+    loads (before: it was written and failed validation); planned as llm-compressor plans it, our
+    validator fails it (QG320), not says loads."""
     src = tiny_model("llama", hidden=128, head_dim=32, kv_heads=2)
     result = run_quantize(QuantizeRequest(source=str(src), recipe="fp8_block", dialect=CT, out=tmp_path / "o"))
+    assert result.ok and {e: v["status"] for e, v in result.report.to_dict()["verdicts"].items()} == {
+        "vllm": "loads", "sglang": "loads"}
+    assert any("k_proj: 64 rows of a shard of the engines' merged qkv_proj" in w for w in result.warnings)
+    quantized = make_plan(open_source(str(src)).layout, "fp8_block", dialect=CT).quantized()
+    assert not [n for n in quantized if n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")]
+    assert any(n.endswith("self_attn.o_proj") for n in quantized) and any(n.endswith("mlp.gate_proj") for n in quantized)
+
+    monkeypatch.setattr(recipes, "_engine_block_problem", lambda *args: None)
+    result = run_quantize(QuantizeRequest(source=str(src), recipe="fp8_block", dialect=CT, out=tmp_path / "lc"))
     assert not result.ok
     qg320 = [f for f in result.report.findings if f.code == "QG320"]
     assert qg320 and "output_partition_size = 64" in qg320[0].predicted_error
