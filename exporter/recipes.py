@@ -20,6 +20,7 @@ from quantgate.exporter.schemes import DECODER_LINEAR_KINDS, SCHEMES, get_scheme
 from quantgate.validators.errors import UsageError
 from quantgate.validators.layout import Kind, Layout, Module
 from quantgate.validators.engines import ArchNaming, naming_for, packed_name
+from quantgate.validators.fp8_engines import block_split_error
 from quantgate.validators.schemes import CT_FLOAT_STRATEGY, COMPRESSED_TENSORS, MODELOPT, MXFP4, SchemeSpec, scheme
 
 log = logging.getLogger(__name__)
@@ -221,18 +222,17 @@ def _engine_block_problem(module: Module, spec: SchemeSpec, naming: ArchNaming) 
     if not (spec.name == CT_FLOAT_STRATEGY["block"] and spec.ct_format and spec.group_size):
         return None
     block, out_f = spec.group_size, module.out_features
-    if module.fused is not None or out_f is None or out_f % block == 0:
+    if module.fused is not None or out_f is None:
+        return None
+    if block_split_error(module.name, module.kind, module.role, out_f, block, naming) is None:
         return None
     if module.kind is Kind.EXPERT:
-        if module.role in ("gate", "up"):
-            return (f"{out_f} rows of a MoE gate/up do not split into whole {block}-row blocks "
-                    "(the engines' fp8 MoE refuses them)")
-        return None
+        return (f"{out_f} rows of a MoE gate/up do not split into whole {block}-row blocks "
+                "(the engines' fp8 MoE refuses them)")
     packed = packed_name(module.name, naming)
-    if packed is not None and module.name != packed[1][-1]:
-        return (f"{out_f} rows of a shard of the engines' merged {packed[0].rpartition('.')[2]} do not split "
-                f"into whole {block}-row blocks (the engines refuse it at load)")
-    return None
+    merged = packed[0].rpartition(".")[2] if packed is not None else "linear"
+    return (f"{out_f} rows of a shard of the engines' merged {merged} do not split "
+            f"into whole {block}-row blocks (the engines refuse it at load)")
 
 
 def _propagate_groups(layout: Layout, plan: Plan) -> None:

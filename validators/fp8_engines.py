@@ -33,6 +33,7 @@ from quantgate.validators.engines import (
     VllmSemantics,
     _apply_prefix_map,
     fused_shards,
+    packed_name,
 )
 
 if TYPE_CHECKING:
@@ -195,3 +196,25 @@ def excluded_effect(engine: str, engine_name: str, suffix: str) -> tuple[bool, s
         return False, (f"silent: float8 weight cast unscaled into the BF16 parameter; 'Parameter "
                        f"{engine_name}.{suffix} not found in params_dict' (sglang #23687)")
     return True, f"KeyError: '{engine_name}.{suffix}'"
+
+
+def block_split_error(name: str, kind: str, role: str | None, out_features: int, block: int,
+                      naming: ArchNaming) -> str | None:
+    """The ValueError vLLM and SGLang raise at load when fp8 `block`-row weight blocks cannot follow a
+    fused partition of module `name`, or None when its rows load.
+
+    A merged linear's shard other than the last (q/k of qkv, gate of gate_up) must be whole blocks
+    (`validate_fp8_block_shape`), and so must a MoE expert's gate/up (`Fp8MoEMethod`). The validator's
+    QG320 reports it; the planner leaves such modules BF16 before writing (exporter/recipes.py)."""
+    if out_features % block == 0:
+        return None
+    if kind == "expert":
+        if role in ("gate", "up"):
+            return (f"ValueError: The output_size of gate's and up's weight = {out_features} is not divisible by "
+                    f"weight quantization block_n = {block}.")
+        return None
+    packed = packed_name(name, naming)
+    if packed is not None and name != packed[1][-1]:
+        return (f"ValueError: Weight output_partition_size = {out_features} is not divisible by weight "
+                f"quantization block_n = {block}.")
+    return None

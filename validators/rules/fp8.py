@@ -7,28 +7,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from quantgate.validators.engines import packed_name
+from quantgate.validators.fp8_engines import block_split_error
 from quantgate.validators.findings import Finding
 from quantgate.validators.rules import Context, rule
 from quantgate.validators.rules._common import ERROR, FAILS, finding
-from quantgate.validators.rules._context import ModClass
 from quantgate.validators.schemes import CT_FLOAT_STRATEGY, FP8_NATIVE, SchemeSpec
-
-
-def _linear_error(size: int, block: int) -> str:
-    return (f"ValueError: Weight output_partition_size = {size} is not divisible by weight quantization "
-            f"block_n = {block}.")
-
-
-def _moe_error(size: int, block: int) -> str:
-    return (f"ValueError: The output_size of gate's and up's weight = {size} is not divisible by weight "
-            f"quantization block_n = {block}.")
-
-
-def _merged_not_last(ctx: Context, cls: ModClass) -> bool:
-    """A shard of a merged linear (qkv, gate_up, fused_qkv_a) other than the last one."""
-    packed = packed_name(cls.rep.name, ctx.a.naming)
-    return packed is not None and cls.rep.name != packed[1][-1]
 
 
 def _block(ctx: Context, spec: SchemeSpec | None) -> tuple[int, int] | None:
@@ -67,13 +50,10 @@ def fp8_block_alignment(ctx: Context) -> Iterator[Finding]:
         block = _block(ctx, cls.state.scheme)
         if block is None or weight is None or len(weight.shape) != 2 or cls.rep.fused is not None:
             continue
-        b0, _ = block
         blocks.add(block)
-        out_f, _ = weight.shape
-        if cls.kind == "expert" and cls.role in ("gate", "up") and out_f % b0:
-            hard[_moe_error(out_f, b0)].extend(cls.names)
-        elif cls.kind != "expert" and out_f % b0 and _merged_not_last(ctx, cls):
-            hard[_linear_error(out_f, b0)].extend(cls.names)
+        error = block_split_error(cls.rep.name, cls.kind, cls.role, weight.shape[0], block[0], ctx.a.naming)
+        if error is not None:
+            hard[error].extend(cls.names)
     if not hard:
         return
     b0, b1 = min(blocks)
