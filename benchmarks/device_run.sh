@@ -73,7 +73,7 @@ print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
       done ;;
     writebench)   # what bounds the writes: pwrite GB/s into one file / a file each, by thread count
       PYTHONPATH=$SRC:. python3 -m benchmarks.write_bench /tmp --gib 3 >$OUT/write_bench.json 2>&1 ;;
-    probe)   # the weights-only job with one stage taken out (benchmarks/weight_pass_probe.py), PROBES="base noprealloc nowrite ..."
+    probe)   # the weights-only job with one stage taken out (benchmarks/weight_pass_probe.py), PROBES="base noprealloc nowrite mmap ..."
       STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
       for v in ${PROBES:-base nowrite noread nosync nowrite+noread}; do
         echo "$v workers=${QUANTGATE_WEIGHT_WORKERS:-default} $(PYTHONPATH=$SRC:. python3 -m benchmarks.weight_pass_probe $v -- quantize \

@@ -11,10 +11,9 @@ export: the job's validation is expected to fail for `nowrite` / `noread`):
 - `noread`: every source read returns one reused buffer of the right size (no page-cache copy);
 - `nosync`: no background `fdatasync` while the shard is written (only its final fsync);
 - `noprealloc`: shards not reserved when opened (`exporter.writers.preallocate`; the writes extend
-  the file, as before 2026-12-03);
-- `fallocate`: each shard's blocks also allocated with `posix_fallocate` (how the reservation was
-  first measured, before the writer did it itself);
-- `mmap`: each shard sized up front and mapped; units are copied into the mapping (numpy copies,
+  the file, as before 2026-12-03, when this probe's `fallocate` variant measured the reservation the
+  writer now makes itself);
+- `mmap`: each shard mapped at its planned size; units are copied into the mapping (numpy copies,
   which release the GIL) instead of `pwrite` (one file's buffered writes serialise on its inode lock);
 - `a+b`: several of them.
 
@@ -43,8 +42,8 @@ def main() -> int:
         from quantgate.exporter.writers import sharding
 
         sharding.ShardWriter.__init__.__kwdefaults__["sync_every"] = 1 << 62
-    if "fallocate" in parts or "mmap" in parts:
-        _presize(mapped="mmap" in parts)
+    if "mmap" in parts:
+        _mapped_writes()
     if "noread" in parts:
         import torch
 
@@ -64,7 +63,7 @@ def main() -> int:
     return cli(argv)
 
 
-def _presize(*, mapped: bool) -> None:
+def _mapped_writes() -> None:
     import mmap
     import os
     import threading
@@ -74,33 +73,20 @@ def _presize(*, mapped: bool) -> None:
     from quantgate.exporter.writers import sharding
 
     W = sharding.ShardWriter
-    place, open_fd = W.place, W._fd
-    sizes: dict[int, int] = {}
+    open_fd = W._fd
     maps: dict[int, mmap.mmap] = {}
-
-    def sized_place(self, shards):
-        place(self, shards)
-        for shard in shards:
-            placed = self._placed[id(shard.units[0])]
-            sizes[id(placed)] = len(placed.header) + sum(t.nbytes for u in shard.units for t in u.tensors)
-
     lock = threading.Lock()
 
-    def sized_fd(self, placed):
+    def mapped_fd(self, placed):
         if id(placed) in maps:
             return placed.fd
         with lock:
-            fd = open_fd(self, placed)
-            if id(placed) in maps:
-                return fd
-            if mapped:
+            fd = open_fd(self, placed)   # opened, reserved at its planned size (`_Placed.size`), header written
+            if id(placed) not in maps:
                 rw = os.open(placed.tmp, os.O_RDWR)   # the writer's fd is write-only; fsync is per inode
-                os.ftruncate(rw, sizes[id(placed)])
-                maps[id(placed)] = mmap.mmap(rw, sizes[id(placed)], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                os.ftruncate(rw, placed.size)          # where the filesystem could not reserve it
+                maps[id(placed)] = mmap.mmap(rw, placed.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 os.close(rw)
-            else:
-                os.posix_fallocate(fd, 0, sizes[id(placed)])
-                maps[id(placed)] = None
             return fd
 
     def mapped_write(self, unit, tensors):
@@ -115,9 +101,7 @@ def _presize(*, mapped: bool) -> None:
             held += data.nbytes
         return held
 
-    W.place, W._fd = sized_place, sized_fd
-    if mapped:
-        W.write_unit = mapped_write
+    W._fd, W.write_unit = mapped_fd, mapped_write
 
 
 if __name__ == "__main__":
