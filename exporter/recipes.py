@@ -159,10 +159,7 @@ def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect:
     plan = Plan(recipe=rec.name, assignments={})
     naming = naming_for(layout.architecture)
     for name, module in sorted(layout.modules.items()):
-        plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings)
-        if plan.assignments[name].quantized and (problem := _engine_block_problem(module, spec, naming)):
-            plan.warnings.append(f"{name}: {problem}; left BF16 and excluded")
-            plan.assignments[name] = Assignment(name, None, problem)
+        plan.assignments[name] = _assign(module, rec, spec, exclude, plan.warnings, naming)
     _propagate_groups(layout, plan)
     plan.needs_calibration = entry.calibrates and any(a.quantized for a in plan.assignments.values())
     if not any(a.quantized for a in plan.assignments.values()):
@@ -173,7 +170,7 @@ def make_plan(layout: Layout, recipe: str, exclude: Sequence[str] = (), dialect:
 
 
 def _assign(module: Module, rec: Recipe, spec: SchemeSpec, exclude: Sequence[str],
-            warnings: list[str]) -> Assignment:
+            warnings: list[str], naming: ArchNaming) -> Assignment:
     if module.kind not in DECODER_LINEAR_KINDS:
         return Assignment(module.name, None, ALWAYS_EXCLUDED_REASON.get(module.kind, f"kind {module.kind.value}"))
     if module.kind not in rec.kinds:
@@ -187,7 +184,7 @@ def _assign(module: Module, rec: Recipe, spec: SchemeSpec, exclude: Sequence[str
     hit = next((p for p in exclude if fnmatch.fnmatchcase(module.name, p)), None)
     if hit is not None:
         return Assignment(module.name, None, f"excluded by --exclude {hit}")
-    problem = _shape_problem(module, spec)
+    problem = _shape_problem(module, spec) or _engine_block_problem(module, spec, naming)
     if problem is not None:
         warnings.append(f"{module.name}: {problem}; left BF16 and excluded")
         return Assignment(module.name, None, problem)
