@@ -34,7 +34,8 @@ import torch
 
 from quantgate.exporter.schemes.core import INPUT_SCALE
 from quantgate.exporter.source import Source
-from quantgate.exporter.writers.sharding import Shard, Unit, patch_tensors, tensor_bytes
+from quantgate.exporter.writers.shard_plan import Shard, Unit
+from quantgate.exporter.writers.sharding import patch_tensors, tensor_bytes
 from quantgate.validators.errors import QuantgateError
 
 #: The amax every module gets during a deferred weight pass: fp32(pi / 4), a value whose scale is no

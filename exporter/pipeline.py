@@ -39,7 +39,7 @@ from quantgate.exporter.recipes import WRITABLE_DIALECTS, Plan, check_dialect, g
 from quantgate.exporter.source import Source, open_source
 from quantgate.exporter.writers.bmm_experts import check_bmm_plan
 from quantgate.exporter.weight_pass import REPORT_HTML, REPORT_JSON, WriteStats, write_export
-from quantgate.exporter.writers.sharding import DEFAULT_SHARD_SIZE
+from quantgate.exporter.writers.shard_plan import DEFAULT_SHARD_SIZE
 from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 (exporter.writers.registry), plans the shards, produces units ahead of the writer in plan order
 (exporter.unit_feed: one single-threaded worker per core on CPU, 2 on CUDA, which batches many
 groups per call: exporter.writers.modelopt_batched) and writes each tensor at its planned offset
-(exporter.writers.sharding). With `deferred` it runs before calibration has produced statistics
+(exporter.writers.shard_plan, exporter.writers.sharding). With `deferred` it runs before calibration has produced statistics
 (exporter.deferred_scales). `pipeline.run_quantize` drives it.
 """
 
@@ -29,7 +29,8 @@ from quantgate.exporter.source import Source
 from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
 from quantgate.exporter.writers.common import CopyJob
 from quantgate.exporter.writers.modelopt_batched import feed_batching
-from quantgate.exporter.writers.sharding import DEFAULT_SHARD_SIZE, INDEX_FILE, ShardWriter, plan_shards
+from quantgate.exporter.writers.shard_plan import DEFAULT_SHARD_SIZE, INDEX_FILE, index_for, plan_shards
+from quantgate.exporter.writers.sharding import ShardWriter
 from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     if deferred is not None:
         deferred.check_complete()
     if len(shards) > 1:
-        from quantgate.exporter.writers.sharding import index_for
-
         write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
     write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
     copy_other_files(source, out_dir)

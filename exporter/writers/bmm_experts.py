@@ -35,7 +35,7 @@ from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.schemes import experts_3d_specs, lookup
 from quantgate.exporter.source import Source
-from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Module
 from quantgate.validators.schemes import MODELOPT, SchemeSpec

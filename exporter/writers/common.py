@@ -19,7 +19,7 @@ import torch
 from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.source import Source, slice_fused
-from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.layout import Kind, Module
 from quantgate.validators.schemes import SchemeSpec

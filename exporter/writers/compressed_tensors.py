@@ -45,7 +45,7 @@ from quantgate.exporter.writers.common import (
     exclude_candidates,
     read_group,
 )
-from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.engines import ENGINE_SEMANTICS
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.layout import Kind, Module

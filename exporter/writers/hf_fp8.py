@@ -35,7 +35,7 @@ from quantgate.exporter.schemes.apply import quantize_members
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, build_units, read_group
 from quantgate.exporter.writers.compressed_tensors import ignore_list
-from quantgate.exporter.writers.sharding import Unit
+from quantgate.exporter.writers.shard_plan import Unit
 from quantgate.validators.schemes import FP8_NATIVE, SchemeSpec
 
 log = logging.getLogger(__name__)

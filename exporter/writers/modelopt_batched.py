@@ -34,7 +34,8 @@ from quantgate.exporter.schemes import lookup
 from quantgate.exporter.schemes.apply import shares_scale, stored_input_scales
 from quantgate.exporter.source import Source
 from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
-from quantgate.exporter.writers.sharding import HostBytes, Unit
+from quantgate.exporter.writers.shard_plan import Unit
+from quantgate.exporter.writers.sharding import HostBytes
 from quantgate.validators.schemes import MODELOPT
 from torch import Tensor
 

@@ -34,7 +34,7 @@ from quantgate.exporter.source import Source
 from quantgate.exporter.writers.bmm_experts import BmmJob, build_bmm_units
 from quantgate.exporter.writers.common import InputScales
 from quantgate.exporter.writers.compressed_tensors import ignore_list
-from quantgate.exporter.writers.sharding import OutTensor, Unit
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.errors import UnsupportedArchitectureError
 from quantgate.validators.layout import Kind
 from quantgate.validators.schemes import MXFP4, SchemeSpec

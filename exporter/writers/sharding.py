@@ -1,12 +1,9 @@
-"""Shard planning and writing for a streaming export.
+"""Writing planned shards for a streaming export (the plan: exporter.writers.shard_plan).
 
-Every output tensor's name, dtype and shape is known before any weight is read (the scheme table
-gives the quantized shapes), so shards are planned up front: units (a fused group's tensors, or one
-pass-through tensor) are packed in order into shards of at most `shard_size` bytes (a unit larger
-than that gets a shard of its own), and the file names and the index are final from the start.
 The writer streams each produced tensor to its planned offset (`pwrite`), so it holds only the unit
 in hand, never a shard; each shard's blocks are reserved when it is opened
-(exporter.writers.preallocate: a full disk fails at once, and the writes run faster).
+(exporter.writers.preallocate: a full disk fails at once, and the writes run faster); a shard is
+synced and renamed into place after its last unit.
 """
 
 from __future__ import annotations
@@ -16,96 +13,26 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
 
 from quantgate.exporter.writers.preallocate import check_free_space, preallocate
+from quantgate.exporter.writers.shard_plan import OutTensor, Shard, Unit
 from quantgate.validators.safetensors_header import DTYPE_BITS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 5_000_000_000          # bytes: the Hub's usual 5 GB (transformers v4's default; v5 writes up to 50GB)
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 HEADER_ALIGN = 8                            # safetensors pads its JSON header to this
 SYNC_EVERY = 256 * 2**20                    # bytes written between background fdatasyncs of a shard
 MAX_WRITE = 1 << 30                         # bytes per pwrite call (Linux caps one at ~2 GiB)
 
-
-@dataclass(frozen=True)
-class OutTensor:
-    """One tensor the export will contain."""
-
-    name: str
-    dtype: str                  # safetensors dtype string
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * DTYPE_BITS[self.dtype] // 8
-
-
 U = TypeVar("U")
-
-
-@dataclass
-class Unit(Generic[U]):
-    """A set of output tensors produced together (from one `job`)."""
-
-    tensors: tuple[OutTensor, ...]
-    job: U
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def key(self) -> str:
-        return min(t.name for t in self.tensors)
-
-
-@dataclass
-class Shard(Generic[U]):
-    file: str
-    units: list[Unit[U]] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(u.nbytes for u in self.units)
-
-
-def plan_shards(units: Sequence[Unit[U]], shard_size: int) -> list[Shard[U]]:
-    """Pack `units` in order into shards of at most `shard_size` bytes and name them like transformers."""
-    if shard_size <= 0:
-        raise ValueError("shard size must be positive")
-    groups: list[list[Unit[U]]] = [[]]
-    size = 0
-    for unit in units:
-        if groups[-1] and size + unit.nbytes > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(unit)
-        size += unit.nbytes
-    groups = [g for g in groups if g]
-    n = len(groups)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    return [Shard(file=name, units=group) for name, group in zip(names, groups)]
-
-
-def index_for(shards: Sequence[Shard[U]]) -> dict:
-    """`model.safetensors.index.json` content for planned shards."""
-    weight_map = {t.name: s.file for s in shards for u in s.units for t in u.tensors}
-    total = sum(s.nbytes for s in shards)
-    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
 
 class ShardWriter:
@@ -367,10 +294,6 @@ def _fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def iter_units(shards: Iterable[Shard[U]]) -> Iterable[Unit[U]]:
-    for shard in shards:
-        yield from shard.units
 
 
 def patch_tensors(out_dir: Path, shards: Sequence[Shard[U]], data: dict[str, bytes]) -> None:

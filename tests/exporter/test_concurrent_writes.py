@@ -14,14 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from quantgate.exporter.schemes import SCHEMES
 from quantgate.exporter.schemes.apply import stored_input_scale, stored_input_scales
-from quantgate.exporter.writers.sharding import (
-    HostBytes,
-    OutTensor,
-    ShardWriter,
-    Unit,
-    checked_bytes,
-    plan_shards,
-)
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit, plan_shards
+from quantgate.exporter.writers.sharding import HostBytes, ShardWriter, checked_bytes
 
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.uint8}
 

@@ -19,7 +19,8 @@ from quantgate.exporter.recipes import make_plan
 from quantgate.exporter.source import open_source
 from quantgate.exporter.writers import modelopt, modelopt_batched
 from quantgate.exporter.writers.modelopt_batched import batchable, plan_batches, quantize_batch
-from quantgate.exporter.writers.sharding import OutTensor, Unit, checked_bytes
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit
+from quantgate.exporter.writers.sharding import checked_bytes
 
 CPU = torch.device("cpu")
 

@@ -25,7 +25,8 @@ from quantgate.exporter.deferred_scales import PLACEHOLDER_AMAX, DeferredInputSc
 from quantgate.exporter.overlap import OVERLAP_ENV, overlap_enabled, run_concurrently
 from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
 from quantgate.exporter.weight_pass import PROGRESS_STEP
-from quantgate.exporter.writers.sharding import OutTensor, Shard, ShardWriter, Unit, patch_tensors
+from quantgate.exporter.writers.shard_plan import OutTensor, Shard, Unit
+from quantgate.exporter.writers.sharding import ShardWriter, patch_tensors
 
 #: `QUANTGATE_TEST_DEVICE=cuda` runs the byte-identity cases on a GPU (where the overlap is the default).
 DEVICE = os.environ.get("QUANTGATE_TEST_DEVICE", "cpu")

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from quantgate.exporter.writers import preallocate as prealloc
 from quantgate.exporter.writers.preallocate import OutputSpaceError, check_free_space
-from quantgate.exporter.writers.sharding import OutTensor, ShardWriter, Unit, plan_shards
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit, plan_shards
+from quantgate.exporter.writers.sharding import ShardWriter
 from quantgate.service.cli import main
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from quantgate.exporter.excludes import candidates, synthesize_excludes
 from quantgate.exporter.writers.modelopt import hf_quant_config, quantization_config
-from quantgate.exporter.writers.sharding import OutTensor, ShardWriter, Unit, index_for, plan_shards
+from quantgate.exporter.writers.shard_plan import OutTensor, Unit, index_for, plan_shards
+from quantgate.exporter.writers.sharding import ShardWriter
 from quantgate.validators.engines import ENGINE_SEMANTICS
 from quantgate.validators.schemes import scheme
 
