@@ -90,6 +90,18 @@ class Source:
         per_expert = (info.end - info.start) // info.shape[0]
         return self._read(info, expert * per_expert, per_expert, pin).reshape(info.shape[1:])
 
+    def span(self, name: str, expert: int | None = None) -> tuple[Path, int, int]:
+        """(file, byte offset in it, length) of tensor `name`, or of one expert of a fused 3-D tensor."""
+        info = self.info(name)
+        offset = self._data_offset(info.file) + info.start
+        length = info.end - info.start
+        if expert is not None:
+            if len(info.shape) != 3 or not 0 <= expert < info.shape[0]:
+                raise CheckpointReadError(f"{self.path}: cannot take expert {expert} of {name} {list(info.shape)}")
+            length //= info.shape[0]
+            offset += expert * length
+        return self.path / info.file, offset, length
+
     def module_weight(self, module: Module) -> torch.Tensor:
         """The module's weight as a Linear stores it, [out, in]; fused experts sliced per expert."""
         if module.fused is not None:

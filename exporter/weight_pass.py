@@ -21,6 +21,7 @@ import torch
 
 from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
 from quantgate.exporter.deferred_scales import DeferredInputScales
+from quantgate.exporter.device_reads import device_reader
 from quantgate.exporter.jsonfile import write_json_atomic
 from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.progress import ProgressCallback, emit
@@ -45,6 +46,7 @@ PROGRESS_STEP = 0.01
 @dataclass
 class WriteStats:
     bytes_read: int = 0
+    bytes_read_in_place: int = 0      # of them, copied to the GPU from the page cache itself (exporter.device_reads)
     max_buffered_bytes: int = 0
     shards: list = field(default_factory=list)   # the shard plan written (offsets of deferred tensors)
 
@@ -121,14 +123,16 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
              index=i + 1, shards=len(shards), nbytes=shard.nbytes)
 
-    batching = feed_batching(dialect, device, ordered, source, scales, numerics)   # GPU: many groups per pass
-    if "work_batch" in batching:
-        compute_batch = batching["work_batch"]
-        batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
     try:
-        with UnitFeed(ordered, lambda unit: finish(unit, compute(unit)), feed_workers(device),
-                      single_threaded_torch=device.type == "cpu", **batching) as feed:
-            writer.write_placed(shards, produce, after, shard_done)
+        with device_reader(device) as reader:
+            batching = feed_batching(dialect, device, ordered, source, scales, numerics, reader)   # GPU: batches
+            if "work_batch" in batching:
+                compute_batch = batching["work_batch"]
+                batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
+            with UnitFeed(ordered, lambda unit: finish(unit, compute(unit)), feed_workers(device),
+                          single_threaded_torch=device.type == "cpu", **batching) as feed:
+                writer.write_placed(shards, produce, after, shard_done)
+        result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA)
     finally:   # the feed has stopped every producing thread: no write is in flight
         t_close = time.perf_counter()
         writer.close()   # waits for the shards' fsyncs (durability before the final rename)
@@ -147,6 +151,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         timings["weights_sync_wait"] = sync_wait
     emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
          seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
+         bytes_read_in_place=result.bytes_read_in_place,
          gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result
 

@@ -9,7 +9,7 @@ streaming shard loop in `quantgate.exporter.pipeline` drives any `DialectWriter`
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ import torch
 
 from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.recipes import Plan
-from quantgate.exporter.source import Source, slice_fused
+from quantgate.exporter.device_reads import DeviceReader
+from quantgate.exporter.source import TORCH_DTYPES, Source, slice_fused
 from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.layout import Kind, Module
@@ -156,7 +157,8 @@ def read_group(job: QuantJob, source: Source, device: torch.device) -> dict[str,
     """The group's [out, in] weights on `device`.
 
     One expert's fused gate_up slab is read once for both its gate and up modules. For CUDA the
-    bytes are read into pinned memory, copied asynchronously, and sliced on the GPU.
+    bytes are read into pinned memory, copied asynchronously, and sliced on the GPU (the batched
+    GPU pass reads through `read_groups` instead: no host copy).
     """
     cuda = device.type == "cuda"
     slabs: dict[tuple[str, int], torch.Tensor] = {}
@@ -170,6 +172,53 @@ def read_group(job: QuantJob, source: Source, device: torch.device) -> dict[str,
         else:
             weights[m.name] = source.tensor(m.tensors["weight"].name, pin=cuda).to(device, non_blocking=True)
     return weights
+
+
+#: Bytes of adjacent source spans read as one (one device copy, one page-locking) by `read_groups`.
+MAX_COALESCED = 512 * 2**20
+
+
+def read_groups(jobs: Sequence[QuantJob], source: Source, reader: DeviceReader) -> list[dict[str, torch.Tensor]]:
+    """`read_group` of each job, on `reader`'s device, with the source spans of all the jobs read
+    together: adjacent spans (one MoE layer's experts lie one after another in their fused tensor)
+    are coalesced up to `MAX_COALESCED` bytes into one `reader.read`."""
+    wanted: dict[tuple[str, int | None], tuple[Path, int, int]] = {}
+    for job in jobs:
+        for m in job.modules:
+            key = (m.fused.tensor, m.fused.expert) if m.fused is not None else (m.tensors["weight"].name, None)
+            if key not in wanted:
+                wanted[key] = source.span(*key)
+    runs: list[list[tuple[str, int | None]]] = []
+    for key in sorted(wanted, key=lambda k: (wanted[k][0], wanted[k][1])):
+        path, offset, length = wanted[key]
+        if runs:
+            head = wanted[runs[-1][0]]
+            tail = wanted[runs[-1][-1]]
+            if tail[0] == path and tail[1] + tail[2] == offset and offset + length - head[1] <= MAX_COALESCED:
+                runs[-1].append(key)
+                continue
+        runs.append([key])
+    slabs: dict[tuple[str, int | None], torch.Tensor] = {}
+    for run in runs:
+        path, start, _ = wanted[run[0]]
+        _, last, last_length = wanted[run[-1]]
+        data = reader.read(path, start, last + last_length - start)
+        for name, expert in run:
+            info = source.info(name)
+            _, offset, length = wanted[(name, expert)]
+            shape = info.shape[1:] if expert is not None else info.shape
+            slabs[(name, expert)] = data[offset - start:offset - start + length].view(TORCH_DTYPES[info.dtype]) \
+                .reshape(shape)
+    out = []
+    for job in jobs:
+        weights = {}
+        for m in job.modules:
+            if m.fused is not None:
+                weights[m.name] = slice_fused(slabs[(m.fused.tensor, m.fused.expert)], m.fused)
+            else:
+                weights[m.name] = slabs[(m.tensors["weight"].name, None)]
+        out.append(weights)
+    return out
 
 
 @dataclass(frozen=True)

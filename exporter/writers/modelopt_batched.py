@@ -33,7 +33,8 @@ from quantgate.exporter.numerics.nvfp4 import (
 from quantgate.exporter.schemes import lookup
 from quantgate.exporter.schemes.apply import shares_scale, stored_input_scales
 from quantgate.exporter.source import Source
-from quantgate.exporter.writers.common import InputScales, QuantJob, read_group
+from quantgate.exporter.device_reads import DeviceReader
+from quantgate.exporter.writers.common import InputScales, QuantJob, read_group, read_groups
 from quantgate.exporter.writers.shard_plan import Unit
 from quantgate.exporter.writers.sharding import HostBytes
 from quantgate.validators.schemes import MODELOPT
@@ -78,13 +79,16 @@ def plan_batches(units: Sequence[Unit], sizes: Sequence[int], *,
 
 
 def quantize_batch(units: Sequence[Unit], source: Source, scales: InputScales,
-                   device: torch.device, numerics: str = DEFAULT_NUMERICS) -> list[dict[str, Tensor]]:
-    """Each unit's output tensors as host bytes (`HostBytes`), byte-identical to `modelopt.quantize_group`."""
+                   device: torch.device, numerics: str = DEFAULT_NUMERICS,
+                   reader: DeviceReader | None = None) -> list[dict[str, Tensor]]:
+    """Each unit's output tensors as host bytes (`HostBytes`), byte-identical to `modelopt.quantize_group`.
+    With `reader` the batch's source spans are read together, without a host copy where the device
+    can (exporter.device_reads)."""
     jobs: list[QuantJob] = [u.job for u in units]
     names: list[str] = []            # one entry per module, in job order
     weights: list[Tensor] = []
-    for job in jobs:
-        group = read_group(job, source, device)
+    groups = read_groups(jobs, source, reader) if reader is not None else [read_group(j, source, device) for j in jobs]
+    for job, group in zip(jobs, groups):
         for m in job.modules:
             check_weight(group[m.name], what=f"NVFP4 {m.name}", in_divisor=BLOCK)
             names.append(m.name)
@@ -187,15 +191,17 @@ MAX_BATCH_OUTPUT_BYTES = 64 * 2**20       # ~230 MiB of BF16 read: NVFP4 output 
 
 
 def feed_batching(dialect: str, device: torch.device, units: Sequence[Unit], source: Source,
-                  scales: InputScales, numerics: str = DEFAULT_NUMERICS) -> dict[str, Any]:
-    """`UnitFeed` keyword arguments that batch this weight pass, or {} where it should not."""
+                  scales: InputScales, numerics: str = DEFAULT_NUMERICS,
+                  reader: DeviceReader | None = None) -> dict[str, Any]:
+    """`UnitFeed` keyword arguments that batch this weight pass, or {} where it should not; `reader`
+    reads each batch's source spans (exporter.device_reads)."""
     if device.type not in BATCH_DEVICES or dialect not in BATCH_DIALECTS:
         return {}
     from quantgate.exporter.unit_feed import device_stream
 
     def work_batch(members: list[Unit]) -> list[dict[str, Tensor]]:
         with device_stream(device):
-            return quantize_batch(members, source, scales, device, numerics)
+            return quantize_batch(members, source, scales, device, numerics, reader)
 
     batches = plan_batches(units, [u.nbytes for u in units], max_bytes=MAX_BATCH_OUTPUT_BYTES)
     log.info("weight pass: %d units in %d batches on %s", len(units), len(batches), device)

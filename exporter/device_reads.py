@@ -1,0 +1,191 @@
+"""Source bytes to a GPU without a host copy: the GPU weight pass's reads.
+
+Reading each weight into a page-locked buffer and copying that to the device costs a CPU copy of
+every source byte (10.7 GB for the issue model): py-spy on the H200 put 30-37 % of each producing
+thread in those reads. Here a source file is mapped read-only, the whole pages of a span are
+page-locked in place (`cudaHostRegister(..., cudaHostRegisterReadOnly)`: the page cache's own
+pages) and the GPU's copy engine reads them directly; the span is unlocked once the copy is done.
+`benchmarks/read_bench.py` measured 20 GB/s on one thread this way against 6 GB/s through a
+page-locked buffer (BENCHMARKS.md, issue 11).
+
+Only a span's whole pages are registered; the partial pages at either end (under one page each) go
+through a small page-locked buffer, so threads reading adjacent spans never register the same page
+(a second registration of a page fails). Where registration is not possible (a driver without
+read-only registration, no CUDA runtime library to call, a filesystem the driver refuses) the
+reader logs once and reads through page-locked buffers, as before: the bytes are the same either
+way. Linux only (the mapping is made with libc's `mmap`); elsewhere every read takes that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from quantgate.validators.errors import CheckpointReadError
+
+log = logging.getLogger(__name__)
+
+PAGE = mmap.PAGESIZE
+HOST_REGISTER_READ_ONLY = 0x08           # cudaHostRegisterReadOnly: the device only reads these pages
+MIN_REGISTERED = 1 << 20                 # bytes: shorter spans are cheaper through a page-locked buffer
+ALREADY_REGISTERED = 712                 # cudaErrorHostMemoryAlreadyRegistered: another thread holds these pages
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class DeviceReader:
+    """`read(path, offset, length)`: those bytes of a file as a uint8 tensor on `device`, enqueued on
+    the calling thread's current stream and complete when it returns. Thread-safe; `close()` unmaps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._maps: dict[Path, tuple[int, int]] = {}       # file -> (address, size) of its read-only mapping
+        self._fds: dict[Path, int] = {}
+        self._cudart = _cudart() if device.type == "cuda" else None
+        self._libc = _libc()
+        self.registered_bytes = 0
+        self.buffered_bytes = 0
+        if device.type == "cuda" and (self._cudart is None or self._libc is None):
+            log.info("weight pass: no CUDA runtime or libc to page-lock the source in place; reading through "
+                     "page-locked buffers")
+
+    def read(self, path: Path, offset: int, length: int) -> torch.Tensor:
+        out = torch.empty(length, dtype=torch.uint8, device=self.device)
+        first = -(-offset // PAGE) * PAGE                      # the span's whole pages: [first, last)
+        last = (offset + length) // PAGE * PAGE
+        if self._cudart is None or self._libc is None or last - first < MIN_REGISTERED:
+            out.copy_(self._buffered(path, offset, length), non_blocking=True)
+            self.buffered_bytes += length
+            return out
+        address = self._address(path) + first
+        if not self._register(address, last - first):
+            out.copy_(self._buffered(path, offset, length), non_blocking=True)
+            self.buffered_bytes += length
+            return out
+        try:
+            host = torch.frombuffer((ctypes.c_ubyte * (last - first)).from_address(address), dtype=torch.uint8)
+            if first > offset:
+                out[:first - offset].copy_(self._buffered(path, offset, first - offset), non_blocking=True)
+            out[first - offset:last - offset].copy_(host, non_blocking=True)
+            if last < offset + length:
+                out[last - offset:].copy_(self._buffered(path, last, offset + length - last), non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()   # the copy engine is done with the pages
+        finally:
+            self._cudart.cudaHostUnregister(ctypes.c_void_p(address))
+        self.registered_bytes += last - first
+        self.buffered_bytes += length - (last - first)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for address, size in self._maps.values():
+                self._libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+            for fd in self._fds.values():
+                os.close(fd)
+            self._maps.clear()
+            self._fds.clear()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _register(self, address: int, size: int) -> bool:
+        code = self._cudart.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(size),
+                                             ctypes.c_uint(HOST_REGISTER_READ_ONLY))
+        if code == 0:
+            return True
+        self._cudart.cudaGetLastError()   # the runtime keeps the error for the thread's next call: clear it
+        if code == ALREADY_REGISTERED:    # the same bytes read twice at once: this read goes through a buffer
+            return False
+        with self._lock:
+            if self._cudart is not None:
+                log.warning("weight pass: cannot page-lock the source in place (cudaHostRegister error %d); "
+                            "reading through page-locked buffers", code)
+            self._cudart = None
+        return False
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _address(self, path: Path) -> int:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            fd = self._fd(path)
+            with self._lock:
+                mapped = self._maps.get(path)
+                if mapped is None:
+                    size = os.fstat(fd).st_size
+                    address = self._libc.mmap(None, ctypes.c_size_t(size), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                    if address in (None, _MAP_FAILED):
+                        code = ctypes.get_errno()
+                        raise OSError(code, f"cannot map {path} for reading: {os.strerror(code)}")
+                    mapped = self._maps[path] = (address, size)
+        return mapped[0]
+
+    def _buffered(self, path: Path, offset: int, length: int) -> torch.Tensor:
+        """The bytes read into a page-locked buffer (the copy from it can run asynchronously)."""
+        buf = torch.empty(length, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        view = memoryview(buf.numpy())
+        fd, got = self._fd(path), 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointReadError(f"{path}: truncated: it ends before byte {offset + length}, which its "
+                                          "header promises; re-download or re-save the checkpoint")
+            got += n
+        return buf
+
+
+@contextmanager
+def device_reader(device: torch.device) -> Iterator[DeviceReader]:
+    reader = DeviceReader(device)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _libc() -> ctypes.CDLL | None:
+    """libc with `mmap`/`munmap` typed for 64-bit offsets, or None off Linux."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int64]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc if os.name == "posix" else None
+
+
+def _cudart() -> ctypes.CDLL | None:
+    """The CUDA runtime library torch loaded (the same instance, so errors cleared here are the ones
+    torch would see), found in this process's mappings; None where there is none to find."""
+    try:
+        torch.cuda.init()
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except (OSError, RuntimeError):
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+            lib.cudaGetLastError.argtypes = []
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
