@@ -7,6 +7,7 @@ ROOT=$(pwd)
 VARIANTS=${VARIANTS:-}   # e.g. "--variant late:QUANTGATE_OVERLAP_START=imports"
 OUT=${OUT:-/tmp/out}
 LOG=$OUT/run.log
+CALIB=/tmp/sbs/calib/calibration.json   # the build step's calibration, for the weights-only steps (not under a timed run's --out)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mo .whl/*.whl >>$LOG 2>&1 || exit 1
 cd .gpuwork
@@ -37,13 +38,13 @@ for step in "$@"; do
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
         --serial-too $VARIANTS --json $OUT/sbs_issue_overlap.json >>$LOG 2>&1 ;;
     overlap_tests)   # the overlap's byte identity on CUDA, and the batched GPU writer
-      QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py \
+      QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py tests/exporter/test_device_reads.py \
         tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
     readbench)   # what bounds the weight pass's reads: GB/s by thread count, pageable / pinned / pinned + H2D
       for c in ${READ_CHUNKS:-8}; do PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda \
         --chunk-mib $c --threads ${READ_THREADS:-1,2,4,8} >>$OUT/read_bench.json 2>&1; done ;;
     wp)   # the weight pass alone (a calibration file as stats), by worker count: GB/s of BF16 read
-      STATS=/tmp/sbs/issue/nvfp4/modelopt_amax_stats.json; [ -f $STATS ] || STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      STATS=/tmp/sbs/issue/nvfp4/modelopt_amax_stats.json; [ -f $STATS ] || STATS=$CALIB
       for w in ${WP_WORKERS:-1 2 4}; do
         echo "workers=$w $(QUANTGATE_WEIGHT_WORKERS=$w PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
           /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/wp$w --overwrite \
@@ -60,11 +61,11 @@ from benchmarks.modelopt_side_by_side import ISSUE_MODEL, _name_architecture
 from benchmarks.export_bench import _page_cache, synthetic_model
 src, _ = synthetic_model(Path('/tmp/sbs/issue/src'), dict(ISSUE_MODEL)); _name_architecture(src / 'config.json')
 print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
-      [ -f /tmp/sbs/issue/nvfp4/quantgate/calibration.json ] || PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
-        /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-samples 8 --calib-seq-len 128 --out /tmp/sbs/issue/nvfp4/quantgate \
+      [ -f $CALIB ] || PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
+        /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-samples 8 --calib-seq-len 128 --out $(dirname $CALIB) \
         --overwrite >>$LOG 2>&1 ;;
     prof)   # where the weight pass's wall time goes, per thread: py-spy (carried in .whl/) on the weights-only job
-      STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      STATS=$CALIB
       for mode in ${PROF_MODES:-idle gil}; do
         flag=--idle; [ $mode = gil ] && flag=--gil
         PYTHONPATH=$SRC:. /tmp/mo/bin/py-spy record --threads $flag -r 250 -f raw -o $OUT/prof_$mode.txt -- \
@@ -74,7 +75,7 @@ print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
     writebench)   # what bounds the writes: pwrite GB/s into one file / a file each, by thread count
       PYTHONPATH=$SRC:. python3 -m benchmarks.write_bench /tmp --gib 3 >$OUT/write_bench.json 2>&1 ;;
     probe)   # the weights-only job with one stage taken out (benchmarks/weight_pass_probe.py), PROBES="base noprealloc nowrite mmap ..."
-      STATS=/tmp/sbs/issue/nvfp4/quantgate/calibration.json
+      STATS=$CALIB
       for v in ${PROBES:-base nowrite noread nosync nowrite+noread}; do
         echo "$v workers=${QUANTGATE_WEIGHT_WORKERS:-default} $(PYTHONPATH=$SRC:. python3 -m benchmarks.weight_pass_probe $v -- quantize \
           /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/probe --overwrite \

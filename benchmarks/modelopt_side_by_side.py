@@ -26,6 +26,7 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -98,11 +99,27 @@ def modelopt_child(src: str, out: str, recipe: str, report: str) -> None:
 
 # --------------------------------------------------------------------------- parent
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, list[str], int]:
-    """Run `cmd`; returns (wall seconds, stdout lines, exit code); stderr goes to `log`."""
+    """Run `cmd`; returns (wall seconds, stdout lines, exit code); stderr goes to `log`. Its `--out` is
+    removed first, untimed: an export an earlier step left there would put its removal into the
+    timed run (quantgate's `--overwrite` removes the old export after publishing the new one).
+    Each stdout line is timed as it arrives; one more line is appended, a timings event with
+    `exit_after_result` (from the result event to the process's end: report, teardown)."""
+    if "--out" in cmd:
+        shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)
     t = time.perf_counter()
-    with log.open("w") as err:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    return time.perf_counter() - t, proc.stdout.splitlines(), proc.returncode
+    lines: list[str] = []
+    result_at = None
+    with log.open("w") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if '"event": "result"' in line:
+                result_at = time.perf_counter()
+        rc = proc.wait()
+    end = time.perf_counter()
+    if result_at is not None:
+        lines.append(json.dumps({"event": "bench", "data": {"timings": {"exit_after_result": end - result_at}}}))
+    return end - t, lines, rc
 
 
 def _load_all(directory: Path) -> dict[str, Any]:
