@@ -49,11 +49,11 @@ class DeviceReader:
         self._lock = threading.Lock()
         self._maps: dict[Path, tuple[int, int]] = {}       # file -> (address, size) of its read-only mapping
         self._fds: dict[Path, int] = {}
-        self._cudart = _cudart() if device.type == "cuda" else None
         self._libc = _libc()
+        self._cudart = _cudart() if device.type == "cuda" and self._libc is not None else None
         self.registered_bytes = 0
         self.buffered_bytes = 0
-        if device.type == "cuda" and (self._cudart is None or self._libc is None):
+        if device.type == "cuda" and self._cudart is None:
             log.info("weight pass: no CUDA runtime or libc to page-lock the source in place; reading through "
                      "page-locked buffers")
 
@@ -61,12 +61,10 @@ class DeviceReader:
         out = torch.empty(length, dtype=torch.uint8, device=self.device)
         first = -(-offset // PAGE) * PAGE                      # the span's whole pages: [first, last)
         last = (offset + length) // PAGE * PAGE
-        if self._cudart is None or self._libc is None or last - first < MIN_REGISTERED:
-            out.copy_(self._buffered(path, offset, length), non_blocking=True)
-            self.buffered_bytes += length
-            return out
-        address = self._address(path) + first
-        if not self._register(address, last - first):
+        cudart = self._cudart                                  # another thread may turn page-locking off
+        base = self._address(path) if cudart is not None and last - first >= MIN_REGISTERED else None
+        address = base + first if base is not None else 0
+        if base is None or not self._register(cudart, address, last - first):
             out.copy_(self._buffered(path, offset, length), non_blocking=True)
             self.buffered_bytes += length
             return out
@@ -80,7 +78,7 @@ class DeviceReader:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()   # the copy engine is done with the pages
         finally:
-            self._cudart.cudaHostUnregister(ctypes.c_void_p(address))
+            cudart.cudaHostUnregister(ctypes.c_void_p(address))
         self.registered_bytes += last - first
         self.buffered_bytes += length - (last - first)
         return out
@@ -95,20 +93,23 @@ class DeviceReader:
             self._fds.clear()
 
     # -- internals -------------------------------------------------------------------------------
-    def _register(self, address: int, size: int) -> bool:
-        code = self._cudart.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(size),
-                                             ctypes.c_uint(HOST_REGISTER_READ_ONLY))
+    def _register(self, cudart: ctypes.CDLL, address: int, size: int) -> bool:
+        code = cudart.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(size),
+                                       ctypes.c_uint(HOST_REGISTER_READ_ONLY))
         if code == 0:
             return True
-        self._cudart.cudaGetLastError()   # the runtime keeps the error for the thread's next call: clear it
+        cudart.cudaGetLastError()         # the runtime keeps the error for the thread's next call: clear it
         if code == ALREADY_REGISTERED:    # the same bytes read twice at once: this read goes through a buffer
             return False
+        self._turn_off(f"cudaHostRegister error {code}")
+        return False
+
+    def _turn_off(self, why: str) -> None:
         with self._lock:
             if self._cudart is not None:
-                log.warning("weight pass: cannot page-lock the source in place (cudaHostRegister error %d); "
-                            "reading through page-locked buffers", code)
+                log.warning("weight pass: cannot page-lock the source in place (%s); reading through "
+                            "page-locked buffers", why)
             self._cudart = None
-        return False
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -119,7 +120,9 @@ class DeviceReader:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def _address(self, path: Path) -> int:
+    def _address(self, path: Path) -> int | None:
+        """Where `path` is mapped read-only (mapped on first use); None, with page-locking turned off,
+        where it cannot be mapped (some FUSE and network filesystems)."""
         mapped = self._maps.get(path)
         if mapped is None:
             fd = self._fd(path)
@@ -130,8 +133,12 @@ class DeviceReader:
                     address = self._libc.mmap(None, ctypes.c_size_t(size), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
                     if address in (None, _MAP_FAILED):
                         code = ctypes.get_errno()
-                        raise OSError(code, f"cannot map {path} for reading: {os.strerror(code)}")
-                    mapped = self._maps[path] = (address, size)
+                        why = f"cannot map {path.name}: {os.strerror(code)}"
+                    else:
+                        mapped = self._maps[path] = (address, size)
+            if mapped is None:
+                self._turn_off(why)
+                return None
         return mapped[0]
 
     def _buffered(self, path: Path, offset: int, length: int) -> torch.Tensor:

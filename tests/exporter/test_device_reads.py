@@ -7,6 +7,7 @@ refused registration and the coalescing are checked on any machine. With CUDA th
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -221,3 +222,32 @@ def test_a_file_shorter_than_its_header_says_is_a_clear_error(blob) -> None:
             reader.read(path, len(data) - 10, 100)
     finally:
         reader.close()
+
+
+def test_a_file_that_cannot_be_mapped_is_read_through_buffers(blob, caplog) -> None:
+    path, data = blob
+    fake = FakeCudart()
+    reader = _reader(fake)
+
+    class NoMmap:
+        """libc whose mmap fails as it does on filesystems without mapping support."""
+
+        @staticmethod
+        def mmap(*args) -> int:
+            ctypes.set_errno(19)                     # ENODEV
+            return device_reads._MAP_FAILED
+
+        @staticmethod
+        def munmap(*args) -> int:
+            raise AssertionError("nothing was mapped")
+
+    reader._libc = NoMmap()
+    with caplog.at_level(logging.WARNING, logger="quantgate.exporter.device_reads"):
+        got = reader.read(path, 11, 2 * MIN_REGISTERED)
+        again = reader.read(path, 0, 2 * MIN_REGISTERED)
+    reader.close()
+    assert bytes(got.numpy()) == data[11:11 + 2 * MIN_REGISTERED] and bytes(again.numpy()) == data[:2 * MIN_REGISTERED]
+    assert fake.calls == [] and reader.registered_bytes == 0
+    assert [r.getMessage() for r in caplog.records if "cannot map" in r.getMessage()] == [
+        "weight pass: cannot page-lock the source in place (cannot map blob.safetensors: No such device); "
+        "reading through page-locked buffers"]
