@@ -89,7 +89,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
 
     def compute(unit) -> dict[str, Any]:
         with device_stream(device):
-            data = dialect_writer.read(unit, source, device)
+            data = dialect_writer.read(unit, source, device, reader if device.type == "cuda" else None)
             job = unit.job
             if isinstance(job, CopyJob):
                 return {job.name: data}

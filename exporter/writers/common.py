@@ -239,11 +239,14 @@ class DialectWriter:
     def input_scales(self, plan: Plan, source: Source, stats: ActivationStats | None) -> InputScales:
         return InputScales(plan, source, stats)
 
-    def read(self, unit: Unit, source: Source, device: torch.device) -> Any:
-        """The data a unit needs: a pass-through tensor, or a group's weights on `device`."""
+    def read(self, unit: Unit, source: Source, device: torch.device, reader: DeviceReader | None = None) -> Any:
+        """The data a unit needs: a pass-through tensor, or a group's weights on `device` (through
+        `reader` where given: on CUDA, no host copy)."""
         job = unit.job
         if isinstance(job, CopyJob):
             return source.tensor(job.name)
         if not isinstance(job, QuantJob):   # e.g. a whole 3-D tensor (exporter.writers.bmm_experts.BmmJob)
             return job.read(source, device)
+        if reader is not None:
+            return read_groups([job], source, reader)[0]
         return read_group(job, source, device)

@@ -251,3 +251,25 @@ def test_a_file_that_cannot_be_mapped_is_read_through_buffers(blob, caplog) -> N
     assert [r.getMessage() for r in caplog.records if "cannot map" in r.getMessage()] == [
         "weight pass: cannot page-lock the source in place (cannot map blob.safetensors: No such device); "
         "reading through page-locked buffers"]
+
+
+@pytest.mark.parametrize(("arch", "recipe", "dialect"), [("qwen3_moe", "fp8", "modelopt"),
+                                                         ("gemma4", "fp8", "compressed-tensors"),
+                                                         ("mixtral", "nvfp4", "modelopt")])
+def test_a_dialect_writer_reads_the_same_weights_through_a_reader(exported, arch, recipe, dialect) -> None:
+    """The per-unit GPU path (every dialect that does not batch) reads through the reader on CUDA."""
+    from quantgate.exporter.writers.common import QuantJob
+    from quantgate.exporter.writers.registry import writer_for
+
+    source_dir, _ = exported(arch, recipe)
+    source = open_source(str(source_dir))
+    writer = writer_for(dialect)
+    units = [u for u in writer.build_units(source, make_plan(source.layout, recipe)) if isinstance(u.job, QuantJob)]
+    assert units
+    reader = DeviceReader(CPU)
+    try:
+        for unit in units:
+            got, want = writer.read(unit, source, CPU, reader), writer.read(unit, source, CPU)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), unit.key
+    finally:
+        reader.close()
