@@ -160,7 +160,7 @@ def test_without_a_cuda_runtime_every_read_is_buffered(blob) -> None:
 
 @pytest.mark.parametrize("arch", ["gemma4", "qwen3_moe", "llama"])
 def test_coalesced_group_reads_equal_one_group_at_a_time(exported, monkeypatch, arch: str) -> None:
-    source_dir, first = exported(arch, "nvfp4")
+    source_dir, _ = exported(arch, "nvfp4")
     source = open_source(str(source_dir))
     plan = make_plan(source.layout, "nvfp4")
     jobs = [u.job for u in modelopt.build_units(source, plan) if batchable(u)]
@@ -248,9 +248,9 @@ def test_a_file_that_cannot_be_mapped_is_read_through_buffers(blob, caplog) -> N
     reader.close()
     assert bytes(got.numpy()) == data[11:11 + 2 * MIN_REGISTERED] and bytes(again.numpy()) == data[:2 * MIN_REGISTERED]
     assert fake.calls == [] and reader.registered_bytes == 0
-    assert [r.getMessage() for r in caplog.records if "cannot map" in r.getMessage()] == [
-        "weight pass: cannot page-lock the source in place (cannot map blob.safetensors: No such device); "
-        "reading through page-locked buffers"]
+    expected = ("weight pass: cannot page-lock the source in place (cannot map blob.safetensors: No such device); "
+                "reading through page-locked buffers")
+    assert [r.getMessage() for r in caplog.records if "cannot map" in r.getMessage()] == [expected]
 
 
 @pytest.mark.parametrize(("arch", "recipe", "dialect"), [("qwen3_moe", "fp8", "modelopt"),
