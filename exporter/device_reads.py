@@ -186,7 +186,7 @@ def _cudart() -> ctypes.CDLL | None:
             paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
     except (OSError, RuntimeError):
         return None
-    for path in sorted(paths):
+    for path in runtimes_first(paths, torch.version.cuda):
         try:
             lib = ctypes.CDLL(path)
             lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
@@ -196,3 +196,9 @@ def _cudart() -> ctypes.CDLL | None:
         except (OSError, AttributeError):
             continue
     return None
+
+
+def runtimes_first(paths: set[str], cuda_version: str | None) -> list[str]:
+    """The CUDA runtime libraries mapped in this process, the one of torch's CUDA major version first."""
+    mine = f"libcudart.so.{(cuda_version or '').split('.')[0]}"
+    return sorted(paths, key=lambda path: (mine not in path, path))

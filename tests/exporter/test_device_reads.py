@@ -273,3 +273,10 @@ def test_a_dialect_writer_reads_the_same_weights_through_a_reader(exported, arch
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), unit.key
     finally:
         reader.close()
+
+
+def test_torchs_own_cuda_runtime_is_preferred() -> None:
+    paths = {"/x/cupy/libcudart.so.12", "/y/nvidia/cu13/lib/libcudart.so.13"}
+    assert device_reads.runtimes_first(paths, "13.0")[0] == "/y/nvidia/cu13/lib/libcudart.so.13"
+    assert device_reads.runtimes_first(paths, "12.8")[0] == "/x/cupy/libcudart.so.12"
+    assert device_reads.runtimes_first(paths, None) == sorted(paths)
