@@ -41,8 +41,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class DeviceReader:
-    """`read(path, offset, length)`: those bytes of a file as a uint8 tensor on `device`, enqueued on
-    the calling thread's current stream and complete when it returns. Thread-safe; `close()` unmaps."""
+    """`read(path, offset, length)`: those bytes of a file as a uint8 tensor on `device`, copied on the
+    calling thread's current stream (work queued after it on that stream sees them; page-locked
+    pages are unlocked only once their copy is done). Thread-safe; `close()` unmaps."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -66,7 +67,7 @@ class DeviceReader:
         address = base + first if base is not None else 0
         if base is None or not self._register(cudart, address, last - first):
             out.copy_(self._buffered(path, offset, length), non_blocking=True)
-            self.buffered_bytes += length
+            self._count(0, length)
             return out
         try:
             host = torch.frombuffer((ctypes.c_ubyte * (last - first)).from_address(address), dtype=torch.uint8)
@@ -79,8 +80,7 @@ class DeviceReader:
                 torch.cuda.current_stream(self.device).synchronize()   # the copy engine is done with the pages
         finally:
             cudart.cudaHostUnregister(ctypes.c_void_p(address))
-        self.registered_bytes += last - first
-        self.buffered_bytes += length - (last - first)
+        self._count(last - first, length - (last - first))
         return out
 
     def close(self) -> None:
@@ -93,6 +93,11 @@ class DeviceReader:
             self._fds.clear()
 
     # -- internals -------------------------------------------------------------------------------
+    def _count(self, registered: int, buffered: int) -> None:
+        with self._lock:
+            self.registered_bytes += registered
+            self.buffered_bytes += buffered
+
     def _register(self, cudart: ctypes.CDLL, address: int, size: int) -> bool:
         code = cudart.cudaHostRegister(ctypes.c_void_p(address), ctypes.c_size_t(size),
                                        ctypes.c_uint(HOST_REGISTER_READ_ONLY))
