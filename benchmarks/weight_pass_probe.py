@@ -15,6 +15,8 @@ export: the job's validation is expected to fail for `nowrite` / `noread`):
   writer now makes itself);
 - `mmap`: each shard mapped at its planned size; units are copied into the mapping (numpy copies,
   which release the GIL) instead of `pwrite` (one file's buffered writes serialise on its inode lock);
+- `buffered`: the source read through page-locked buffers, as before 2026-12-03's reads in place
+  (`exporter.device_reads` finds no CUDA runtime to page-lock with);
 - `a+b`: several of them.
 
 The weight pass's own progress event (GB/s) is printed as the job prints it; compare variants.
@@ -30,6 +32,10 @@ def main() -> int:
     if sep != "--":
         raise SystemExit(__doc__)
     parts = set(variant.split("+"))
+    if "buffered" in parts:
+        from quantgate.exporter import device_reads
+
+        device_reads._cudart = lambda: None
     if "nowrite" in parts:
         from quantgate.exporter.writers import sharding
 
