@@ -28,6 +28,8 @@ import sys
 
 
 def main() -> int:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
     variant, sep, *argv = sys.argv[1:]
     if sep != "--":
         raise SystemExit(__doc__)
