@@ -8,7 +8,8 @@ export: the job's validation is expected to fail for `nowrite` / `noread`):
 
 - `base`: unchanged;
 - `nowrite`: the shard writer's positioned writes do nothing (files stay sparse);
-- `noread`: every source read returns one reused buffer of the right size (no page-cache copy);
+- `noread`: every source read returns one reused buffer of the right size (no page-cache copy; the
+  weight pass's reads go through `DeviceReader.read`, pass-through tensors through `Source._read`);
 - `nosync`: no background `fdatasync` while the shard is written (only its final fsync);
 - `noprealloc`: shards not reserved when opened (`exporter.writers.preallocate`; the writes extend
   the file, as before 2026-12-03, when this probe's `fallocate` variant measured the reservation the
@@ -66,6 +67,17 @@ def main() -> int:
             return buffers[key].view(TORCH_DTYPES[info.dtype])
 
         Source._read = reused
+        from quantgate.exporter.device_reads import DeviceReader
+
+        on_device: dict[tuple[int, str], torch.Tensor] = {}
+
+        def reused_on_device(self, path, offset, length):   # DeviceReader.read's signature
+            key = (length, str(self.device))
+            if key not in on_device:
+                on_device[key] = torch.zeros(length, dtype=torch.uint8, device=self.device)
+            return on_device[key]
+
+        DeviceReader.read = reused_on_device
     from quantgate.service.cli import main as cli
 
     return cli(argv)

@@ -59,16 +59,15 @@ class DeviceReader:
                      "page-locked buffers")
 
     def read(self, path: Path, offset: int, length: int) -> torch.Tensor:
-        out = torch.empty(length, dtype=torch.uint8, device=self.device)
         first = -(-offset // PAGE) * PAGE                      # the span's whole pages: [first, last)
         last = (offset + length) // PAGE * PAGE
         cudart = self._cudart                                  # another thread may turn page-locking off
         base = self._address(path) if cudart is not None and last - first >= MIN_REGISTERED else None
         address = base + first if base is not None else 0
         if base is None or not self._register(cudart, address, last - first):
-            out.copy_(self._buffered(path, offset, length), non_blocking=True)
-            self._count(0, length)
-            return out
+            self._count(0, length)                             # on the CPU: the buffer itself, no copy
+            return self._buffered(path, offset, length).to(self.device, non_blocking=True)
+        out = torch.empty(length, dtype=torch.uint8, device=self.device)
         try:
             host = torch.frombuffer((ctypes.c_ubyte * (last - first)).from_address(address), dtype=torch.uint8)
             if first > offset:

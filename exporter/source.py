@@ -80,15 +80,12 @@ class Source:
         """The whole tensor `name`, read from disk now (nothing is cached); `pin`: into page-locked
         memory, so a CUDA copy of it can run asynchronously."""
         info = self.info(name)
-        return self._read(info, 0, info.end - info.start, pin).reshape(info.shape)
+        return self._read(info, *self.span(name)[1:], pin).reshape(info.shape)
 
     def expert_tensor(self, name: str, expert: int, *, pin: bool = False) -> torch.Tensor:
         """`tensor(name)[expert]` for a 3-D fused tensor, reading only that expert's bytes."""
         info = self.info(name)
-        if len(info.shape) != 3 or not 0 <= expert < info.shape[0]:
-            raise CheckpointReadError(f"{self.path}: cannot take expert {expert} of {name} {list(info.shape)}")
-        per_expert = (info.end - info.start) // info.shape[0]
-        return self._read(info, expert * per_expert, per_expert, pin).reshape(info.shape[1:])
+        return self._read(info, *self.span(name, expert)[1:], pin).reshape(info.shape[1:])
 
     def span(self, name: str, expert: int | None = None) -> tuple[Path, int, int]:
         """(file, byte offset in it, length) of tensor `name`, or of one expert of a fused 3-D tensor."""
@@ -102,6 +99,14 @@ class Source:
             offset += expert * length
         return self.path / info.file, offset, length
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype tensor `name` is read as; a dtype torch cannot hold is a clear error."""
+        info = self.info(name)
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointReadError(f"{self.path}: tensor {info.name} has dtype {info.dtype}, which cannot be read")
+        return dtype
+
     def module_weight(self, module: Module) -> torch.Tensor:
         """The module's weight as a Linear stores it, [out, in]; fused experts sliced per expert."""
         if module.fused is not None:
@@ -111,13 +116,12 @@ class Source:
         return self.tensor(module.tensors["weight"].name)
 
     def _read(self, info: TensorInfo, offset: int, length: int, pin: bool = False) -> torch.Tensor:
-        dtype = TORCH_DTYPES.get(info.dtype)
-        if dtype is None:
-            raise CheckpointReadError(f"{self.path}: tensor {info.name} has dtype {info.dtype}, which cannot be read")
+        """`length` bytes at `offset` of `info`'s file (a `span`), as `info`'s dtype."""
+        dtype = self.torch_dtype(info.name)
         file = self.path / info.file
         buf = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
         with open(file, "rb", buffering=0) as fh:
-            fh.seek(self._data_offset(info.file) + info.start + offset)
+            fh.seek(offset)
             view = memoryview(buf.numpy())
             got = 0
             while got < length:

@@ -89,7 +89,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
 
     def compute(unit) -> dict[str, Any]:
         with device_stream(device):
-            data = dialect_writer.read(unit, source, device, reader if device.type == "cuda" else None)
+            data = dialect_writer.read(unit, source, device, reader)
             job = unit.job
             if isinstance(job, CopyJob):
                 return {job.name: data}
@@ -132,7 +132,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
             with UnitFeed(ordered, lambda unit: finish(unit, compute(unit)), feed_workers(device),
                           single_threaded_torch=device.type == "cpu", **batching) as feed:
                 writer.write_placed(shards, produce, after, shard_done)
-        result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA)
+        result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA only)
     finally:   # the feed has stopped every producing thread: no write is in flight
         t_close = time.perf_counter()
         writer.close()   # waits for the shards' fsyncs (durability before the final rename)

@@ -19,7 +19,7 @@ import torch
 from quantgate.exporter.calibration.stats import ActivationStats
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.device_reads import DeviceReader
-from quantgate.exporter.source import TORCH_DTYPES, Source, slice_fused
+from quantgate.exporter.source import Source, slice_fused
 from quantgate.exporter.writers.shard_plan import OutTensor, Unit
 from quantgate.validators.errors import QuantgateError
 from quantgate.validators.layout import Kind, Module
@@ -153,25 +153,29 @@ def _input_share_keys(module: Module) -> list[str]:
     return keys
 
 
-def read_group(job: QuantJob, source: Source, device: torch.device) -> dict[str, torch.Tensor]:
-    """The group's [out, in] weights on `device`.
+def _slab(module: Module) -> tuple[str, int | None]:
+    """The source tensor a module's weight is read from, with its expert for a fused 3-D tensor."""
+    if module.fused is not None:
+        return module.fused.tensor, module.fused.expert
+    return module.tensors["weight"].name, None
 
-    One expert's fused gate_up slab is read once for both its gate and up modules. For CUDA the
-    bytes are read into pinned memory, copied asynchronously, and sliced on the GPU (the batched
-    GPU pass reads through `read_groups` instead: no host copy).
-    """
+
+def _group_weights(job: QuantJob, slabs: dict[tuple[str, int | None], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each module's [out, in] weight from the slabs read (a fused slab sliced per module)."""
+    return {m.name: slice_fused(slabs[_slab(m)], m.fused) if m.fused is not None else slabs[_slab(m)]
+            for m in job.modules}
+
+
+def read_group(job: QuantJob, source: Source, device: torch.device) -> dict[str, torch.Tensor]:
+    """The group's [out, in] weights on `device`, each slab read once (one expert's fused gate_up
+    serves its gate and its up). For CUDA the bytes go through pinned memory and are copied
+    asynchronously; the weight pass reads through `read_groups` and a `DeviceReader` instead."""
     cuda = device.type == "cuda"
-    slabs: dict[tuple[str, int], torch.Tensor] = {}
-    weights = {}
-    for m in job.modules:
-        if m.fused is not None:
-            key = (m.fused.tensor, m.fused.expert)
-            if key not in slabs:
-                slabs[key] = source.expert_tensor(*key, pin=cuda).to(device, non_blocking=True)
-            weights[m.name] = slice_fused(slabs[key], m.fused)
-        else:
-            weights[m.name] = source.tensor(m.tensors["weight"].name, pin=cuda).to(device, non_blocking=True)
-    return weights
+    slabs = {}
+    for name, expert in dict.fromkeys(_slab(m) for m in job.modules):
+        data = source.tensor(name, pin=cuda) if expert is None else source.expert_tensor(name, expert, pin=cuda)
+        slabs[(name, expert)] = data.to(device, non_blocking=True)
+    return _group_weights(job, slabs)
 
 
 #: Bytes of adjacent source spans read as one (one device copy, one page-locking) by `read_groups`.
@@ -182,18 +186,12 @@ def read_groups(jobs: Sequence[QuantJob], source: Source, reader: DeviceReader) 
     """`read_group` of each job, on `reader`'s device, with the source spans of all the jobs read
     together: adjacent spans (one MoE layer's experts lie one after another in their fused tensor)
     are coalesced up to `MAX_COALESCED` bytes into one `reader.read`."""
-    wanted: dict[tuple[str, int | None], tuple[Path, int, int]] = {}
-    for job in jobs:
-        for m in job.modules:
-            key = (m.fused.tensor, m.fused.expert) if m.fused is not None else (m.tensors["weight"].name, None)
-            if key not in wanted:
-                wanted[key] = source.span(*key)
+    wanted = {key: source.span(*key) for key in dict.fromkeys(_slab(m) for job in jobs for m in job.modules)}
     runs: list[list[tuple[str, int | None]]] = []
-    for key in sorted(wanted, key=lambda k: (wanted[k][0], wanted[k][1])):
+    for key in sorted(wanted, key=lambda k: wanted[k][:2]):
         path, offset, length = wanted[key]
         if runs:
-            head = wanted[runs[-1][0]]
-            tail = wanted[runs[-1][-1]]
+            head, tail = wanted[runs[-1][0]], wanted[runs[-1][-1]]
             if tail[0] == path and tail[1] + tail[2] == offset and offset + length - head[1] <= MAX_COALESCED:
                 runs[-1].append(key)
                 continue
@@ -204,21 +202,11 @@ def read_groups(jobs: Sequence[QuantJob], source: Source, reader: DeviceReader) 
         _, last, last_length = wanted[run[-1]]
         data = reader.read(path, start, last + last_length - start)
         for name, expert in run:
-            info = source.info(name)
             _, offset, length = wanted[(name, expert)]
-            shape = info.shape[1:] if expert is not None else info.shape
-            slabs[(name, expert)] = data[offset - start:offset - start + length].view(TORCH_DTYPES[info.dtype]) \
-                .reshape(shape)
-    out = []
-    for job in jobs:
-        weights = {}
-        for m in job.modules:
-            if m.fused is not None:
-                weights[m.name] = slice_fused(slabs[(m.fused.tensor, m.fused.expert)], m.fused)
-            else:
-                weights[m.name] = slabs[(m.tensors["weight"].name, None)]
-        out.append(weights)
-    return out
+            shape = source.info(name).shape
+            slabs[(name, expert)] = data[offset - start:offset - start + length].view(source.torch_dtype(name)) \
+                .reshape(shape[1:] if expert is not None else shape)
+    return [_group_weights(job, slabs) for job in jobs]
 
 
 @dataclass(frozen=True)
@@ -241,7 +229,7 @@ class DialectWriter:
 
     def read(self, unit: Unit, source: Source, device: torch.device, reader: DeviceReader | None = None) -> Any:
         """The data a unit needs: a pass-through tensor, or a group's weights on `device` (through
-        `reader` where given: on CUDA, no host copy)."""
+        `reader` where given, as the weight pass does: on CUDA, no host copy)."""
         job = unit.job
         if isinstance(job, CopyJob):
             return source.tensor(job.name)
