@@ -18,6 +18,9 @@ export: the job's validation is expected to fail for `nowrite` / `noread`):
   which release the GIL) instead of `pwrite` (one file's buffered writes serialise on its inode lock);
 - `buffered`: the source read through page-locked buffers, as before 2026-12-03's reads in place
   (`exporter.device_reads` finds no CUDA runtime to page-lock with);
+- `walker`: every unit written by the thread walking the plan, in plan order, not by the thread that
+  produced it (`QUANTGATE_WRITES=walker`);
+- `prefault`: a side thread faults in the source mappings ahead of the reads (`QUANTGATE_PREFAULT=1`);
 - `a+b`: several of them.
 
 The weight pass's own progress event (GB/s) is printed as the job prints it; compare variants.
@@ -25,6 +28,7 @@ The weight pass's own progress event (GB/s) is printed as the job prints it; com
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -35,6 +39,10 @@ def main() -> int:
     if sep != "--":
         raise SystemExit(__doc__)
     parts = set(variant.split("+"))
+    if "walker" in parts:
+        os.environ["QUANTGATE_WRITES"] = "walker"
+    if "prefault" in parts:
+        os.environ["QUANTGATE_PREFAULT"] = "1"
     if "buffered" in parts:
         from quantgate.exporter import device_reads
 

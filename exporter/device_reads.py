@@ -24,6 +24,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +38,11 @@ PAGE = mmap.PAGESIZE
 HOST_REGISTER_READ_ONLY = 0x08           # cudaHostRegisterReadOnly: the device only reads these pages
 MIN_REGISTERED = 1 << 20                 # bytes: shorter spans are cheaper through a page-locked buffer
 ALREADY_REGISTERED = 712                 # cudaErrorHostMemoryAlreadyRegistered: another thread holds these pages
+MADV_POPULATE_READ = 22                  # Linux >= 5.14: fault in a range's page-table entries (readable)
+PREFAULT_STEP = 64 << 20                 # bytes populated per madvise call (the side thread checks for close between)
+#: "1": a side thread faults in each mapped source file ahead of the reads, so page-locking a span
+#: finds its page-table entries present instead of faulting them in on the reading thread; "0": off.
+PREFAULT_ENV = "QUANTGATE_PREFAULT"
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -54,6 +60,10 @@ class DeviceReader:
         self._cudart = _cudart() if device.type == "cuda" and self._libc is not None else None
         self.registered_bytes = 0
         self.buffered_bytes = 0
+        self._prefault = (os.environ.get(PREFAULT_ENV, "0").strip() in ("1", "on", "true", "yes")
+                          and self._cudart is not None)
+        self._prefaulter: ThreadPoolExecutor | None = None
+        self._closing = threading.Event()
         if device.type == "cuda" and self._cudart is None:
             log.info("weight pass: no CUDA runtime or libc to page-lock the source in place; reading through "
                      "page-locked buffers")
@@ -83,6 +93,10 @@ class DeviceReader:
         return out
 
     def close(self) -> None:
+        self._closing.set()
+        if self._prefaulter is not None:   # no madvise may run on a range being unmapped
+            self._prefaulter.shutdown(wait=True)
+            self._prefaulter = None
         with self._lock:
             for address, size in self._maps.values():
                 self._libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
@@ -140,10 +154,25 @@ class DeviceReader:
                         why = f"cannot map {path.name}: {os.strerror(code)}"
                     else:
                         mapped = self._maps[path] = (address, size)
+                        if self._prefault:
+                            if self._prefaulter is None:
+                                self._prefaulter = ThreadPoolExecutor(1, thread_name_prefix="quantgate-prefault")
+                            self._prefaulter.submit(self._populate, address, size)
             if mapped is None:
                 self._turn_off(why)
                 return None
         return mapped[0]
+
+    def _populate(self, address: int, size: int) -> None:
+        """Fault in a mapped file's page-table entries from its start, a step at a time, until done,
+        closed, or the kernel says it cannot (before Linux 5.14): an optimisation, never an error."""
+        for start in range(0, size, PREFAULT_STEP):
+            if self._closing.is_set():
+                return
+            length = min(PREFAULT_STEP, size - start)
+            if self._libc.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(length), MADV_POPULATE_READ):
+                log.debug("weight pass: prefaulting the source stopped: %s", os.strerror(ctypes.get_errno()))
+                return
 
     def _buffered(self, path: Path, offset: int, length: int) -> torch.Tensor:
         """The bytes read into a page-locked buffer (the copy from it can run asynchronously)."""
@@ -176,6 +205,7 @@ def _libc() -> ctypes.CDLL | None:
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_int64]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError, TypeError):
         return None
     return libc if os.name == "posix" else None

@@ -11,6 +11,7 @@ groups per call: exporter.writers.modelopt_batched) and writes each tensor at it
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,26 @@ REPORT_HTML = "quantgate-report.html"
 
 #: The weight pass reports its progress each time this fraction more of the output is produced.
 PROGRESS_STEP = 0.01
+
+
+#: Which thread writes the produced units: "producers" (each producing thread writes what it made) or
+#: "walker" (the thread walking the plan writes every unit, in plan order, while the producers go on).
+WRITES_ENV = "QUANTGATE_WRITES"
+WRITERS: tuple[str, ...] = ("producers", "walker")
+DEFAULT_WRITES: dict[str, str] = {"cpu": "producers", "cuda": "producers"}
+
+
+def writes_on(device: torch.device) -> str:
+    """Who writes the weight pass's units on `device` (`WRITES_ENV` overrides the device's default).
+
+    On a CPU every core produces (quantizing is the work), so each producer writes its own unit. On
+    a GPU the producers mostly wait for copies, and buffered writes into one shard file serialise on
+    its inode lock: one writer in plan order can take them all while the producers go on.
+    """
+    chosen = os.environ.get(WRITES_ENV, "").strip().lower() or DEFAULT_WRITES.get(device.type, "producers")
+    if chosen not in WRITERS:
+        raise ValueError(f"{WRITES_ENV}={chosen!r}: expected one of {', '.join(WRITERS)}")
+    return chosen
 
 
 @dataclass
@@ -102,7 +123,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         return writer.write_unit(unit, tensors)
 
     def produce(unit) -> int:
-        held = feed.get(unit)
+        held = finish(unit, feed.get(unit)) if walker_writes else feed.get(unit)
         job = unit.job
         result.bytes_read += (source.info(job.name).nbytes if isinstance(job, CopyJob)
                               else sum(_weight_bytes(source, m) for m in job.modules))
@@ -123,14 +144,16 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
              index=i + 1, shards=len(shards), nbytes=shard.nbytes)
 
+    walker_writes = writes_on(device) == "walker"
     try:
         with device_reader(device) as reader:
             batching = feed_batching(dialect, device, ordered, source, scales, numerics, reader)   # GPU: batches
-            if "work_batch" in batching:
+            if "work_batch" in batching and not walker_writes:
                 compute_batch = batching["work_batch"]
                 batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
-            with UnitFeed(ordered, lambda unit: finish(unit, compute(unit)), feed_workers(device),
-                          single_threaded_torch=device.type == "cpu", **batching) as feed:
+            work = compute if walker_writes else (lambda unit: finish(unit, compute(unit)))
+            with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
+                          **batching) as feed:
                 writer.write_placed(shards, produce, after, shard_done)
         result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA only)
     finally:   # the feed has stopped every producing thread: no write is in flight

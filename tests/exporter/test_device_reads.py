@@ -280,3 +280,58 @@ def test_torchs_own_cuda_runtime_is_preferred() -> None:
     assert device_reads.runtimes_first(paths, "13.0")[0] == "/y/nvidia/cu13/lib/libcudart.so.13"
     assert device_reads.runtimes_first(paths, "12.8")[0] == "/x/cupy/libcudart.so.12"
     assert device_reads.runtimes_first(paths, None) == sorted(paths)
+
+
+class RecordingLibc:
+    """The real libc, with each madvise call recorded (and optionally refused, as before Linux 5.14)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.real = device_reads._libc()
+        self.refuse = refuse
+        self.advised: list[tuple[int, int, int]] = []
+
+    def madvise(self, address, length, advice) -> int:
+        self.advised.append((address.value, length.value, advice))
+        if self.refuse:
+            ctypes.set_errno(22)                     # EINVAL: an advice this kernel does not know
+            return -1
+        return self.real.madvise(address, length, advice)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_prefaulting_the_source_runs_ahead_on_a_side_thread(blob, monkeypatch, refuse: bool) -> None:
+    """With `QUANTGATE_PREFAULT=1` a mapped file is faulted in from its start in steps on a side
+    thread; a kernel that refuses the advice stops it after one call; the reads are the same bytes."""
+    path, data = blob
+    monkeypatch.setenv(device_reads.PREFAULT_ENV, "1")
+    monkeypatch.setattr(device_reads, "PREFAULT_STEP", MIN_REGISTERED)
+    libc = RecordingLibc(refuse)
+    monkeypatch.setattr(device_reads, "_cudart", lambda: FakeCudart())
+    monkeypatch.setattr(device_reads, "_libc", lambda: libc)
+    reader = DeviceReader(torch.device("cuda") if torch.cuda.is_available() else CPU)
+    if reader._cudart is None:   # a CPU reader never page-locks: give it the stand-in, as _reader does
+        reader._cudart = FakeCudart()
+        reader._prefault = True
+    try:
+        got = reader.read(path, 123, 3 * MIN_REGISTERED)
+    finally:
+        reader.close()                               # joins the side thread before unmapping
+    assert bytes(got.cpu().numpy()) == data[123:123 + 3 * MIN_REGISTERED]
+    starts = [a for a, _, _ in libc.advised]
+    assert {advice for _, _, advice in libc.advised} == {device_reads.MADV_POPULATE_READ}
+    if refuse:
+        assert len(libc.advised) == 1
+    else:   # every step of the file, in order, the last one short
+        assert [n for _, n, _ in libc.advised] == [MIN_REGISTERED] * 3 + [len(data) - 3 * MIN_REGISTERED]
+        assert starts == sorted(starts) and starts[1] - starts[0] == MIN_REGISTERED
+
+
+def test_prefaulting_is_off_by_default(blob, monkeypatch) -> None:
+    monkeypatch.delenv(device_reads.PREFAULT_ENV, raising=False)
+    reader = _reader(FakeCudart())
+    reader.read(blob[0], 0, 2 * MIN_REGISTERED)
+    reader.close()
+    assert reader._prefault is False and reader._prefaulter is None

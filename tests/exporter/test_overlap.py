@@ -261,3 +261,40 @@ def test_weight_pass_reports_progress_in_steps_not_per_unit(tiny_model, tmp_path
     units = sum(1 for f in _files(result.output) for k in load_file(str(result.output / f)) if k.endswith(".weight"))
     assert units > 5 and 2 <= len(quantize) <= 5 and quantize[-1] == 1.0
     assert all(b - a >= 0.25 for a, b in itertools.pairwise(quantize[:-1]))   # the last one may be closer
+
+
+#: (arch, recipe, dialect, batched): the batched NVFP4 writer (its CPU form) and the per-unit writers.
+WALKER_CASES = [("gemma4", "nvfp4", "modelopt", True), ("qwen3_moe", "fp8", "modelopt", False),
+                ("gemma4", "fp8", "compressed-tensors", False)]
+
+
+@pytest.mark.parametrize(("arch", "recipe", "dialect", "batched"), WALKER_CASES)
+def test_units_written_by_the_walking_thread_are_byte_identical(tiny_model, tmp_path: Path, monkeypatch, arch,
+                                                                 recipe, dialect, batched) -> None:
+    """`QUANTGATE_WRITES=walker` (the plan's walker writes every unit) writes the same files, with and
+    without the overlap (its deferred input scales are recorded from the walker's thread then)."""
+    from quantgate.exporter.weight_pass import WRITES_ENV
+    from quantgate.exporter.writers import modelopt_batched
+
+    if batched:
+        monkeypatch.setattr(modelopt_batched, "BATCH_DEVICES", frozenset({"cpu", "cuda"}))
+    source = tiny_model(arch)
+    monkeypatch.setenv(WRITES_ENV, "producers")
+    producers = _run(monkeypatch, source, tmp_path / "producers", recipe, dialect, "0")
+    monkeypatch.setenv(WRITES_ENV, "walker")
+    walker = _run(monkeypatch, source, tmp_path / "walker", recipe, dialect, "0")
+    both = _run(monkeypatch, source, tmp_path / "both", recipe, dialect, "1")
+    assert producers.ok and walker.ok and both.ok
+    assert _files(producers.output) == _files(walker.output) == _files(both.output)
+
+
+@pytest.mark.parametrize(("env", "device", "expected"), [("", "cpu", "producers"), ("walker", "cpu", "walker"),
+                                                         (" Producers ", "cuda", "producers")])
+def test_who_writes_the_units(monkeypatch, env, device, expected) -> None:
+    from quantgate.exporter.weight_pass import DEFAULT_WRITES, WRITES_ENV, writes_on
+
+    monkeypatch.setenv(WRITES_ENV, env)
+    assert writes_on(torch.device(device)) == (expected if env else DEFAULT_WRITES[device])
+    monkeypatch.setenv(WRITES_ENV, "consumer")
+    with pytest.raises(ValueError, match="expected one of producers, walker"):
+        writes_on(torch.device(device))
