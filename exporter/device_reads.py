@@ -40,8 +40,12 @@ MIN_REGISTERED = 1 << 20                 # bytes: shorter spans are cheaper thro
 ALREADY_REGISTERED = 712                 # cudaErrorHostMemoryAlreadyRegistered: another thread holds these pages
 MADV_POPULATE_READ = 22                  # Linux >= 5.14: fault in a range's page-table entries (readable)
 PREFAULT_STEP = 64 << 20                 # bytes populated per madvise call (the side thread checks for close between)
-#: "1": a side thread faults in each mapped source file ahead of the reads, so page-locking a span
-#: finds its page-table entries present instead of faulting them in on the reading thread; "0": off.
+PREFAULT_AHEAD = 1 << 30                 # bytes of a file faulted in beyond the furthest read of it (a cold file
+                                         # larger than memory must not be read far ahead of its readers)
+#: On (default) a side thread faults in each mapped source file ahead of the reads, so page-locking a
+#: span finds its page-table entries present instead of faulting them in on the reading thread; "0"
+#: turns it off. H200: the weight pass alone 2-12 % faster in 3 paired runs, but inside jobs (with
+#: the walker's writes) within the run-to-run noise (BENCHMARKS.md, issue 11, fifth session).
 PREFAULT_ENV = "QUANTGATE_PREFAULT"
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -60,10 +64,13 @@ class DeviceReader:
         self._cudart = _cudart() if device.type == "cuda" and self._libc is not None else None
         self.registered_bytes = 0
         self.buffered_bytes = 0
-        self._prefault = (os.environ.get(PREFAULT_ENV, "0").strip() in ("1", "on", "true", "yes")
+        self._prefault = (os.environ.get(PREFAULT_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
                           and self._cudart is not None)
         self._prefaulter: ThreadPoolExecutor | None = None
-        self._closing = threading.Event()
+        self._closing = False
+        self._progress = threading.Condition(self._lock)   # a read went further, a file was mapped, or close
+        self._read_to: dict[int, int] = {}                 # mapping address -> furthest byte read of it
+        self._mapped_order: list[int] = []                 # mapping addresses, in the order they were mapped
         if device.type == "cuda" and self._cudart is None:
             log.info("weight pass: no CUDA runtime or libc to page-lock the source in place; reading through "
                      "page-locked buffers")
@@ -74,6 +81,10 @@ class DeviceReader:
         cudart = self._cudart                                  # another thread may turn page-locking off
         base = self._address(path) if cudart is not None and last - first >= MIN_REGISTERED else None
         address = base + first if base is not None else 0
+        if base is not None and self._prefault:
+            with self._progress:
+                self._read_to[base] = max(self._read_to.get(base, 0), offset + length)
+                self._progress.notify_all()
         if base is None or not self._register(cudart, address, last - first):
             self._count(0, length)                             # on the CPU: the buffer itself, no copy
             return self._buffered(path, offset, length).to(self.device, non_blocking=True)
@@ -93,7 +104,9 @@ class DeviceReader:
         return out
 
     def close(self) -> None:
-        self._closing.set()
+        with self._progress:
+            self._closing = True
+            self._progress.notify_all()
         if self._prefaulter is not None:   # no madvise may run on a range being unmapped
             self._prefaulter.shutdown(wait=True)
             self._prefaulter = None
@@ -154,6 +167,8 @@ class DeviceReader:
                         why = f"cannot map {path.name}: {os.strerror(code)}"
                     else:
                         mapped = self._maps[path] = (address, size)
+                        self._mapped_order.append(address)
+                        self._progress.notify_all()
                         if self._prefault:
                             if self._prefaulter is None:
                                 self._prefaulter = ThreadPoolExecutor(1, thread_name_prefix="quantgate-prefault")
@@ -164,11 +179,16 @@ class DeviceReader:
         return mapped[0]
 
     def _populate(self, address: int, size: int) -> None:
-        """Fault in a mapped file's page-table entries from its start, a step at a time, until done,
-        closed, or the kernel says it cannot (before Linux 5.14): an optimisation, never an error."""
+        """Fault in a mapped file's page-table entries from its start, a step at a time, at most
+        `PREFAULT_AHEAD` beyond its furthest read; until done, closed, the readers have moved on to a
+        file mapped after it, or the kernel says it cannot (before Linux 5.14): an optimisation, never
+        an error."""
         for start in range(0, size, PREFAULT_STEP):
-            if self._closing.is_set():
-                return
+            with self._progress:
+                self._progress.wait_for(lambda: self._closing or self._mapped_order[-1] != address
+                                        or start < self._read_to.get(address, 0) + PREFAULT_AHEAD)
+                if self._closing or self._mapped_order[-1] != address:
+                    return
             length = min(PREFAULT_STEP, size - start)
             if self._libc.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(length), MADV_POPULATE_READ):
                 log.debug("weight pass: prefaulting the source stopped: %s", os.strerror(ctypes.get_errno()))

@@ -1,9 +1,10 @@
 """Ordered, bounded, concurrent production of a weight pass's units.
 
 `UnitFeed` computes units ahead of the consumer on a small thread pool (reads are positioned file
-reads, torch kernels and positioned writes release the GIL); in the weight pass each producing
-thread also writes its unit at its planned offset (its `work` returns the bytes written), and the
-consumer walks the units strictly in plan order (progress, syncs, shard completion). At most
+reads, torch kernels and positioned writes release the GIL); the consumer walks the units strictly
+in plan order (progress, syncs, shard completion). In the weight pass a unit is written at its
+planned offset by the thread that produced it (CPU: its `work` returns the bytes written) or by the
+consumer (CUDA: `weight_pass.writes_on`). At most
 `workers + 1` units are in flight, so memory stays bounded by a few units whatever the model size.
 
 CPU: one worker per available core, each running torch ops single-threaded. Quantizing is many
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 U = TypeVar("U")
 
-CUDA_WORKERS = 2          # threads producing batches for a GPU weight pass, each writing its own units; more do
+CUDA_WORKERS = 2          # threads producing batches for a GPU weight pass; more do
                           # not help (H200: 2/3/4 -> 3.4/4.1/3.1 s; with reads in place 2/4 -> 2.95/2.88 s)
 MAX_CPU_WORKERS = 8       # quantizing is memory-bound beyond a few cores per socket
 

@@ -48,15 +48,17 @@ PROGRESS_STEP = 0.01
 #: "walker" (the thread walking the plan writes every unit, in plan order, while the producers go on).
 WRITES_ENV = "QUANTGATE_WRITES"
 WRITERS: tuple[str, ...] = ("producers", "walker")
-DEFAULT_WRITES: dict[str, str] = {"cpu": "producers", "cuda": "producers"}
+DEFAULT_WRITES: dict[str, str] = {"cpu": "producers", "cuda": "walker"}
 
 
 def writes_on(device: torch.device) -> str:
     """Who writes the weight pass's units on `device` (`WRITES_ENV` overrides the device's default).
 
     On a CPU every core produces (quantizing is the work), so each producer writes its own unit. On
-    a GPU the producers mostly wait for copies, and buffered writes into one shard file serialise on
-    its inode lock: one writer in plan order can take them all while the producers go on.
+    a GPU buffered writes into one shard file serialise on its inode lock anyway: the thread walking
+    the plan takes them all, in plan order, while the producers read and quantize the next batches
+    (H200: the weight pass alone 2-10 % faster in 3 of 4 paired runs, equal in the fourth; inside
+    jobs within the run-to-run noise: BENCHMARKS.md, issue 11, fifth session).
     """
     chosen = os.environ.get(WRITES_ENV, "").strip().lower() or DEFAULT_WRITES.get(device.type, "producers")
     if chosen not in WRITERS:
@@ -102,10 +104,10 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     writer = ShardWriter(out_dir, on_buffer=on_buffer)
     writer.place(shards)
 
-    # Units are read, quantized, brought to the host and written at their planned offsets ahead of
-    # this thread, in plan order, on a few threads (exporter.unit_feed: one single-threaded worker
-    # per core on CPU, a few on CUDA, which batch many groups per call:
-    # exporter.writers.modelopt_batched); this thread only walks them in order.
+    # Units are read, quantized and brought to the host ahead of this thread, in plan order, on a few
+    # threads (exporter.unit_feed: one single-threaded worker per core on CPU, a few on CUDA, which
+    # batch many groups per call: exporter.writers.modelopt_batched), and written at their planned
+    # offsets by those threads (CPU) or by this one as it walks them in order (CUDA: `writes_on`).
     ordered = [u for shard in shards for u in shard.units]
 
     def compute(unit) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
             out = dialect_writer.quantize_group(job, source, scales, device, weights=data, numerics=numerics)
             return {name: t.to("cpu") for name, t in out.items()}
 
-    def finish(unit, tensors: dict[str, Any]) -> int:   # on the producing thread
+    def finish(unit, tensors: dict[str, Any]) -> int:   # on the producing thread, or the walker (writes_on)
         if deferred is not None:
             deferred.produced(unit, tensors)
         return writer.write_unit(unit, tensors)

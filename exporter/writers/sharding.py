@@ -41,8 +41,8 @@ class ShardWriter:
     Every tensor's name, dtype and shape is planned, so a shard's safetensors header (and with it
     every tensor's byte offset) is final before its first tensor is produced. `place(shards)` fixes
     them; `write_unit(unit, tensors)` then writes one unit's tensors at their offsets with `pwrite`
-    from any thread (the weight pass's producing threads write what they made, so the bytes never
-    pass through one consumer thread), opening the unit's shard on first use. `write_placed` walks
+    from any thread (on a CPU the weight pass's producing threads write what they made; on CUDA the
+    thread walking the plan writes), opening the unit's shard on first use. `write_placed` walks
     the units in plan order on the calling thread, taking each unit's held byte count from
     `produce(unit)` (which returns once the unit is written), and finishes each shard after its
     last unit. The file is byte-identical to `safetensors.torch.save_file` of the same tensors

@@ -317,6 +317,8 @@ def test_prefaulting_the_source_runs_ahead_on_a_side_thread(blob, monkeypatch, r
         reader._prefault = True
     try:
         got = reader.read(path, 123, 3 * MIN_REGISTERED)
+        if not refuse:
+            _until(lambda: len(libc.advised) == 4)
     finally:
         reader.close()                               # joins the side thread before unmapping
     assert bytes(got.cpu().numpy()) == data[123:123 + 3 * MIN_REGISTERED]
@@ -329,9 +331,51 @@ def test_prefaulting_the_source_runs_ahead_on_a_side_thread(blob, monkeypatch, r
         assert starts == sorted(starts) and starts[1] - starts[0] == MIN_REGISTERED
 
 
-def test_prefaulting_is_off_by_default(blob, monkeypatch) -> None:
-    monkeypatch.delenv(device_reads.PREFAULT_ENV, raising=False)
-    reader = _reader(FakeCudart())
-    reader.read(blob[0], 0, 2 * MIN_REGISTERED)
+@pytest.mark.parametrize(("env", "cudart", "expected"), [(None, True, True), ("0", True, False), ("off", True, False),
+                                                         (None, False, False)])
+def test_prefaulting_is_on_where_the_source_is_page_locked(monkeypatch, env, cudart: bool, expected: bool) -> None:
+    """On by default wherever the reader page-locks in place; `QUANTGATE_PREFAULT=0` turns it off."""
+    if env is None:
+        monkeypatch.delenv(device_reads.PREFAULT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(device_reads.PREFAULT_ENV, env)
+    monkeypatch.setattr(device_reads, "_cudart", (lambda: FakeCudart()) if cudart else (lambda: None))
+    reader = DeviceReader(torch.device("cuda"))
     reader.close()
-    assert reader._prefault is False and reader._prefaulter is None
+    assert reader._prefault is expected
+
+
+def _until(condition, timeout: float = 10.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_prefaulting_stays_a_bounded_distance_ahead_of_the_reads(tmp_path: Path, monkeypatch) -> None:
+    """At most PREFAULT_AHEAD beyond the furthest read of a file (a cold file larger than memory is
+    not read far ahead of its readers), and a file the readers have left is not prefaulted further."""
+    step = MIN_REGISTERED
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for path in (first, second):
+        path.write_bytes(os.urandom(8 * step))
+    libc = RecordingLibc()
+    monkeypatch.setenv(device_reads.PREFAULT_ENV, "1")
+    monkeypatch.setattr(device_reads, "PREFAULT_STEP", step)
+    monkeypatch.setattr(device_reads, "PREFAULT_AHEAD", 2 * step)
+    reader = _reader(FakeCudart())
+    reader._libc, reader._prefault = libc, True
+    try:
+        reader.read(first, 0, step)                  # read to 1 step: faulted in up to 1 + 2 steps
+        _until(lambda: len(libc.advised) == 3)
+        base = reader._maps[first][0]
+        assert [a - base for a, _, _ in libc.advised] == [0, step, 2 * step]
+        reader.read(first, 2 * step, 2 * step)       # read to 4 steps: up to 6
+        _until(lambda: len(libc.advised) == 6)
+        reader.read(second, 0, step)                 # the readers moved on: the first file is left
+        _until(lambda: any(a == reader._maps[second][0] for a, _, _ in libc.advised))
+    finally:
+        reader.close()                               # wakes a waiting side thread
+    assert len([a for a, _, _ in libc.advised if base <= a < base + 8 * step]) == 6

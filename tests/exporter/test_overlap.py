@@ -288,13 +288,13 @@ def test_units_written_by_the_walking_thread_are_byte_identical(tiny_model, tmp_
     assert _files(producers.output) == _files(walker.output) == _files(both.output)
 
 
-@pytest.mark.parametrize(("env", "device", "expected"), [("", "cpu", "producers"), ("walker", "cpu", "walker"),
-                                                         (" Producers ", "cuda", "producers")])
+@pytest.mark.parametrize(("env", "device", "expected"), [("", "cpu", "producers"), ("", "cuda", "walker"),
+                                                         ("walker", "cpu", "walker"), (" Producers ", "cuda", "producers")])
 def test_who_writes_the_units(monkeypatch, env, device, expected) -> None:
-    from quantgate.exporter.weight_pass import DEFAULT_WRITES, WRITES_ENV, writes_on
+    from quantgate.exporter.weight_pass import WRITES_ENV, writes_on
 
     monkeypatch.setenv(WRITES_ENV, env)
-    assert writes_on(torch.device(device)) == (expected if env else DEFAULT_WRITES[device])
+    assert writes_on(torch.device(device)) == expected
     monkeypatch.setenv(WRITES_ENV, "consumer")
     with pytest.raises(ValueError, match="expected one of producers, walker"):
         writes_on(torch.device(device))
