@@ -25,6 +25,10 @@ for step in "$@"; do
     tests)
       PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_modelopt_cuda_fixtures.py tests/exporter/test_numerics_nvfp4.py \
         tests/exporter/test_numerics_fp8.py tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest.log 2>&1 ;;
+    quicktests)   # the device reader (real registration, prefaulting), the walker's writes, the calibration process
+      QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_device_reads.py \
+        tests/exporter/test_overlap.py tests/exporter/test_calibration_process.py -k "prefault or page_cache or walking or byte_identical or killed" \
+        -q -p no:cacheprovider >$OUT/pytest_quick.log 2>&1 ;;
     small_fp8)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --small --recipe fp8 \
         --cpu-check --json $OUT/sbs_small_fp8.json >>$LOG 2>&1 ;;
@@ -34,12 +38,14 @@ for step in "$@"; do
     issue_nvfp4)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
         --cpu-check --json $OUT/sbs_issue_nvfp4.json >>$LOG 2>&1 ;;
-    issue_overlap)   # the issue model; quantgate with the overlap (default on CUDA) and without; no CPU run
-      python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
-        --serial-too $VARIANTS --json $OUT/sbs_issue_overlap.json >>$LOG 2>&1 ;;
+    issue_overlap)   # the issue model; quantgate with the overlap (default on CUDA) and without; no CPU run; ROUNDS=N
+      for r in $(seq ${ROUNDS:-1}); do
+        python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --recipe nvfp4 \
+          --serial-too $VARIANTS --json $OUT/sbs_issue_overlap_$r.json >>$LOG 2>&1
+      done ;;
     overlap_tests)   # the overlap's byte identity on CUDA, and the batched GPU writer
       QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_overlap.py tests/exporter/test_device_reads.py \
-        tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
+        tests/exporter/test_modelopt_batched.py tests/exporter/test_calibration_process.py -q -p no:cacheprovider >$OUT/pytest_overlap.log 2>&1 ;;
     readbench)   # what bounds the weight pass's reads: GB/s by thread count, pageable / pinned / pinned + H2D
       for c in ${READ_CHUNKS:-8}; do PYTHONPATH=$SRC:. python3 -m benchmarks.read_bench /tmp/sbs/issue/src --cuda \
         --chunk-mib $c --threads ${READ_THREADS:-1,2,4,8} >>$OUT/read_bench.json 2>&1; done ;;

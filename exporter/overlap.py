@@ -96,9 +96,12 @@ def locked(progress: ProgressCallback | None) -> ProgressCallback | None:
 def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
                      weight_pass: Callable[[ProgressCallback | None, Callable[[], None]], W],
                      progress: ProgressCallback | None, *,
-                     ready: threading.Event | None = None) -> tuple[T, W, dict[str, float]]:
+                     ready: threading.Event | None = None,
+                     on_failure: Callable[[], None] | None = None) -> tuple[T, W, dict[str, float]]:
     """Run `calibrate(progress)` on a background thread and `weight_pass(progress, check)` here
-    (once `ready` is set, when given: calibration sets it).
+    (once `ready` is set, when given: calibration sets it). `on_failure()` is called when the weight
+    pass fails, before the background thread is joined (it ends a calibration process the thread
+    waits on).
 
     `check()` (call it between units) raises `OtherSideFailed` once calibration has failed; the
     progress `calibrate` gets raises it once the weight pass has failed. Returns both results and
@@ -142,6 +145,8 @@ def run_concurrently(calibrate: Callable[[ProgressCallback | None], T],
     except BaseException as exc:   # noqa: BLE001 - re-raised below, after the thread is joined
         wp.error = exc
         stop.set()
+        if on_failure is not None:
+            on_failure()
     wp.end = time.perf_counter()
     _join(thread, stop)
     waited = max(0.0, cal.end - wp.end)

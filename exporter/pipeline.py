@@ -28,6 +28,7 @@ from quantgate.exporter.auto.options import (
     DEFAULT_SCORE_SAMPLES,
     check_auto_request,
 )
+from quantgate.exporter.calibration.process import CalibrationProcess
 from quantgate.exporter.calibration.session import ModelSession
 from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
 from quantgate.exporter.deferred_scales import DeferredInputScales
@@ -151,8 +152,12 @@ def _make_temp_dir(out: Path) -> Path:
 
 
 def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None, *,
-                 _writer_hook: Any = None) -> QuantizeResult:
-    """Run one quantize job end to end (see module docstring). Raises QuantgateError on bad input."""
+                 calibration: CalibrationProcess | None = None, _writer_hook: Any = None) -> QuantizeResult:
+    """Run one quantize job end to end (see module docstring). Raises QuantgateError on bad input.
+
+    `calibration`: a calibration process already started for this request (the CLI starts it before
+    importing torch: exporter.calibration.process); its statistics are used where the job calibrates
+    alongside the weight pass, otherwise it is ended. The caller closes it."""
     out = check_request(req)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -178,7 +183,8 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
 
     tmp = _make_temp_dir(out)
     try:
-        stats, writer = _calibrate_and_write(req, source, plan, tmp, progress, timings, session, _writer_hook)
+        stats, writer = _calibrate_and_write(req, source, plan, tmp, progress, timings, session, _writer_hook,
+                                             calibration)
         if auto is not None:
             from quantgate.exporter.auto.stage import write_auto_files
 
@@ -216,35 +222,46 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
 
 def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path,
                          progress: ProgressCallback | None, timings: dict[str, float], session: ModelSession,
-                         on_buffer: Any) -> tuple[ActivationStats | None, WriteStats]:
+                         on_buffer: Any, process: CalibrationProcess | None = None
+                         ) -> tuple[ActivationStats | None, WriteStats]:
     """Calibration, then the weight pass; or both at once (exporter.overlap) where that pays, with
-    the input scales patched in afterwards (exporter.deferred_scales)."""
+    the input scales patched in afterwards (exporter.deferred_scales): on a thread, or in the
+    calibration `process` when one was started for this job."""
     device = resolve_device(req.device)
     write = {"shard_size": req.shard_size, "device": device, "timings": timings, "on_buffer": on_buffer,
              "dialect": req.dialect, "numerics": req.numerics}
-    if not (plan.needs_calibration and req.calib_stats is None and overlap_enabled(device, req.dialect)):
+    overlap = plan.needs_calibration and req.calib_stats is None and overlap_enabled(device, req.dialect)
+    if process is not None and not overlap:
+        process.kill()   # started for a job that turned out not to calibrate beside the weight pass
+        process = None
+    if not overlap:
         try:
-            stats = _calibration(req, source, plan, tmp, progress, timings, session)
+            stats = calibration_stage(req, source, plan, tmp, progress, timings, session)
         finally:
             session.release()   # the weight pass reads the checkpoint, never the model
         return stats, write_export(source, plan, stats, tmp, progress=progress, **write)
     deferred = DeferredInputScales(req.dialect, source, req.numerics)
-    ready = threading.Event() if overlap_start() == "imports" else None
+    ready = threading.Event() if overlap_start() == "imports" and process is None else None
+    if process is not None:   # the calibrate stage begins before the weight pass reports
+        emit(progress, "calibrate", 0.0, f"calibrating in process {process.proc.pid}", pid=process.proc.pid)
 
     def calibrate(events: ProgressCallback | None) -> ActivationStats | None:
+        if process is not None:
+            return _from_process(process, plan, tmp, events, timings)
         try:
             if ready is not None:   # the calibrate stage begins before the weight pass reports
                 emit(events, "calibrate", 0.0, "importing transformers")
                 session.import_transformers()
                 ready.set()
-            return _calibration(req, source, plan, tmp, events, timings, session)
+            return calibration_stage(req, source, plan, tmp, events, timings, session)
         finally:
             session.release()
 
     def weight_pass(events: ProgressCallback | None, check: Any) -> WriteStats:
         return write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check, **write)
 
-    stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready)
+    stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready,
+                                               on_failure=process.kill if process is not None else None)
     from quantgate.exporter.writers.registry import writer_for
 
     t = time.perf_counter()
@@ -257,7 +274,7 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
     return stats, writer
 
 
-def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
+def calibration_stage(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
                  timings: dict[str, float], session: ModelSession | None = None) -> ActivationStats | None:
     if not plan.needs_calibration:
         return None
@@ -281,6 +298,18 @@ def _calibration(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, pr
     emit(progress, "calibrate", 1.0, f"activation stats for {len(stats.amax)} modules",
          warnings=list(stats.warnings), seconds=timings["calibrate"],
          **{key: timings[key] for key in CALIBRATION_TIMINGS if key in timings})
+    return stats
+
+
+def _from_process(process: CalibrationProcess, plan: Plan, tmp: Path, progress: ProgressCallback | None,
+                  timings: dict[str, float]) -> ActivationStats:
+    """The statistics of the job's calibration process (its events relayed to `progress`), checked
+    against this job's plan and saved into the export."""
+    stats = ActivationStats.load(process.wait(progress))
+    stats.check_covers(plan.quantized())
+    stats.save(tmp / STATS_FILE_NAME)
+    timings.update({key: process.timings[key] for key in ("calibrate", *CALIBRATION_TIMINGS) if key in process.timings})
+    timings["calibration_process_seconds"] = process.seconds   # from its start, with the CLI, to its answer
     return stats
 
 

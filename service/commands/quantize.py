@@ -182,6 +182,34 @@ class StdoutProgress:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantgate.validators.errors import QuantgateError
+
+    try:
+        process = _start_calibration(args)   # first, before torch: its imports run beside this process's
+    except QuantgateError as exc:
+        print(f"quantgate quantize: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, process)
+    finally:
+        if process is not None:
+            process.close()
+
+
+def _start_calibration(args: argparse.Namespace):
+    """The job's calibration process (exporter.calibration.process), or None where the job calibrates
+    in this process or not at all."""
+    from quantgate.exporter.calibration.process import CalibrationProcess, wanted
+
+    fields = {**vars(args), "exclude": tuple(args.exclude)}
+    try:
+        return CalibrationProcess.start(fields) if wanted(fields) else None
+    except OSError as exc:   # no process could be started: calibrate in this one
+        print(f"quantgate quantize: calibrating in this process ({exc})", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace, process) -> int:
     from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
     from quantgate.exporter.progress import emit, process_seconds
     from quantgate.validators.errors import QuantgateError
@@ -204,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     sink = _progress_sink(args.progress)
     emit(sink, "plan", 0.0, "imports done", import_seconds=import_seconds)
     try:
-        result = run_quantize(request, sink)
+        result = run_quantize(request, sink, calibration=process)
         if import_seconds is not None:
             result.timings["import"] = import_seconds
     except QuantgateError as exc:
