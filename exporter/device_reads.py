@@ -185,7 +185,7 @@ class DeviceReader:
         an error."""
         for start in range(0, size, PREFAULT_STEP):
             with self._progress:
-                self._progress.wait_for(lambda: self._closing or self._mapped_order[-1] != address
+                self._progress.wait_for(lambda start=start: self._closing or self._mapped_order[-1] != address
                                         or start < self._read_to.get(address, 0) + PREFAULT_AHEAD)
                 if self._closing or self._mapped_order[-1] != address:
                     return
