@@ -275,7 +275,9 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
 
 
 def calibration_stage(req: QuantizeRequest, source: Source, plan: Plan, tmp: Path, progress: ProgressCallback | None,
-                 timings: dict[str, float], session: ModelSession | None = None) -> ActivationStats | None:
+                      timings: dict[str, float], session: ModelSession | None = None) -> ActivationStats | None:
+    """The calibrate stage in this process: statistics read from `--calib-stats` or measured by the
+    forward pass, checked against the plan, saved into the export; None when the plan needs none."""
     if not plan.needs_calibration:
         return None
     t = time.perf_counter()

@@ -7,7 +7,9 @@ Each stage's last event carries `seconds` (the calibrate one also `transformers_
 for its first-use imports, `load_seconds` and `forward_seconds`; the weight pass `gb_per_s`),
 and the finalize event all of them as `timings`; the CLI adds `import_seconds` (process start to
 the pipeline imported) to its first event. Where the weight pass runs alongside calibration
-(exporter.overlap), their events interleave and a last `write` event gives `overlap_seconds`.
+(exporter.overlap), their events interleave and a last `write` event gives `overlap_seconds`; where
+calibration runs in its own process (exporter.calibration.process) its events are relayed, the first
+calibrate event names its `pid`, and the timings add `calibration_process_seconds`.
 """
 
 from __future__ import annotations
