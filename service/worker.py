@@ -59,26 +59,44 @@ def _protocol_channel() -> Channel:
     return Channel(channel)
 
 
+def request_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline request's fields for a job spec written by the executor (torch-free)."""
+    calibration = spec.get("calibration") or {}
+    return {
+        "source": spec["source"],
+        "revision": spec.get("revision"),
+        "recipe": spec["recipe"],
+        "out": spec["output"],
+        "dialect": spec.get("dialect", "modelopt"),
+        "calib_data": calibration.get("data", "random"),
+        "calib_samples": int(calibration.get("samples", 512)),
+        "calib_seq_len": int(calibration.get("seq_len", 512)),
+        "calib_batch_size": int(calibration.get("batch_size", 8)),
+        "calib_all_experts": bool(calibration.get("all_experts", True)),
+        "exclude": tuple(spec.get("exclude") or ()),
+        "token": os.environ.get("HF_TOKEN") or None,
+        **{key: spec[key] for key in AUTO_FIELDS if spec.get(key) is not None},
+    }
+
+
 def build_request(spec: dict[str, Any]) -> Any:
     """The pipeline request for a job spec written by the executor."""
     from quantgate.exporter.pipeline import QuantizeRequest
 
-    calibration = spec.get("calibration") or {}
-    return QuantizeRequest(
-        source=spec["source"],
-        revision=spec.get("revision"),
-        recipe=spec["recipe"],
-        out=spec["output"],
-        dialect=spec.get("dialect", "modelopt"),
-        calib_data=calibration.get("data", "random"),
-        calib_samples=int(calibration.get("samples", 512)),
-        calib_seq_len=int(calibration.get("seq_len", 512)),
-        calib_batch_size=int(calibration.get("batch_size", 8)),
-        calib_all_experts=bool(calibration.get("all_experts", True)),
-        exclude=tuple(spec.get("exclude") or ()),
-        token=os.environ.get("HF_TOKEN") or None,
-        **{key: spec[key] for key in AUTO_FIELDS if spec.get(key) is not None},
-    )
+    return QuantizeRequest(**request_fields(spec))
+
+
+def start_calibration(spec: dict[str, Any]) -> Any:
+    """The job's calibration process (exporter.calibration.process: on a GPU, started before this
+    worker imports torch), or None. It is in the worker's process group: a cancel stops both."""
+    from quantgate.exporter.calibration.process import CalibrationProcess, wanted
+
+    fields = request_fields(spec)
+    try:
+        return CalibrationProcess.start(fields) if wanted(fields) else None
+    except OSError as exc:   # no process could be started: the job calibrates in this one
+        logger.warning("calibrating in the worker's process: %s", exc)
+        return None
 
 
 def validation_summary(report: Any) -> dict[str, Any]:
@@ -107,8 +125,9 @@ def _write_html(report: Any, job_dir: Path, push: dict | None = None) -> None:
     (job_dir / "report.html").write_text(page, encoding="utf-8")
 
 
-def run_job(spec: dict[str, Any], channel: Channel) -> int:
-    """Run the job; every outcome is reported on `channel` and mapped to an exit status."""
+def run_job(spec: dict[str, Any], channel: Channel, calibration: Any = None) -> int:
+    """Run the job (with `calibration`, a process started for it: `start_calibration`); every outcome
+    is reported on `channel` and mapped to an exit status."""
     from quantgate.exporter.pipeline import run_quantize
     from quantgate.exporter.writers.preallocate import OutputSpaceError
     from quantgate.validators.errors import (
@@ -119,7 +138,7 @@ def run_job(spec: dict[str, Any], channel: Channel) -> int:
     )
 
     try:
-        result = run_quantize(build_request(spec), progress=channel.progress)
+        result = run_quantize(build_request(spec), progress=channel.progress, calibration=calibration)
     except (CheckpointReadError, UsageError, UnsupportedArchitectureError) as exc:
         channel.send({"event": "error", "code": "bad_input", "message": str(exc)})
         return EXIT_BAD_INPUT
@@ -211,12 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         spec.get("output"),
         spec.get("recipe"),
     )
+    calibration = None
     try:
-        return run_job(spec, channel)
-    except Exception as exc:  # noqa: BLE001 - after the pipeline (report rendering): still a clean report
+        calibration = start_calibration(spec)
+        return run_job(spec, channel, calibration)
+    except Exception as exc:  # noqa: BLE001 - a bad setting, or after the pipeline (report rendering): still a clean report
+        from quantgate.validators.errors import UsageError
+
+        if isinstance(exc, UsageError):   # QUANTGATE_CALIBRATION_PROCESS set to nonsense
+            channel.send({"event": "error", "code": "bad_input", "message": str(exc)})
+            return EXIT_BAD_INPUT
         logger.exception("job failed after the export")
         channel.send({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
         return EXIT_INTERNAL
+    finally:
+        if calibration is not None:
+            calibration.close()
 
 
 if __name__ == "__main__":

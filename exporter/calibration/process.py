@@ -9,8 +9,9 @@ process imports, plans and runs the whole weight pass; the job then writes the i
 statistics the process hands back (exporter.deferred_scales). The export's bytes are the same as in
 one process (tests/exporter/test_calibration_process.py).
 
-`QUANTGATE_CALIBRATION_PROCESS`: `auto` (default) starts one for a CLI job on a GPU that calibrates
-and overlaps; `1` for any device (tests); `0` never.
+`QUANTGATE_CALIBRATION_PROCESS`: `auto` (default) starts one for a job on a GPU that calibrates and
+overlaps (`quantgate quantize`, and the service's worker, a fresh process per job); `1` for any
+device (tests); `0` never.
 
 Protocol: the request goes to the process as one JSON line on its stdin, which then stays open; its
 end means the job's process is gone, and the calibration process exits. The process answers on
@@ -70,7 +71,16 @@ def wanted(fields: Mapping[str, Any]) -> bool:
     except QuantgateError:
         return False                  # an unknown recipe: the job says so itself
     device = fields.get("device", "auto")
-    return mode in _ON or device == "cuda" or (device == "auto" and NVIDIA_CONTROL.exists())
+    return mode in _ON or device == "cuda" or (device == "auto" and _gpu_visible())
+
+
+def _gpu_visible() -> bool:
+    """Whether `--device auto` may pick CUDA here, without importing torch: a driver is loaded and
+    `CUDA_VISIBLE_DEVICES` (the service's CPU slots set it empty) does not hide every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return NVIDIA_CONTROL.exists()
 
 
 class CalibrationProcess:

@@ -156,6 +156,25 @@ def test_when_the_cli_starts_a_calibration_process(monkeypatch, env: str, fields
     assert wanted({"recipe": "nvfp4", **fields}) is expected
 
 
+@pytest.mark.parametrize(("visible", "driver", "expected"), [(None, True, True), ("0", True, True), ("", True, False),
+                                                            ("-1", True, False), (None, False, False)])
+def test_device_auto_starts_one_where_a_gpu_is_visible(tmp_path: Path, monkeypatch, visible, driver: bool,
+                                                       expected: bool) -> None:
+    """`--device auto` (the service's jobs): a loaded driver and a CUDA_VISIBLE_DEVICES that hides
+    nothing (the service's CPU slots set it empty), judged without importing torch."""
+    control = tmp_path / "nvidiactl"
+    if driver:
+        control.touch()
+    monkeypatch.setattr(calibration_process, "NVIDIA_CONTROL", control)
+    monkeypatch.delenv(PROCESS_ENV, raising=False)
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert wanted({"recipe": "nvfp4", "device": "auto"}) is expected
+
+
 def test_no_process_when_the_overlap_is_off_and_a_typo_is_refused(monkeypatch) -> None:
     monkeypatch.setenv(OVERLAP_ENV, "0")
     assert wanted({"recipe": "nvfp4", "device": "cuda"}) is False
