@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from quantgate.exporter.switches import OFF, switch
 from quantgate.validators.errors import CheckpointReadError
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,12 @@ class DeviceReader:
         self._cudart = _cudart() if device.type == "cuda" and self._libc is not None else None
         self.registered_bytes = 0
         self.buffered_bytes = 0
-        self._prefault = (os.environ.get(PREFAULT_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
-                          and self._cudart is not None)
+        self._prefault = switch(PREFAULT_ENV) != OFF and self._cudart is not None
         self._prefaulter: ThreadPoolExecutor | None = None
         self._closing = False
         self._progress = threading.Condition(self._lock)   # a read went further, a file was mapped, or close
         self._read_to: dict[int, int] = {}                 # mapping address -> furthest byte read of it
-        self._mapped_order: list[int] = []                 # mapping addresses, in the order they were mapped
+        self._last_mapped = 0                              # the address of the file mapped last
         if device.type == "cuda" and self._cudart is None:
             log.info("weight pass: no CUDA runtime or libc to page-lock the source in place; reading through "
                      "page-locked buffers")
@@ -167,7 +167,7 @@ class DeviceReader:
                         why = f"cannot map {path.name}: {os.strerror(code)}"
                     else:
                         mapped = self._maps[path] = (address, size)
-                        self._mapped_order.append(address)
+                        self._last_mapped = address
                         self._progress.notify_all()
                         if self._prefault:
                             if self._prefaulter is None:
@@ -185,9 +185,9 @@ class DeviceReader:
         an error."""
         for start in range(0, size, PREFAULT_STEP):
             with self._progress:
-                self._progress.wait_for(lambda start=start: self._closing or self._mapped_order[-1] != address
+                self._progress.wait_for(lambda start=start: self._closing or self._last_mapped != address
                                         or start < self._read_to.get(address, 0) + PREFAULT_AHEAD)
-                if self._closing or self._mapped_order[-1] != address:
+                if self._closing or self._last_mapped != address:
                     return
             length = min(PREFAULT_STEP, size - start)
             if self._libc.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(length), MADV_POPULATE_READ):

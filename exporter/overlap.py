@@ -35,14 +35,13 @@ import torch
 
 from quantgate.exporter.deferred_scales import supports
 from quantgate.exporter.progress import ProgressCallback, ProgressEvent
+from quantgate.exporter.switches import OFF, ON, OVERLAP_ENV, SettingError, switch
 
 T = TypeVar("T")
 W = TypeVar("W")
 
 #: "auto" (default): overlap on the devices below; "1": always (where the dialect allows); "0": never.
-OVERLAP_ENV = "QUANTGATE_OVERLAP"
 OVERLAP_DEVICES: frozenset[str] = frozenset({"cuda"})
-_ON, _OFF = frozenset({"1", "on", "true", "yes"}), frozenset({"0", "off", "false", "no"})
 
 
 #: When the weight pass starts: "start" (with calibration) or "imports" (once transformers' imports,
@@ -55,18 +54,16 @@ DEFAULT_OVERLAP_START = "imports"
 def overlap_start() -> str:
     start = os.environ.get(OVERLAP_START_ENV, "").strip() or DEFAULT_OVERLAP_START
     if start not in OVERLAP_STARTS:
-        raise ValueError(f"{OVERLAP_START_ENV}={start!r}: expected one of {', '.join(OVERLAP_STARTS)}")
+        raise SettingError(f"{OVERLAP_START_ENV}={start!r}: expected one of {', '.join(OVERLAP_STARTS)}")
     return start
 
 
 def overlap_enabled(device: torch.device, dialect: str) -> bool:
     """Whether a calibrating job on `device` writing `dialect` runs both at once."""
-    mode = os.environ.get(OVERLAP_ENV, "auto").strip().lower() or "auto"
-    if mode not in _ON | _OFF | {"auto"}:
-        raise ValueError(f"{OVERLAP_ENV}={mode!r}: expected auto, 1 or 0")
-    if mode in _OFF or not supports(dialect):
+    mode = switch(OVERLAP_ENV)
+    if mode == OFF or not supports(dialect):
         return False
-    return mode in _ON or device.type in OVERLAP_DEVICES
+    return mode == ON or device.type in OVERLAP_DEVICES
 
 
 class OtherSideFailed(Exception):

@@ -27,6 +27,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from quantgate.exporter.switches import SettingError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -54,7 +56,7 @@ def feed_workers(device: torch.device) -> int:
     override = os.environ.get(WORKERS_ENV, "").strip()
     if override:
         if not override.isdigit() or int(override) < 1:
-            raise ValueError(f"{WORKERS_ENV}={override!r}: expected a positive integer")
+            raise SettingError(f"{WORKERS_ENV}={override!r}: expected a positive integer")
         return int(override)
     if device.type == "cuda":
         return CUDA_WORKERS

@@ -28,6 +28,7 @@ from quantgate.exporter.numerics.modes import DEFAULT_NUMERICS
 from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.source import Source
+from quantgate.exporter.switches import SettingError
 from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
 from quantgate.exporter.writers.common import CopyJob
 from quantgate.exporter.writers.modelopt_batched import feed_batching
@@ -62,7 +63,7 @@ def writes_on(device: torch.device) -> str:
     """
     chosen = os.environ.get(WRITES_ENV, "").strip().lower() or DEFAULT_WRITES.get(device.type, "producers")
     if chosen not in WRITERS:
-        raise ValueError(f"{WRITES_ENV}={chosen!r}: expected one of {', '.join(WRITERS)}")
+        raise SettingError(f"{WRITES_ENV}={chosen!r}: expected one of {', '.join(WRITERS)}")
     return chosen
 
 

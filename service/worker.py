@@ -89,14 +89,9 @@ def build_request(spec: dict[str, Any]) -> Any:
 def start_calibration(spec: dict[str, Any]) -> Any:
     """The job's calibration process (exporter.calibration.process: on a GPU, started before this
     worker imports torch), or None. It is in the worker's process group: a cancel stops both."""
-    from quantgate.exporter.calibration.process import CalibrationProcess, wanted
+    from quantgate.exporter.calibration.process import start_if_wanted
 
-    fields = request_fields(spec)
-    try:
-        return CalibrationProcess.start(fields) if wanted(fields) else None
-    except OSError as exc:   # no process could be started: the job calibrates in this one
-        logger.warning("calibrating in the worker's process: %s", exc)
-        return None
+    return start_if_wanted(request_fields(spec))
 
 
 def validation_summary(report: Any) -> dict[str, Any]:
@@ -237,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bad setting, or after the pipeline (report rendering): still a clean report
         from quantgate.validators.errors import UsageError
 
-        if isinstance(exc, UsageError):   # QUANTGATE_CALIBRATION_PROCESS set to nonsense
+        if isinstance(exc, UsageError):   # a switch (exporter.switches) set to nonsense
             channel.send({"event": "error", "code": "bad_input", "message": str(exc)})
             return EXIT_BAD_INPUT
         logger.exception("job failed after the export")

@@ -47,8 +47,6 @@ REQUEST_FIELDS: tuple[str, ...] = ("source", "revision", "recipe", "dialect", "e
                                    "calib_samples", "calib_seq_len", "calib_batch_size", "calib_all_experts",
                                    "device", "numerics")
 STATS_FILE = "calibration.json"
-_ON, _OFF = frozenset({"1", "on", "true", "yes"}), frozenset({"0", "off", "false", "no"})
-OVERLAP_ENV = "QUANTGATE_OVERLAP"     # exporter.overlap (not imported here: it imports torch)
 NVIDIA_CONTROL = Path("/dev/nvidiactl")   # present where an NVIDIA driver is loaded: `--device auto` may pick CUDA
 
 
@@ -56,12 +54,11 @@ def wanted(fields: Mapping[str, Any]) -> bool:
     """Whether a job with these request fields should calibrate in its own process (torch-free)."""
     from quantgate.exporter.recipes import get_recipe
     from quantgate.exporter.schemes import get_scheme
-    from quantgate.validators.errors import QuantgateError, UsageError
+    from quantgate.exporter.switches import OFF, ON, OVERLAP_ENV, switch
+    from quantgate.validators.errors import QuantgateError
 
-    mode = os.environ.get(PROCESS_ENV, "auto").strip().lower() or "auto"
-    if mode not in _ON | _OFF | {"auto"}:
-        raise UsageError(f"{PROCESS_ENV}={mode!r}: expected auto, 1 or 0")
-    if mode in _OFF or os.environ.get(OVERLAP_ENV, "").strip().lower() in _OFF:
+    mode = switch(PROCESS_ENV)
+    if mode == OFF or switch(OVERLAP_ENV) == OFF:
         return False
     if fields.get("calib_stats") is not None:
         return False
@@ -71,7 +68,7 @@ def wanted(fields: Mapping[str, Any]) -> bool:
     except QuantgateError:
         return False                  # an unknown recipe: the job says so itself
     device = fields.get("device", "auto")
-    return mode in _ON or device == "cuda" or (device == "auto" and _gpu_visible())
+    return mode == ON or device == "cuda" or (device == "auto" and _gpu_visible())
 
 
 def _gpu_visible() -> bool:
@@ -81,6 +78,18 @@ def _gpu_visible() -> bool:
     if visible is not None and visible.strip() in ("", "-1"):
         return False
     return NVIDIA_CONTROL.exists()
+
+
+def start_if_wanted(fields: Mapping[str, Any]) -> CalibrationProcess | None:
+    """The job's calibration process, started now where `wanted`; None where the job calibrates in
+    its own process (also when no process can be started: the job goes on, with a warning)."""
+    if not wanted(fields):
+        return None
+    try:
+        return CalibrationProcess.start(fields)
+    except OSError as exc:
+        log.warning("calibrating in the job's own process: cannot start one (%s)", exc)
+        return None
 
 
 class CalibrationProcess:

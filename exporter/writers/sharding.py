@@ -295,7 +295,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-
 def patch_tensors(out_dir: Path, shards: Sequence[Shard[U]], data: dict[str, bytes]) -> None:
     """Overwrite planned tensors of written shards in place: each name's bytes at its planned offset
     (`shard_header`), then `fdatasync` each touched file. Used for tensors known only after the

@@ -199,14 +199,9 @@ def run(args: argparse.Namespace) -> int:
 def _start_calibration(args: argparse.Namespace):
     """The job's calibration process (exporter.calibration.process), or None where the job calibrates
     in this process or not at all."""
-    from quantgate.exporter.calibration.process import CalibrationProcess, wanted
+    from quantgate.exporter.calibration.process import start_if_wanted
 
-    fields = {**vars(args), "exclude": tuple(args.exclude)}
-    try:
-        return CalibrationProcess.start(fields) if wanted(fields) else None
-    except OSError as exc:   # no process could be started: calibrate in this one
-        print(f"quantgate quantize: calibrating in this process ({exc})", file=sys.stderr)
-        return None
+    return start_if_wanted({**vars(args), "exclude": tuple(args.exclude)})
 
 
 def _run(args: argparse.Namespace, process) -> int:
