@@ -70,6 +70,24 @@ print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
       [ -f $CALIB ] || PYTHONPATH=$SRC:. python3 -m quantgate.service.cli quantize \
         /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-samples 8 --calib-seq-len 128 --out $(dirname $CALIB) \
         --overwrite >>$LOG 2>&1 ;;
+    worker)   # the service's worker (a job spec, as the executor writes it) on the GPU: calibration in its own process
+      rm -rf /tmp/wjob && mkdir -p /tmp/wjob/outputs
+      echo '{"source": "/tmp/sbs/issue/src", "recipe": "nvfp4", "output": "/tmp/wjob/outputs/job-1", "job_dir": "/tmp/wjob",
+        "calibration": {"samples": 64, "seq_len": 512, "batch_size": 8}}' >/tmp/wjob/spec.json
+      PYTHONPATH=$SRC:. python3 -c "
+import subprocess, sys, time
+t = time.perf_counter()
+done = subprocess.run([sys.executable, '-m', 'quantgate.service.worker', '/tmp/wjob/spec.json'], stdout=open('$OUT/worker_events.jsonl', 'w'),
+                      stderr=open('$OUT/worker_stderr.txt', 'w'))
+print('worker rc', done.returncode, 'wall', round(time.perf_counter() - t, 2))" >>$OUT/worker.txt 2>&1 ;;
+    sysinfo)   # the machine under the numbers: kernel, the export's filesystem, transparent huge pages, memory
+      (uname -r; df -T /tmp | tail -1; cat /sys/kernel/mm/transparent_hugepage/enabled; grep -E "MemTotal|MemFree|^Cached" /proc/meminfo;
+       lscpu | grep -E "Model name|NUMA node") >>$OUT/sysinfo.txt 2>&1 ;;
+    memwarm)   # touch 40 GiB of fresh memory once (a VM's host backs guest memory on first touch), then free it
+      PYTHONPATH=$SRC:. python3 -c "
+import time, torch
+t = time.perf_counter(); x = torch.ones(40 * 2**30 // 4); s = float(x[::4096].sum()); del x
+print('memwarm 40 GiB', round(time.perf_counter() - t, 2), 's')" >>$OUT/probe.txt 2>&1 ;;
     prof)   # where the weight pass's wall time goes, per thread: py-spy (carried in .whl/) on the weights-only job
       STATS=$CALIB
       for mode in ${PROF_MODES:-idle gil}; do
@@ -81,9 +99,11 @@ print('page cache', _page_cache(src), _page_cache(src))" >>$LOG 2>&1
     writebench)   # what bounds the writes: pwrite GB/s into one file / a file each, by thread count
       PYTHONPATH=$SRC:. python3 -m benchmarks.write_bench /tmp --gib 3 >$OUT/write_bench.json 2>&1 ;;
     probe)   # the weights-only job with one stage taken out (benchmarks/weight_pass_probe.py), PROBES="base noprealloc nowrite mmap ..."
+      # an entry may carry settings: "trace@QUANTGATE_FEED_AHEAD=4,QUANTGATE_WEIGHT_WORKERS=3"
       STATS=$CALIB
-      for v in ${PROBES:-base nowrite noread nosync nowrite+noread}; do
-        echo "$v workers=${QUANTGATE_WEIGHT_WORKERS:-default} $(PYTHONPATH=$SRC:. python3 -m benchmarks.weight_pass_probe $v -- quantize \
+      for entry in ${PROBES:-base nowrite noread nosync nowrite+noread}; do
+        v=${entry%%@*}; settings=""; [ "$v" != "$entry" ] && settings=$(echo "${entry#*@}" | tr , ' ')
+        echo "$entry workers=${QUANTGATE_WEIGHT_WORKERS:-default} $(env $settings PYTHONPATH=$SRC:. python3 -m benchmarks.weight_pass_probe $v -- quantize \
           /tmp/sbs/issue/src --recipe nvfp4 --device cuda --calib-stats $STATS --out /tmp/probe --overwrite \
           --progress json 2>&1 | grep "weight pass")" >>$OUT/probe.txt
       done ;;

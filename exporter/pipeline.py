@@ -8,6 +8,7 @@ removes the temporary directory. The final path is never half-written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -182,6 +183,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     check_bmm_plan(plan, source, req.dialect)   # transposed 3-D experts: what the 3-D writer can write
 
     tmp = _make_temp_dir(out)
+    writer: WriteStats | None = None
     try:
         stats, writer = _calibrate_and_write(req, source, plan, tmp, progress, timings, session, _writer_hook,
                                              calibration)
@@ -190,8 +192,12 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
 
             write_auto_files(tmp, auto)
         extra = {"auto": auto.summary()} if auto is not None else None
-        report = _validate(tmp, progress, timings, extra=extra, final=out)
+        report = _validate(tmp, progress, timings, extra=extra, final=out)   # while the shards' fsyncs finish
+        timings["durable_wait"] = writer.wait_durable()   # every shard on disk before the export is published
     except BaseException:
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.wait_durable()   # no sync may still run on a file being removed
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     warnings = list(plan.warnings) + (list(stats.warnings) if stats is not None else [])

@@ -4,8 +4,8 @@
 reads, torch kernels and positioned writes release the GIL); the consumer walks the units strictly
 in plan order (progress, syncs, shard completion). In the weight pass a unit is written at its
 planned offset by the thread that produced it (CPU: its `work` returns the bytes written) or by the
-consumer (CUDA: `weight_pass.writes_on`). At most
-`workers + 1` units are in flight, so memory stays bounded by a few units whatever the model size.
+consumer (CUDA: `weight_pass.writes_on`). At most `workers + ahead` batches (`feed_ahead`, 1 by
+default) are in flight, so memory stays bounded by a few batches whatever the model size.
 
 CPU: one worker per available core, each running torch ops single-threaded. Quantizing is many
 small element-wise kernels; splitting each one across cores costs an OpenMP barrier per kernel,
@@ -49,6 +49,9 @@ def available_cores() -> int:
 
 #: Overrides the number of producing threads (tuning and benchmarks), e.g. QUANTGATE_WEIGHT_WORKERS=8.
 WORKERS_ENV = "QUANTGATE_WEIGHT_WORKERS"
+#: Overrides how many batches may wait, produced or queued, beyond those the workers are computing.
+AHEAD_ENV = "QUANTGATE_FEED_AHEAD"
+DEFAULT_AHEAD = 1
 
 
 def feed_workers(device: torch.device) -> int:
@@ -61,6 +64,16 @@ def feed_workers(device: torch.device) -> int:
     if device.type == "cuda":
         return CUDA_WORKERS
     return min(MAX_CPU_WORKERS, available_cores())
+
+
+def feed_ahead() -> int:
+    """How many batches beyond the running ones may be queued or held produced (`AHEAD_ENV`)."""
+    override = os.environ.get(AHEAD_ENV, "").strip()
+    if not override:
+        return DEFAULT_AHEAD
+    if not override.isdigit():
+        raise SettingError(f"{AHEAD_ENV}={override!r}: expected a non-negative integer")
+    return int(override)
 
 
 _local = threading.local()
@@ -83,12 +96,14 @@ class UnitFeed(Generic[U, T]):
 
     With `batches` (lists of consecutive unit indices covering every unit once) and `work_batch`
     (units -> one result each), each batch is computed by one call; a lone unit goes to `work`.
-    Use as a context manager; `get` must be called in the order of `units`.
+    Up to `ahead` batches beyond the `workers` running ones are queued or held produced, so the
+    workers run on while the consumer is slow on a batch. Use as a context manager; `get` must be
+    called in the order of `units`.
     """
 
     def __init__(self, units: Sequence[U], work: Callable[[U], T], workers: int, *,
                  single_threaded_torch: bool, batches: Sequence[Sequence[int]] | None = None,
-                 work_batch: Callable[[list[U]], list[T]] | None = None) -> None:
+                 work_batch: Callable[[list[U]], list[T]] | None = None, ahead: int = DEFAULT_AHEAD) -> None:
         self._units = list(units)
         self._position = {id(u): i for i, u in enumerate(self._units)}
         self._work = work
@@ -98,6 +113,7 @@ class UnitFeed(Generic[U, T]):
             raise ValueError("batches must cover every unit exactly once")
         self._batch_of = {i: k for k, b in enumerate(self._batches) for i in b}
         self._workers = max(1, workers)
+        self._ahead = max(0, ahead)
         self._single = single_threaded_torch
         self._pending: dict[int, Future[list[T]]] = {}
         self._ready: dict[int, T] = {}
@@ -134,7 +150,7 @@ class UnitFeed(Generic[U, T]):
         if i in self._ready:
             return self._ready.pop(i)
         k = self._batch_of[i]
-        for ahead in range(k, min(k + self._workers + 1, len(self._batches))):
+        for ahead in range(k, min(k + self._workers + self._ahead, len(self._batches))):
             if ahead not in self._pending:
                 self._pending[ahead] = self._pool.submit(self._run, ahead)
         results = self._pending.pop(k).result()

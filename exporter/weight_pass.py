@@ -29,11 +29,11 @@ from quantgate.exporter.progress import ProgressCallback, emit
 from quantgate.exporter.recipes import Plan
 from quantgate.exporter.source import Source
 from quantgate.exporter.switches import SettingError
-from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_workers
+from quantgate.exporter.unit_feed import UnitFeed, device_stream, feed_ahead, feed_workers
 from quantgate.exporter.writers.common import CopyJob
 from quantgate.exporter.writers.modelopt_batched import feed_batching
 from quantgate.exporter.writers.shard_plan import DEFAULT_SHARD_SIZE, INDEX_FILE, index_for, plan_shards
-from quantgate.exporter.writers.sharding import ShardWriter
+from quantgate.exporter.writers.sharding import Durability, ShardWriter
 from quantgate.validators.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ class WriteStats:
     bytes_read_in_place: int = 0      # of them, copied to the GPU from the page cache itself (exporter.device_reads)
     max_buffered_bytes: int = 0
     shards: list = field(default_factory=list)   # the shard plan written (offsets of deferred tensors)
+    durability: Durability | None = None         # the shards' last fsyncs, still running: wait before publishing
+
+    def wait_durable(self) -> float:
+        """Wait until every shard is on disk (re-raises an I/O error); the seconds waited."""
+        return self.durability.wait() if self.durability is not None else 0.0
 
 
 def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
@@ -148,6 +153,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
              index=i + 1, shards=len(shards), nbytes=shard.nbytes)
 
     walker_writes = writes_on(device) == "walker"
+    ok = False
     try:
         with device_reader(device) as reader:
             batching = feed_batching(dialect, device, ordered, source, scales, numerics, reader)   # GPU: batches
@@ -156,13 +162,15 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
                 batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
             work = compute if walker_writes else (lambda unit: finish(unit, compute(unit)))
             with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
-                          **batching) as feed:
+                          ahead=feed_ahead(), **batching) as feed:
                 writer.write_placed(shards, produce, after, shard_done)
         result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA only)
+        ok = True
     finally:   # the feed has stopped every producing thread: no write is in flight
-        t_close = time.perf_counter()
-        writer.close()   # waits for the shards' fsyncs (durability before the final rename)
-        sync_wait = time.perf_counter() - t_close
+        if ok:   # the shards' last fsyncs go on; the caller waits for them before it publishes
+            result.durability = writer.detach()
+        else:
+            writer.close()
     if deferred is not None:
         deferred.check_complete()
     if len(shards) > 1:
@@ -173,10 +181,8 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     seconds = time.perf_counter() - t
     if timings is not None:
         timings["weights"] = seconds
-    if timings is not None:
-        timings["weights_sync_wait"] = sync_wait
     emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
-         seconds=seconds, sync_wait_seconds=sync_wait, bytes_read=result.bytes_read,
+         seconds=seconds, bytes_read=result.bytes_read,
          bytes_read_in_place=result.bytes_read_in_place,
          gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result

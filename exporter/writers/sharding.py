@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,10 +51,13 @@ class ShardWriter:
     returns the tensors and they are written here.
 
     Durability overlaps with production: a background thread `fdatasync`s a shard every
-    `sync_every` bytes written and, once the shard is complete, fsyncs and renames it from
-    `.<name>.partial` into place. `close()` waits for that and closes what a failure left open;
-    callers must stop every writing thread first. `max_buffered_bytes` records the largest unit
-    held at once; `on_buffer(nbytes)` (tests) is called with each unit's bytes.
+    `sync_every` bytes written. A complete shard is renamed from `.<name>.partial` into place at
+    once (the directory it is in is not published until every shard is on disk) and fsynced in the
+    background. `close()` waits for those syncs and closes what a failure left open; callers must
+    stop every writing thread first. `detach()`, after a successful pass, hands the syncs still
+    running to a `Durability` to wait for later (before the export is published), so the caller can
+    validate meanwhile. `max_buffered_bytes` records the largest unit held at once;
+    `on_buffer(nbytes)` (tests) is called with each unit's bytes.
     """
 
     def __init__(self, out_dir: Path, on_buffer: Callable[[int], None] | None = None, *,
@@ -115,7 +119,9 @@ class ShardWriter:
                     self._syncs.append(self._syncer.submit(os.fdatasync, self._fd(self._placed[id(unit)])))
                     unsynced = 0
             placed = self._placed[id(shard.units[-1])]
-            self._syncs.append(self._syncer.submit(_finish_shard, self._fd(placed), placed.tmp, placed.path))
+            fd = self._fd(placed)
+            os.replace(placed.tmp, placed.path)   # complete; on disk before the directory is published
+            self._syncs.append(self._syncer.submit(_sync_and_close, fd))
             placed.handed_off = True
             if after_shard is not None:
                 after_shard(i, shard)
@@ -130,15 +136,16 @@ class ShardWriter:
             self._close_unfinished()
 
     def close(self) -> None:
-        """Wait until every shard written is on disk and in place; re-raises an I/O error. Closes the
-        files of shards a failure left unfinished (their `.partial` files stay in the temporary
-        directory the caller removes)."""
-        try:
-            for future in self._syncs:
-                future.result()
-        finally:
-            self._close_unfinished()
-            self._syncer.shutdown(wait=True)
+        """Wait until every shard written is on disk; re-raises an I/O error. Closes the files of
+        shards a failure left unfinished (their `.partial` files stay in the temporary directory the
+        caller removes)."""
+        self.detach().wait()
+
+    def detach(self) -> Durability:
+        """Close what a failure left unfinished and hand the background syncs to a `Durability`;
+        the writer is done with."""
+        self._close_unfinished()
+        return Durability(self._syncs, self._syncer)
 
     def _close_unfinished(self) -> None:
         for placed in {id(p): p for p in self._placed.values()}.values():
@@ -165,6 +172,29 @@ class ShardWriter:
                     raise
                 placed.fd = fd
             return placed.fd
+
+
+class Durability:
+    """The background syncs of a finished weight pass: `wait()` returns once every shard is on disk
+    (re-raising the first I/O error) and says how many seconds it waited."""
+
+    def __init__(self, syncs: list[Future], syncer: ThreadPoolExecutor) -> None:
+        self._syncs = syncs
+        self._syncer = syncer
+        self._waited: float | None = None
+
+    def wait(self) -> float:
+        if self._waited is None:
+            t = time.perf_counter()
+            try:
+                for future in self._syncs:
+                    future.exception()
+            finally:
+                self._syncer.shutdown(wait=True)
+                self._waited = time.perf_counter() - t
+        for future in self._syncs:
+            future.result()   # the first I/O error, on every call
+        return self._waited
 
 
 @dataclass(eq=False)
@@ -243,12 +273,11 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += n
 
 
-def _finish_shard(fd: int, tmp: Path, path: Path) -> None:
+def _sync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
 
 
 _SAFETENSORS_DTYPE: dict[torch.dtype, str] = {

@@ -33,7 +33,8 @@ def test_unset_takes_the_default_and_a_typo_is_a_usage_error(monkeypatch) -> Non
     assert isinstance(raised.value, UsageError) and isinstance(raised.value, ValueError)
 
 
-@pytest.mark.parametrize("env", [{"QUANTGATE_OVERLAP": "maybe"}, {"QUANTGATE_WRITES": "consumer"}])
+@pytest.mark.parametrize("env", [{"QUANTGATE_OVERLAP": "maybe"}, {"QUANTGATE_WRITES": "consumer"},
+                                 {"QUANTGATE_FEED_AHEAD": "lots"}])
 def test_a_cli_job_with_a_mistyped_setting_exits_2_and_writes_nothing(tiny_model, tmp_path: Path, env) -> None:
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "quantgate.service.cli", "quantize", str(tiny_model("qwen3_moe")),
