@@ -27,7 +27,7 @@ for step in "$@"; do
         tests/exporter/test_numerics_fp8.py tests/exporter/test_modelopt_batched.py -q -p no:cacheprovider >$OUT/pytest.log 2>&1 ;;
     quicktests)   # the device reader (real registration, prefaulting), the walker's writes, the calibration process
       QUANTGATE_TEST_DEVICE=cuda PYTHONPATH=$SRC:. python3 -m pytest tests/exporter/test_device_reads.py \
-        tests/exporter/test_overlap.py tests/exporter/test_calibration_process.py -k "prefault or page_cache or walking or byte_identical or killed" \
+        tests/exporter/test_overlap.py tests/exporter/test_calibration_process.py tests/exporter/test_device_warmup.py tests/exporter/test_durability.py -k "prefault or page_cache or walking or byte_identical or killed or warmup or sync or publish" \
         -q -p no:cacheprovider >$OUT/pytest_quick.log 2>&1 ;;
     small_fp8)
       python3 -m benchmarks.modelopt_side_by_side --work /tmp/sbs --modelopt-path /tmp/mo --small --recipe fp8 \

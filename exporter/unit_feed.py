@@ -142,17 +142,25 @@ class UnitFeed(Generic[U, T]):
             return [self._work(u) for u in members]
         return self._work_batch(members)
 
+    def start(self) -> None:
+        """Begin the first batches now, before the consumer's first `get` (it has work of its own first)."""
+        self._schedule(0)
+
     def get(self, unit: U) -> T:
         """The result for `unit`; schedules the next batches so that `workers` stay busy."""
-        if self._pool is None:
-            raise RuntimeError("UnitFeed used outside its `with` block")
         i = self._position[id(unit)]
         if i in self._ready:
             return self._ready.pop(i)
         k = self._batch_of[i]
-        for ahead in range(k, min(k + self._workers + self._ahead, len(self._batches))):
-            if ahead not in self._pending:
-                self._pending[ahead] = self._pool.submit(self._run, ahead)
+        self._schedule(k)
         results = self._pending.pop(k).result()
         self._ready.update(zip(self._batches[k], results))
         return self._ready.pop(i)
+
+    def _schedule(self, k: int) -> None:
+        """Submit batch `k` and those after it, up to `workers + ahead` in flight."""
+        if self._pool is None:
+            raise RuntimeError("UnitFeed used outside its `with` block")
+        for ahead in range(k, min(k + self._workers + self._ahead, len(self._batches))):
+            if ahead not in self._pending:
+                self._pending[ahead] = self._pool.submit(self._run, ahead)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from quantgate.exporter import device_warmup
 from quantgate.exporter.calibration.stats import STATS_FILE_NAME, ActivationStats
 from quantgate.exporter.deferred_scales import DeferredInputScales
 from quantgate.exporter.device_reads import device_reader
@@ -98,6 +99,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     dialect_writer = writer_for(dialect)
     t = time.perf_counter()
     device = device or torch.device("cpu")
+    walker_writes = writes_on(device) == "walker"
     if not plan.quantized():
         raise UsageError(f"recipe {plan.recipe} quantizes no module of this model; nothing to export")
     write_configs = dialect_writer.prepare_configs(source, plan)   # before any weight is read: fails fast
@@ -108,7 +110,8 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     done = 0
     result = WriteStats(shards=shards)
     writer = ShardWriter(out_dir, on_buffer=on_buffer)
-    writer.place(shards)
+    if not walker_writes:   # the producing threads write: every offset is fixed before the first unit
+        writer.place(shards)
 
     # Units are read, quantized and brought to the host ahead of this thread, in plan order, on a few
     # threads (exporter.unit_feed: one single-threaded worker per core on CPU, a few on CUDA, which
@@ -152,7 +155,7 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
         emit(progress, "write", (i + 1) / len(shards), f"wrote {shard.file}", shard=shard.file,
              index=i + 1, shards=len(shards), nbytes=shard.nbytes)
 
-    walker_writes = writes_on(device) == "walker"
+    warm: dict[str, float] = {}
     ok = False
     try:
         with device_reader(device) as reader:
@@ -161,8 +164,13 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
                 compute_batch = batching["work_batch"]
                 batching["work_batch"] = lambda members: [finish(u, t) for u, t in zip(members, compute_batch(members))]
             work = compute if walker_writes else (lambda unit: finish(unit, compute(unit)))
+            if device.type == "cuda":   # the GPU's first use, begun on a side thread at the job's start
+                warm = device_warmup.wait()
             with UnitFeed(ordered, work, feed_workers(device), single_threaded_torch=device.type == "cpu",
                           ahead=feed_ahead(), **batching) as feed:
+                if walker_writes:   # only this thread writes: the first batches are made while it places
+                    feed.start()
+                    writer.place(shards)
                 writer.write_placed(shards, produce, after, shard_done)
         result.bytes_read_in_place = reader.registered_bytes   # page-locked in place, no host copy (CUDA only)
         ok = True
@@ -180,9 +188,9 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
     result.max_buffered_bytes = writer.max_buffered_bytes
     seconds = time.perf_counter() - t
     if timings is not None:
-        timings["weights"] = seconds
+        timings.update(warm, weights=seconds)
     emit(progress, "write", 1.0, f"weight pass: {result.bytes_read / 1e9:.2f} GB read in {seconds:.2f} s",
-         seconds=seconds, bytes_read=result.bytes_read,
+         seconds=seconds, bytes_read=result.bytes_read, **warm,
          bytes_read_in_place=result.bytes_read_in_place,
          gb_per_s=result.bytes_read / 1e9 / seconds if seconds > 0 else None)
     return result

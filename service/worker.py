@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     try:
         calibration = start_calibration(spec)
+        from quantgate.exporter import device_warmup
+
+        device_warmup.start("auto")   # the GPU made ready beside the pipeline's imports and the planning
         return run_job(spec, channel, calibration)
     except Exception as exc:  # noqa: BLE001 - a bad setting, or after the pipeline (report rendering): still a clean report
         from quantgate.validators.errors import UsageError

@@ -68,10 +68,10 @@ def wanted(fields: Mapping[str, Any]) -> bool:
     except QuantgateError:
         return False                  # an unknown recipe: the job says so itself
     device = fields.get("device", "auto")
-    return mode == ON or device == "cuda" or (device == "auto" and _gpu_visible())
+    return mode == ON or device == "cuda" or (device == "auto" and gpu_visible())
 
 
-def _gpu_visible() -> bool:
+def gpu_visible() -> bool:
     """Whether `--device auto` may pick CUDA here, without importing torch: a driver is loaded and
     `CUDA_VISIBLE_DEVICES` (the service's CPU slots set it empty) does not hide every device."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -205,6 +205,9 @@ def _start_calibration(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, process) -> int:
+    from quantgate.exporter import device_warmup
+
+    device_warmup.start(args.device)   # the GPU made ready beside the imports below and the planning
     from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
     from quantgate.exporter.progress import emit, process_seconds
     from quantgate.validators.errors import QuantgateError

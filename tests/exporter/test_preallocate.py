@@ -156,9 +156,11 @@ def test_check_free_space(tmp_path: Path, monkeypatch) -> None:
     check_free_space(tmp_path, 2_000_000_000)   # a filesystem that reports no sizes is not judged
 
 
+@pytest.mark.parametrize("writes", ["producers", "walker"])   # the walker places while the first batches are made
 def test_quantize_without_room_fails_before_writing_and_exits_2(tiny_model, tmp_path: Path, monkeypatch,
-                                                                 capsys) -> None:
+                                                                 capsys, writes: str) -> None:
     """The planned shards do not fit: the CLI says so (exit 2) and leaves nothing at --out or beside it."""
+    monkeypatch.setenv("QUANTGATE_WRITES", writes)
     source = tiny_model("qwen3_moe")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))

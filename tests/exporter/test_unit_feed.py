@@ -43,6 +43,17 @@ def test_results_in_order_and_in_flight_bounded(workers: int, ahead: int) -> Non
     assert most_in_flight[0] <= max(1, workers + ahead)
 
 
+def test_started_batches_run_before_the_first_get() -> None:
+    ran = threading.Event()
+    units = list(range(4))
+    with UnitFeed(units, lambda u: (ran.set(), u)[1], 2, single_threaded_torch=False) as feed:
+        feed.start()
+        assert ran.wait(5), "start() begins the first batches without a get"
+        assert [feed.get(u) for u in units] == units
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        UnitFeed(units, lambda u: u, 2, single_threaded_torch=False).start()
+
+
 def test_the_lookahead_setting(monkeypatch) -> None:
     monkeypatch.delenv(AHEAD_ENV, raising=False)
     assert feed_ahead() == DEFAULT_AHEAD
