@@ -8,7 +8,6 @@ removes the temporary directory. The final path is never half-written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -196,8 +195,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
         timings["durable_wait"] = writer.wait_durable()   # every shard on disk before the export is published
     except BaseException:
         if writer is not None:
-            with contextlib.suppress(OSError):
-                writer.wait_durable()   # no sync may still run on a file being removed
+            writer.wait_durable_quietly()   # no sync may still run on a file being removed
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     warnings = list(plan.warnings) + (list(stats.warnings) if stats is not None else [])
@@ -271,8 +269,12 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
     from quantgate.exporter.writers.registry import writer_for
 
     t = time.perf_counter()
-    scales = writer_for(req.dialect).input_scales(plan, source, stats)
-    patched = deferred.patch(writer.shards, scales, tmp)
+    try:
+        scales = writer_for(req.dialect).input_scales(plan, source, stats)
+        patched = deferred.patch(writer.shards, scales, tmp)
+    except BaseException:
+        writer.wait_durable_quietly()   # the caller removes the directory
+        raise
     timings.update(together, input_scales_patch=time.perf_counter() - t)
     emit(progress, "write", 1.0, f"{patched} input scales written; the weight pass ran alongside calibration "
          f"for {together['overlap_seconds']:.2f} s", patched=patched, seconds=timings["input_scales_patch"],

@@ -10,6 +10,7 @@ groups per call: exporter.writers.modelopt_batched) and writes each tensor at it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -79,6 +80,11 @@ class WriteStats:
     def wait_durable(self) -> float:
         """Wait until every shard is on disk (re-raises an I/O error); the seconds waited."""
         return self.durability.wait() if self.durability is not None else 0.0
+
+    def wait_durable_quietly(self) -> None:
+        """`wait_durable` on a failure path: the job fails for its own reason, not the sync's."""
+        with contextlib.suppress(OSError):
+            self.wait_durable()
 
 
 def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_dir: Path, *,
@@ -179,12 +185,16 @@ def write_export(source: Source, plan: Plan, stats: ActivationStats | None, out_
             result.durability = writer.detach()
         else:
             writer.close()
-    if deferred is not None:
-        deferred.check_complete()
-    if len(shards) > 1:
-        write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
-    write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
-    copy_other_files(source, out_dir)
+    try:
+        if deferred is not None:
+            deferred.check_complete()
+        if len(shards) > 1:
+            write_json_atomic(out_dir / INDEX_FILE, index_for(shards), indent=2)
+        write_configs(out_dir)   # modelopt: uniform or MIXED_PRECISION (auto); compressed-tensors: config groups
+        copy_other_files(source, out_dir)
+    except BaseException:
+        result.wait_durable_quietly()   # no sync may still run when the caller removes the directory
+        raise
     result.max_buffered_bytes = writer.max_buffered_bytes
     seconds = time.perf_counter() - t
     if timings is not None:

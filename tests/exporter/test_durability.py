@@ -124,3 +124,24 @@ def test_a_failed_sync_fails_the_job_and_publishes_nothing(exported, tmp_path: P
     with pytest.raises(OSError, match="Input/output error"):
         run_quantize(req)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_failure_after_the_pass_still_waits_for_its_syncs(exported, tmp_path: Path, monkeypatch) -> None:
+    """The job fails for its own reason (here: copying the tokenizer files), and no sync is left
+    running on a file of the directory it removes."""
+    from quantgate.exporter import weight_pass
+
+    source, first = exported("qwen3_moe", "nvfp4")
+    ended = _slow_syncs(monkeypatch, 0.3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot copy tokenizer.json")
+
+    monkeypatch.setattr(weight_pass, "copy_other_files", broken)
+    out = tmp_path / "out"
+    req = QuantizeRequest(source=str(source), recipe="nvfp4", out=out, device="cpu",
+                          calib_stats=first.output / "calibration.json")
+    with pytest.raises(RuntimeError, match="cannot copy tokenizer.json"):
+        run_quantize(req)
+    assert ended, "the shard's sync ended before the job failed"
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
