@@ -261,11 +261,20 @@ def _calibrate_and_write(req: QuantizeRequest, source: Source, plan: Plan, tmp: 
         finally:
             session.release()
 
-    def weight_pass(events: ProgressCallback | None, check: Any) -> WriteStats:
-        return write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check, **write)
+    passes: list[WriteStats] = []
 
-    stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready,
-                                               on_failure=process.kill if process is not None else None)
+    def weight_pass(events: ProgressCallback | None, check: Any) -> WriteStats:
+        passes.append(write_export(source, plan, None, tmp, progress=events, deferred=deferred, should_stop=check,
+                                   **write))
+        return passes[-1]
+
+    try:
+        stats, writer, together = run_concurrently(calibrate, weight_pass, progress, ready=ready,
+                                                   on_failure=process.kill if process is not None else None)
+    except BaseException:
+        for written in passes:   # calibration failed after the pass: its syncs end before the caller removes tmp
+            written.wait_durable_quietly()
+        raise
     from quantgate.exporter.writers.registry import writer_for
 
     t = time.perf_counter()

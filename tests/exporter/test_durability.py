@@ -145,3 +145,29 @@ def test_a_failure_after_the_pass_still_waits_for_its_syncs(exported, tmp_path: 
         run_quantize(req)
     assert ended, "the shard's sync ended before the job failed"
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_calibration_failing_after_an_overlapped_pass_waits_for_its_syncs(tiny_model, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """Calibration on a thread beside the weight pass fails once the pass is done: the job fails with
+    calibration's error, after the pass's syncs ended."""
+    from quantgate.exporter.calibration.process import PROCESS_ENV
+    from quantgate.exporter.overlap import OVERLAP_ENV
+    from quantgate.exporter.calibration.stats import CalibrationError
+
+    monkeypatch.setenv(OVERLAP_ENV, "1")
+    monkeypatch.setenv(PROCESS_ENV, "0")
+    ended = _slow_syncs(monkeypatch, 1.5)
+
+    def failing(*args, **kwargs):
+        time.sleep(0.5)
+        raise CalibrationError("the forward pass ran out of memory")
+
+    monkeypatch.setattr(pipeline, "calibration_stage", failing)
+    out = tmp_path / "out"
+    req = QuantizeRequest(source=str(tiny_model("qwen3_moe")), recipe="nvfp4", out=out, device="cpu",
+                          calib_samples=2, calib_seq_len=8)
+    with pytest.raises(CalibrationError, match="ran out of memory"):
+        run_quantize(req)
+    assert ended, "the pass's sync ended before the job failed"
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
