@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from quantgate.exporter import device_warmup
 from quantgate.exporter.auto.options import (
     AUTO_RECIPE,
     DEFAULT_CANDIDATES,
@@ -158,6 +159,7 @@ def run_quantize(req: QuantizeRequest, progress: ProgressCallback | None = None,
     `calibration`: a calibration process already started for this request (the CLI starts it before
     importing torch: exporter.calibration.process); its statistics are used where the job calibrates
     alongside the weight pass, otherwise it is ended. The caller closes it."""
+    device_warmup.start_kernels()   # where a caller has not yet: the GPU warm-up may run the quantizer now
     out = check_request(req)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         from quantgate.exporter import device_warmup
 
         device_warmup.start("auto")   # the GPU made ready beside the pipeline's imports and the planning
+        device_warmup.start_kernels()   # (imports torch and the numerics here first)
         return run_job(spec, channel, calibration)
     except Exception as exc:  # noqa: BLE001 - a bad setting, or after the pipeline (report rendering): still a clean report
         from quantgate.validators.errors import UsageError
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         channel.send({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
         return EXIT_INTERNAL
     finally:
+        from quantgate.exporter import device_warmup
+
+        device_warmup.finish()   # a warm-up the job never waited for (it failed early) ends before the process
         if calibration is not None:
             calibration.close()
 

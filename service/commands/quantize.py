@@ -192,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, process)
     finally:
+        from quantgate.exporter import device_warmup
+
+        device_warmup.finish()   # a warm-up the job never waited for (it failed early) ends before the process
         if process is not None:
             process.close()
 
@@ -208,6 +211,7 @@ def _run(args: argparse.Namespace, process) -> int:
     from quantgate.exporter import device_warmup
 
     device_warmup.start(args.device)   # the GPU made ready beside the imports below and the planning
+    device_warmup.start_kernels()      # (imports torch and the numerics here first)
     from quantgate.exporter.pipeline import QuantizeRequest, run_quantize
     from quantgate.exporter.progress import emit, process_seconds
     from quantgate.validators.errors import QuantgateError
