@@ -92,9 +92,9 @@ def start(device: str) -> Warmup | None:
     """Start warming the GPU for a job on `device` ("cuda", or "auto" where a GPU is visible: torch-free
     test); None where there is nothing to warm. Once per process."""
     global _current
-    from quantgate.exporter.calibration.process import gpu_visible
+    from quantgate.exporter.calibration import process
 
-    if switch(WARMUP_ENV) == OFF or not (device == "cuda" or (device == "auto" and gpu_visible())):
+    if switch(WARMUP_ENV) == OFF or not process.runs_on_cuda(device):
         return None
     with _lock:
         if _current is None:

@@ -1,8 +1,9 @@
 """On / off / auto switches read from the environment (torch-free: the CLI reads them before torch).
 
-`switch(name)` is "on", "off" or "auto" for `1/on/true/yes`, `0/off/false/no` or `auto`/unset; anything
-else is a `SettingError`: a usage error (the CLI exits 2, the service's job is `bad_input`) that is
-also a ValueError. Each switch's meaning lives with its user; the spelling lives here.
+`switch(name)` is "on", "off" or "auto" for `1/on/true/yes`, `0/off/false/no` or `auto`/unset;
+`count(name, minimum)` is a whole number of at least `minimum`, or None when unset. Anything else is
+a `SettingError`: a usage error (the CLI exits 2, the service's job is `bad_input`) that is also a
+ValueError. Each setting's meaning lives with its user; the spelling lives here.
 """
 
 from __future__ import annotations
@@ -32,3 +33,13 @@ def switch(name: str, default: str = AUTO) -> str:
     if value is None:
         raise SettingError(f"{name}={raw!r}: expected auto, 1 or 0")
     return value
+
+
+def count(name: str, minimum: int = 0) -> int | None:
+    """The whole number environment variable `name` holds (at least `minimum`), or None when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < minimum:
+        raise SettingError(f"{name}={raw!r}: expected a whole number >= {minimum}")
+    return int(raw)

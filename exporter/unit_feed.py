@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from quantgate.exporter.switches import SettingError
+from quantgate.exporter.switches import count
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,9 @@ DEFAULT_AHEAD = 1
 
 def feed_workers(device: torch.device) -> int:
     """How many units are produced at once on `device` (the consumer takes one more)."""
-    override = os.environ.get(WORKERS_ENV, "").strip()
-    if override:
-        if not override.isdigit() or int(override) < 1:
-            raise SettingError(f"{WORKERS_ENV}={override!r}: expected a positive integer")
-        return int(override)
+    override = count(WORKERS_ENV, minimum=1)
+    if override is not None:
+        return override
     if device.type == "cuda":
         return CUDA_WORKERS
     return min(MAX_CPU_WORKERS, available_cores())
@@ -68,12 +66,8 @@ def feed_workers(device: torch.device) -> int:
 
 def feed_ahead() -> int:
     """How many batches beyond the running ones may be queued or held produced (`AHEAD_ENV`)."""
-    override = os.environ.get(AHEAD_ENV, "").strip()
-    if not override:
-        return DEFAULT_AHEAD
-    if not override.isdigit():
-        raise SettingError(f"{AHEAD_ENV}={override!r}: expected a non-negative integer")
-    return int(override)
+    override = count(AHEAD_ENV)
+    return DEFAULT_AHEAD if override is None else override
 
 
 _local = threading.local()

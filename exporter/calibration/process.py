@@ -67,8 +67,12 @@ def wanted(fields: Mapping[str, Any]) -> bool:
             return False
     except QuantgateError:
         return False                  # an unknown recipe: the job says so itself
-    device = fields.get("device", "auto")
-    return mode == ON or device == "cuda" or (device == "auto" and gpu_visible())
+    return mode == ON or runs_on_cuda(fields.get("device", "auto"))
+
+
+def runs_on_cuda(device: str) -> bool:
+    """Whether a job asked for `device` ("cuda", "auto" or "cpu") runs on a GPU (torch-free)."""
+    return device == "cuda" or (device == "auto" and gpu_visible())
 
 
 def gpu_visible() -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.exporter.switches import AUTO, OFF, ON, SettingError, switch
+from quantgate.exporter.switches import AUTO, OFF, ON, SettingError, count, switch
 from quantgate.validators.errors import UsageError
 
 
@@ -31,6 +31,23 @@ def test_unset_takes_the_default_and_a_typo_is_a_usage_error(monkeypatch) -> Non
     with pytest.raises(SettingError, match=r"QUANTGATE_TEST_SWITCH='maybe': expected auto, 1 or 0") as raised:
         switch("QUANTGATE_TEST_SWITCH")
     assert isinstance(raised.value, UsageError) and isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(("raw", "minimum", "expected"), [(None, 0, None), ("", 1, None), (" 0 ", 0, 0),
+                                                         ("8", 1, 8)])
+def test_counts(monkeypatch, raw, minimum: int, expected) -> None:
+    if raw is None:
+        monkeypatch.delenv("QUANTGATE_TEST_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("QUANTGATE_TEST_COUNT", raw)
+    assert count("QUANTGATE_TEST_COUNT", minimum) == expected
+
+
+@pytest.mark.parametrize(("raw", "minimum"), [("0", 1), ("-1", 0), ("two", 0), ("1.5", 0)])
+def test_a_bad_count_is_a_usage_error(monkeypatch, raw: str, minimum: int) -> None:
+    monkeypatch.setenv("QUANTGATE_TEST_COUNT", raw)
+    with pytest.raises(SettingError, match=rf"QUANTGATE_TEST_COUNT='{raw}': expected a whole number >= {minimum}"):
+        count("QUANTGATE_TEST_COUNT", minimum)
 
 
 @pytest.mark.parametrize("env", [{"QUANTGATE_OVERLAP": "maybe"}, {"QUANTGATE_WRITES": "consumer"},
